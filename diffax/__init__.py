@@ -1,0 +1,3 @@
+"""diffax: diffusion models in JAX/Flax."""
+
+__version__ = "0.1.0"

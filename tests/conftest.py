@@ -1,0 +1,22 @@
+"""Test configuration: 8 fake CPU devices, strict rank promotion, a persistent compile cache.
+
+The XLA flag must be set before JAX initialises its backends, so it is set at import time here.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_platforms", "cpu")
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("DIFFAX_TEST_CACHE", os.path.expanduser("~/.cache/diffax-test-jax")),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
