@@ -1,6 +1,14 @@
 """Evaluation: Fréchet distance, Inception Score, KID, precision/recall, streaming statistics."""
 
 from diffax.evaluation._frechet import frechet_distance
+from diffax.evaluation._scores import (
+    ClassifierStats,
+    inception_score,
+    inception_score_from_stats,
+    init_classifier_stats,
+    kernel_inception_distance,
+    update_classifier_stats,
+)
 from diffax.evaluation._stats import (
     FeatureStats,
     feature_mean_cov,
@@ -10,10 +18,16 @@ from diffax.evaluation._stats import (
 )
 
 __all__ = [
+    "ClassifierStats",
     "FeatureStats",
     "feature_mean_cov",
     "frechet_distance",
+    "inception_score",
+    "inception_score_from_stats",
+    "init_classifier_stats",
     "init_feature_stats",
+    "kernel_inception_distance",
     "merge_feature_stats",
+    "update_classifier_stats",
     "update_feature_stats",
 ]
