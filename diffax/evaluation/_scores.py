@@ -18,7 +18,7 @@ import numpy as np
 import scipy.special
 from jax.typing import ArrayLike
 
-from diffax.evaluation._stats import replicated_out_sharding
+from diffax.evaluation._stats import batch_weights, replicated_out_sharding
 
 __all__ = [
     "ClassifierStats",
@@ -116,16 +116,14 @@ def update_classifier_stats(
     if logits.ndim != 2 or logits.shape[1] != num_classes:
         raise ValueError(f"logits must have shape (batch, {num_classes}), got {logits.shape}.")
     n = logits.shape[0]
-    if mask is None:
-        mask = np.ones(n, np.float32)
-    elif jnp.shape(mask) != (n,):
-        raise ValueError(f"mask must have shape ({n},), got {jnp.shape(mask)}.")
     splits = stats.split_counts.shape[0]
     bounds = (np.arange(splits + 1) * stats.num_samples) // splits
     index = start_index + np.arange(n)
     split_ids = np.clip(np.searchsorted(bounds, index, side="right") - 1, 0, splits - 1)
     sums = jax.device_get(
-        _batch_classifier_sums(logits, split_ids, mask, np.float32(confidence_threshold), num_splits=splits)
+        _batch_classifier_sums(
+            logits, split_ids, batch_weights(mask, n), np.float32(confidence_threshold), num_splits=splits
+        )
     )
     return ClassifierStats(
         stats.num_samples,

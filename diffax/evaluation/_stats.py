@@ -63,6 +63,15 @@ def replicated_out_sharding(x: jax.Array) -> NamedSharding | None:
     return None if mesh.empty else NamedSharding(mesh, P())
 
 
+def batch_weights(mask: ArrayLike | None, batch_size: int) -> ArrayLike:
+    """The (batch,) 0/1 row weights: ``mask`` checked against the batch, or all ones."""
+    if mask is None:
+        return np.ones(batch_size, np.float32)
+    if jnp.shape(mask) != (batch_size,):
+        raise ValueError(f"mask must have shape ({batch_size},), got {jnp.shape(mask)}.")
+    return mask
+
+
 @jax.jit
 def _batch_moments(features: jax.Array, weights: jax.Array) -> tuple[jax.Array, ...]:
     x = features.astype(jnp.float32)
@@ -119,11 +128,7 @@ def update_feature_stats(
     features = jnp.asarray(features)
     if features.ndim != 2 or features.shape[1] != stats.mean.shape[0]:
         raise ValueError(f"features must have shape (batch, {stats.mean.shape[0]}), got {features.shape}.")
-    if mask is None:
-        mask = np.ones(features.shape[0], np.float32)
-    elif jnp.shape(mask) != features.shape[:1]:
-        raise ValueError(f"mask must have shape ({features.shape[0]},), got {jnp.shape(mask)}.")
-    count, mean, scatter = jax.device_get(_batch_moments(features, mask))
+    count, mean, scatter = jax.device_get(_batch_moments(features, batch_weights(mask, features.shape[0])))
     batch = FeatureStats(np.float64(count), mean.astype(np.float64), scatter.astype(np.float64))
     return merge_feature_stats(stats, batch)
 
