@@ -1,6 +1,7 @@
 """Evaluation: Fréchet distance, Inception Score, KID, precision/recall, streaming statistics."""
 
 from diffax.evaluation._frechet import frechet_distance
+from diffax.evaluation._precision_recall import precision_recall
 from diffax.evaluation._scores import (
     ClassifierStats,
     inception_score,
@@ -28,6 +29,7 @@ __all__ = [
     "init_feature_stats",
     "kernel_inception_distance",
     "merge_feature_stats",
+    "precision_recall",
     "update_classifier_stats",
     "update_feature_stats",
 ]
