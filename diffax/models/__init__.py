@@ -1,0 +1,22 @@
+"""diffax models: the DDPM/ADM U-Net and DiT, named presets, abstract parameters, sharding rules.
+
+Every model is called as ``module.apply({"params": p}, x, t, cond=None, train=False,
+rngs={"dropout": key})`` with x NHWC, t of shape (batch,) in continuous time, and cond None, int
+labels (batch,) (null label = num_classes) or {"label": ..., "context": ...}.
+"""
+
+from diffax.models.dit import DiT
+from diffax.models.layers import LOGICAL_AXIS_RULES
+from diffax.models.registry import PRESETS, abstract_params, count_params, from_config, get
+from diffax.models.unet import UNet
+
+__all__ = [
+    "LOGICAL_AXIS_RULES",
+    "PRESETS",
+    "DiT",
+    "UNet",
+    "abstract_params",
+    "count_params",
+    "from_config",
+    "get",
+]

@@ -1,0 +1,213 @@
+"""DiT: the Diffusion Transformer with adaLN-Zero blocks (Peebles & Xie 2023)."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from diffax.models import layers
+
+Dtype = Any
+
+
+def sincos_pos_embed(grid_h: int, grid_w: int, dim: int) -> np.ndarray:
+    """Fixed 2D sin-cos position embedding, (grid_h * grid_w, dim) float64, row-major patches.
+
+    The first half of each vector encodes the column index, the second half the row index, each as
+    ``[sin(p w_i) | cos(p w_i)]`` with ``w_i = 10000**(-i / (dim/4))``.
+
+    References:
+      Vaswani et al. 2017, Sec. 3.5; He et al., "Masked Autoencoders Are Scalable Vision
+      Learners", 2022 (2D variant); Peebles & Xie 2023, Sec. 3.2.
+    """
+    omega = 1.0 / 10000.0 ** (np.arange(dim // 4) / (dim // 4))
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+
+    def encode(pos: np.ndarray) -> np.ndarray:
+        args = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return np.concatenate([np.sin(args), np.cos(args)], axis=1)
+
+    return np.concatenate([encode(cols), encode(rows)], axis=1)
+
+
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x * (1 + scale) + shift`` with (B, D) shift/scale broadcast over the tokens of (B, T, D)."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def _layer_norm(dtype: Dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype)
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero: six (B, D) shift/scale/gate vectors regressed from c.
+
+    References:
+      Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023, Sec. 3.2 and Fig. 3.
+    """
+
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    attention_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        d = self.hidden_size
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mod = layers.dense(6 * d, ("embed", "mlp"), kernel_init=layers.ZEROS, name="adaln", **kw)(
+            nn.silu(c)
+        )
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        attn = layers.Attention(self.num_heads, d // self.num_heads, impl=self.attention_impl, **kw)
+        h = attn(_modulate(_layer_norm(self.dtype)(x), shift_msa, scale_msa))
+        x = x + gate_msa[:, None, :] * h
+        h = _modulate(_layer_norm(self.dtype)(x), shift_mlp, scale_mlp)
+        h = layers.dense(int(d * self.mlp_ratio), ("embed", "mlp"), name="mlp_in", **kw)(h)
+        h = layers.dense(d, ("mlp", "embed"), name="mlp_out", **kw)(nn.gelu(h, approximate=True))
+        return x + gate_mlp[:, None, :] * h
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer: ``apply({"params": p}, x, t, cond=None, train=False)``.
+
+    Attributes:
+      patch_size: side of the square patches.
+      hidden_size: token width D.
+      depth: number of DiT blocks.
+      num_heads: attention heads.
+      mlp_ratio: MLP hidden width / D.
+      num_classes: classes for class conditioning (table has a null row), or None.
+      label_dropout: probability of replacing a label by the null label when ``train=True``.
+      learned_variance: output 2x channels (the paper's learned sigma).
+      freq_dim: width of the time features fed to the time MLP.
+      time_embedding: "sinusoidal" (of ``t * time_scale``) or "fourier".
+      time_scale: multiplies t in the sinusoidal embedding (1000 maps t in [0, 1] to DDPM steps).
+      fourier_scale: standard deviation of the Fourier frequencies.
+      remat: rematerialise each block in the backward pass.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+      attention_impl: "xla" or "cpu" (see ``layers.dot_product_attention``).
+
+    References:
+      Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023, Sec. 3 (patchify, adaLN-Zero,
+      zero-initialised final layer), Table 1 (S/B/L/XL), App. A (initialisation).
+    """
+
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int | None = 1000
+    label_dropout: float = 0.1
+    learned_variance: bool = True
+    freq_dim: int = 256
+    time_embedding: str = "sinusoidal"
+    time_scale: float = 1000.0
+    fourier_scale: float = 16.0
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    def __post_init__(self) -> None:
+        self._validate()
+        super().__post_init__()
+
+    def _validate(self) -> None:
+        layers.check_common(
+            "DiT",
+            time_embedding=self.time_embedding,
+            attention_impl=self.attention_impl,
+            num_classes=self.num_classes,
+            label_dropout=self.label_dropout,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        for field in ("patch_size", "hidden_size", "depth", "num_heads", "freq_dim"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"DiT: {field}={getattr(self, field)}; use a positive int.")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"DiT: hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}."
+            )
+        if self.hidden_size % 4:
+            raise ValueError(f"DiT: hidden_size={self.hidden_size} must be divisible by 4 (2D pos-embed).")
+        if self.freq_dim % 2:
+            raise ValueError(f"DiT: freq_dim={self.freq_dim} must be even.")
+
+    @nn.compact
+    def __call__(
+        self, x: ArrayLike, t: ArrayLike, cond: Any = None, train: bool = False
+    ) -> jax.Array:
+        """Predicts from noisy latents.
+
+        Args:
+          x: (B, H, W, C) noisy latents; H and W divisible by ``patch_size``.
+          t: (B,) continuous times.
+          cond: None, int labels (B,), or {"label": (B,)}.
+          train: enables label dropout (needs the "dropout" rng).
+
+        Returns:
+          (B, H, W, C), or (B, H, W, 2C) with ``learned_variance`` (eps first), in x's dtype.
+        """
+        x, t = jnp.asarray(x), jnp.asarray(t)
+        layers.check_inputs("DiT", x, t)
+        b, height, width, channels = x.shape
+        p, d = self.patch_size, self.hidden_size
+        if height % p or width % p:
+            raise ValueError(
+                f"DiT: image size {height}x{width} is not divisible by patch_size={p}; "
+                "change the image size or patch_size."
+            )
+        labels, _ = layers.split_cond(
+            cond, b, num_classes=self.num_classes, context_dim=None, owner="DiT"
+        )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gh, gw = height // p, width // p
+        h = layers.conv(d, p, ("channels", "embed"), strides=p, padding="VALID", name="patch", **kw)(
+            x.astype(self.dtype)
+        )
+        pos = jnp.asarray(sincos_pos_embed(gh, gw, d), self.dtype)
+        h = h.reshape(b, gh * gw, d) + pos[None]
+
+        c = layers.TimeEmbedding(
+            d,
+            self.freq_dim,
+            kind=self.time_embedding,
+            time_scale=self.time_scale,
+            fourier_scale=self.fourier_scale,
+            kernel_init=nn.initializers.normal(0.02),
+            **kw,
+        )(t)
+        if labels is not None:
+            c = c + layers.LabelEmbedding(self.num_classes, d, dropout=self.label_dropout, **kw)(
+                labels, train
+            )
+
+        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+        for i in range(self.depth):
+            h = block_cls(
+                d, self.num_heads, self.mlp_ratio, self.attention_impl, name=f"block_{i}", **kw
+            )(h, c)
+
+        shift, scale = jnp.split(
+            layers.dense(2 * d, ("embed", "mlp"), kernel_init=layers.ZEROS, name="final_adaln", **kw)(
+                nn.silu(c)
+            ),
+            2,
+            axis=-1,
+        )
+        h = _modulate(_layer_norm(self.dtype)(h), shift, scale)
+        out_channels = channels * (2 if self.learned_variance else 1)
+        h = layers.dense(
+            p * p * out_channels, ("embed", "patch"), kernel_init=layers.ZEROS, name="final", **kw
+        )(h)
+        h = h.reshape(b, gh, gw, p, p, out_channels).transpose(0, 1, 3, 2, 4, 5)
+        return h.reshape(b, height, width, out_channels).astype(x.dtype)

@@ -1,0 +1,447 @@
+"""Building blocks shared by the U-Net and DiT: attention, GroupNorm(+SiLU), time and label embeddings.
+
+Attention and GroupNorm each live in exactly one function here, behind an ``impl`` switch:
+``"xla"`` is the plain formulation (the default), ``"cpu"`` a formulation that XLA's CPU backend
+fuses better (see ``/work/shared/PERF-NOTES.md``); the two agree in value and gradient.
+
+Every parameter carries logical axis names (Flax partitioning metadata); ``LOGICAL_AXIS_RULES``
+maps them onto a ``("data", "fsdp")`` device mesh.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+Dtype = Any
+Initializer = Any
+
+ATTENTION_IMPLS = ("xla", "cpu")
+NORM_IMPLS = ("xla", "cpu")
+TIME_EMBEDDINGS = ("sinusoidal", "fourier")
+
+# Logical axis names used on parameters, and the default mapping onto mesh axes. Earlier rules win
+# when two dimensions of one parameter would take the same mesh axis (Flax's priority order), so a
+# kernel shards its model-width dimension first. Dimensions that may be small or odd (image channels,
+# class table rows, head groups, normalisation vectors, frequencies, patch outputs) stay replicated.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+    ("embed", "fsdp"),  # model width: DiT hidden size, U-Net channels in dense/attention layers
+    ("mlp", "fsdp"),  # MLP hidden width, adaLN modulation outputs
+    ("conv_out", "fsdp"),  # convolution output channels
+    ("conv_in", "fsdp"),  # convolution input channels
+    ("heads", None),  # heads x head_dim (joint) of q/k/v projections
+    ("context", None),  # width of a cross-attention context sequence
+    ("channels", None),  # image / latent channels
+    ("classes", None),  # rows of the class-label table (num_classes + 1)
+    ("freq", None),  # time-frequency features
+    ("patch", None),  # patch_size**2 * out_channels of the DiT output layer
+    ("norm", None),  # GroupNorm scale and bias
+)
+
+XAVIER = nn.initializers.xavier_uniform()
+ZEROS = nn.initializers.zeros_init()
+
+
+def check_common(
+    owner: str,
+    *,
+    time_embedding: str,
+    attention_impl: str,
+    num_classes: int | None,
+    label_dropout: float,
+    dtype: Dtype,
+    param_dtype: Dtype,
+) -> None:
+    """Validates the fields the U-Net and DiT share; raises a one-line ValueError naming the field."""
+    if time_embedding not in TIME_EMBEDDINGS:
+        raise ValueError(f"{owner}: time_embedding={time_embedding!r}; use one of {TIME_EMBEDDINGS}.")
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"{owner}: attention_impl={attention_impl!r}; use one of {ATTENTION_IMPLS}.")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"{owner}: num_classes={num_classes}; use a positive int or None.")
+    if not 0.0 <= label_dropout <= 1.0:
+        raise ValueError(f"{owner}: label_dropout={label_dropout}; use a probability in [0, 1].")
+    if label_dropout > 0 and num_classes is None:
+        raise ValueError(f"{owner}: label_dropout={label_dropout} needs num_classes; set num_classes.")
+    for field, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        try:
+            is_float = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+        except TypeError:
+            is_float = False
+        if not is_float:
+            raise ValueError(f"{owner}: {field}={value!r} is not a float dtype; use e.g. 'float32'.")
+
+
+def dense(
+    features: int,
+    axes: tuple[str, str],
+    *,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    kernel_init: Initializer = XAVIER,
+    name: str | None = None,
+) -> nn.Dense:
+    """A ``nn.Dense`` whose kernel carries logical axes ``axes`` and whose bias carries ``axes[1]``."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(ZEROS, axes[1:]),
+        name=name,
+    )
+
+
+def conv(
+    features: int,
+    kernel_size: int,
+    axes: tuple[str, str] = ("conv_in", "conv_out"),
+    *,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    strides: int = 1,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    kernel_init: Initializer = XAVIER,
+    name: str | None = None,
+) -> nn.Conv:
+    """A square NHWC ``nn.Conv``; the kernel's channel dimensions carry logical axes ``axes``."""
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding=padding,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, *axes)),
+        bias_init=nn.with_logical_partitioning(ZEROS, axes[1:]),
+        name=name,
+    )
+
+
+def _channelwise(v: jax.Array, ndim: int) -> jax.Array:
+    """Reshapes (B, C) to (B, 1, ..., 1, C) with ``ndim`` axes in all (explicit, no rank promotion)."""
+    return v.reshape(v.shape[0], *([1] * (ndim - 2)), v.shape[-1])
+
+
+def group_norm(
+    x: ArrayLike,
+    scale: ArrayLike,
+    bias: ArrayLike,
+    *,
+    num_groups: int,
+    epsilon: float = 1e-5,
+    modulation: tuple[ArrayLike, ArrayLike] | None = None,
+    silu: bool = True,
+    impl: str = "xla",
+) -> jax.Array:
+    """Group normalisation with affine, optional FiLM modulation, optional SiLU, in float32.
+
+    ``y = norm(x) * scale + bias``; with ``modulation=(m_scale, m_shift)`` then
+    ``y = y * (1 + m_scale) + m_shift`` (ADM's scale-shift norm); then ``silu(y)`` if ``silu``.
+
+    Args:
+      x: (B, *spatial, C) activations.
+      scale: (C,) affine scale.
+      bias: (C,) affine bias.
+      num_groups: number of channel groups G; C must be divisible by G.
+      epsilon: added to the group variance.
+      modulation: optional pair of (B, C) arrays (scale, shift).
+      silu: apply SiLU at the end.
+      impl: ``"xla"``: mean and variance over a (B, *spatial, G, C/G) view. ``"cpu"``: per-channel
+        sums of x and x^2 first, combined within each group, folded with the affine and modulation
+        into one per-channel scale and shift applied in a single pass (variance as E[x^2] - E[x]^2).
+
+    Returns:
+      float32 array of x's shape.
+
+    References:
+      Wu & He, "Group Normalization", 2018, Eq. (1)-(3); Dhariwal & Nichol, "Diffusion Models Beat
+      GANs on Image Synthesis", 2021, Sec. 3 (AdaGN: ``y_s * GroupNorm(h) + y_b``).
+    """
+    xf = jnp.asarray(x, jnp.float32)
+    b, c, nd = xf.shape[0], xf.shape[-1], xf.ndim
+    g = num_groups
+    gamma = jnp.asarray(scale, jnp.float32).reshape(1, c)
+    beta = jnp.asarray(bias, jnp.float32).reshape(1, c)
+    if impl == "xla":
+        grouped = xf.reshape(*xf.shape[:-1], g, c // g)
+        axes = (*range(1, nd - 1), nd)
+        mean = jnp.mean(grouped, axis=axes, keepdims=True)
+        var = jnp.var(grouped, axis=axes, keepdims=True)
+        y = ((grouped - mean) * jax.lax.rsqrt(var + epsilon)).reshape(xf.shape)
+        a = jnp.broadcast_to(gamma, (b, c))
+        shift = jnp.broadcast_to(beta, (b, c))
+    elif impl == "cpu":
+        spatial = tuple(range(1, nd - 1))
+        count = np.prod(xf.shape[1:-1]) * (c // g)
+        s1 = jnp.sum(xf, axis=spatial).reshape(b, g, c // g).sum(-1)
+        s2 = jnp.sum(xf * xf, axis=spatial).reshape(b, g, c // g).sum(-1)
+        mean = s1 / count
+        var = jnp.maximum(s2 / count - mean * mean, 0.0)
+        rstd = jnp.repeat(jax.lax.rsqrt(var + epsilon), c // g, axis=1)
+        a = rstd * gamma
+        shift = beta - jnp.repeat(mean, c // g, axis=1) * a
+        y = xf
+    else:
+        raise ValueError(f"group_norm: impl={impl!r}; use one of {NORM_IMPLS}.")
+    if modulation is not None:
+        m_scale, m_shift = (jnp.asarray(m, jnp.float32) for m in modulation)
+        a, shift = a * (1.0 + m_scale), shift * (1.0 + m_scale) + m_shift
+    y = y * _channelwise(a, nd) + _channelwise(shift, nd)
+    return nn.silu(y) if silu else y
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm(+modulation)(+SiLU) with learned per-channel scale and bias; see ``group_norm``."""
+
+    num_groups: int
+    epsilon: float = 1e-5
+    silu: bool = True
+    impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: ArrayLike, modulation: tuple[ArrayLike, ArrayLike] | None = None
+    ) -> jax.Array:
+        c = jnp.shape(x)[-1]
+        init = nn.initializers.ones_init()
+        scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (c,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(ZEROS, ("norm",)), (c,), self.param_dtype)
+        y = group_norm(
+            x,
+            scale,
+            bias,
+            num_groups=self.num_groups,
+            epsilon=self.epsilon,
+            modulation=modulation,
+            silu=self.silu,
+            impl=self.impl,
+        )
+        return y.astype(self.dtype)
+
+
+def dot_product_attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, impl: str = "xla"
+) -> jax.Array:
+    """Multi-head scaled dot-product attention ``softmax(q k^T / sqrt(H)) v``.
+
+    Args:
+      q: (B, T, N, H) queries.
+      k: (B, S, N, H) keys.
+      v: (B, S, N, H) values.
+      impl: ``"xla"``: ``jax.nn.dot_product_attention`` (the backend's fused kernel where it has
+        one). ``"cpu"``: heads-first products with float32 accumulation, unnormalised
+        ``exp(s - max s)`` multiplied by v, divided by the row sums only after the PV product.
+
+    Returns:
+      (B, T, N, H) array in q's dtype.
+
+    References:
+      Vaswani et al., "Attention Is All You Need", 2017, Eq. (1).
+    """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if impl == "xla":
+        return jax.nn.dot_product_attention(q, k, v)
+    if impl != "cpu":
+        raise ValueError(f"dot_product_attention: impl={impl!r}; use one of {ATTENTION_IMPLS}.")
+    scale = q.shape[-1] ** -0.5
+    s = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    p = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+    o = jnp.einsum("bnts,bsnh->btnh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    rows = jnp.transpose(jnp.sum(p, axis=-1), (0, 2, 1))  # (B, T, N)
+    return (o / rows[..., None]).astype(q.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, or cross-attention to ``context`` when it is given.
+
+    Self-attention uses one fused q/k/v projection; cross-attention projects q from x and k/v from
+    the context. The output projection maps back to x's width (zero-initialised if asked).
+    """
+
+    num_heads: int
+    head_dim: int
+    impl: str = "xla"
+    zero_init_out: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: ArrayLike, context: ArrayLike | None = None) -> jax.Array:
+        x = jnp.asarray(x)
+        b, t, c = x.shape
+        n, h = self.num_heads, self.head_dim
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if context is None:
+            qkv = dense(3 * n * h, ("embed", "heads"), name="qkv", **kw)(x).reshape(b, t, 3, n, h)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            context = jnp.asarray(context)
+            q = dense(n * h, ("embed", "heads"), name="q", **kw)(x).reshape(b, t, n, h)
+            kv = dense(2 * n * h, ("context", "heads"), name="kv", **kw)(context)
+            kv = kv.reshape(b, context.shape[1], 2, n, h)
+            k, v = kv[:, :, 0], kv[:, :, 1]
+        o = dot_product_attention(q, k, v, impl=self.impl).reshape(b, t, n * h)
+        out_init = ZEROS if self.zero_init_out else XAVIER
+        return dense(c, ("heads", "embed"), kernel_init=out_init, name="out", **kw)(o)
+
+
+def time_features(
+    t: ArrayLike,
+    dim: int,
+    *,
+    kind: str = "sinusoidal",
+    time_scale: float = 1000.0,
+    fourier_scale: float = 16.0,
+    max_period: float = 10000.0,
+) -> jax.Array:
+    """Continuous-time features of t, shape (B, dim) float32, ordered [cos | sin].
+
+    Args:
+      t: (B,) continuous times.
+      dim: feature width (even).
+      kind: ``"sinusoidal"``: ``cos/sin(t * time_scale * w_i)`` with geometric frequencies
+        ``w_i = max_period**(-i / (dim/2))``; ``time_scale=1000`` makes t in [0, 1] look like DDPM's
+        integer steps. ``"fourier"``: Gaussian Fourier features ``cos/sin(2 pi t w_i)`` with
+        ``w_i ~ N(0, fourier_scale**2)`` drawn once from a fixed seed (a constant, not a parameter).
+      time_scale: multiplies t for the sinusoidal kind.
+      fourier_scale: standard deviation of the Fourier frequencies.
+      max_period: longest period of the sinusoidal kind.
+
+    Returns:
+      (B, dim) float32 array.
+
+    References:
+      Vaswani et al. 2017, Sec. 3.5 (sinusoidal embedding); Ho et al., "Denoising Diffusion
+      Probabilistic Models", 2020, App. B; Tancik et al., "Fourier Features Let Networks Learn High
+      Frequency Functions", 2020, Eq. (5); Song et al., "Score-Based Generative Modeling through
+      SDEs", 2021, App. H.
+    """
+    t = jnp.asarray(t, jnp.float32)
+    half = dim // 2
+    if kind == "sinusoidal":
+        freqs = np.exp(-np.log(max_period) * np.arange(half) / half)
+        args = (t * time_scale)[:, None] * jnp.asarray(freqs, jnp.float32)[None, :]
+    elif kind == "fourier":
+        freqs = 2 * np.pi * fourier_scale * np.random.default_rng(0).standard_normal(half)
+        args = t[:, None] * jnp.asarray(freqs, jnp.float32)[None, :]
+    else:
+        raise ValueError(f"time_features: kind={kind!r}; use one of {TIME_EMBEDDINGS}.")
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimeEmbedding(nn.Module):
+    """``Dense(width) -> SiLU -> Dense(width)`` on ``time_features(t, freq_dim)``."""
+
+    width: int
+    freq_dim: int
+    kind: str = "sinusoidal"
+    time_scale: float = 1000.0
+    fourier_scale: float = 16.0
+    kernel_init: Initializer = XAVIER
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: ArrayLike) -> jax.Array:
+        f = time_features(
+            t,
+            self.freq_dim,
+            kind=self.kind,
+            time_scale=self.time_scale,
+            fourier_scale=self.fourier_scale,
+        )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+        h = nn.silu(dense(self.width, ("freq", "embed"), **kw)(f))
+        return dense(self.width, ("mlp", "embed"), **kw)(h)
+
+
+class LabelEmbedding(nn.Module):
+    """Class-label table with an extra null row (index ``num_classes``) for classifier-free guidance.
+
+    With ``train=True`` each label is replaced by the null label with probability ``dropout``,
+    drawn from the ``"dropout"`` rng stream.
+
+    References:
+      Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022, Alg. 1.
+    """
+
+    num_classes: int
+    width: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, labels: ArrayLike, train: bool) -> jax.Array:
+        labels = jnp.asarray(labels)
+        if train and self.dropout > 0:
+            drop = jax.random.bernoulli(self.make_rng("dropout"), self.dropout, labels.shape)
+            labels = jnp.where(drop, self.num_classes, labels)
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("classes", "embed"))
+        table = nn.Embed(
+            self.num_classes + 1,
+            self.width,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=init,
+        )
+        return table(labels)
+
+
+def split_cond(
+    cond: Any, batch: int, *, num_classes: int | None, context_dim: int | None, owner: str
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """Splits a model's ``cond`` into (labels, context) and checks their shapes.
+
+    ``cond`` is None, an int label array (B,), or a dict with optional keys ``"label"`` (B,) and
+    ``"context"`` (B, L, context_dim). A class-conditional model given no label uses the null label
+    ``num_classes`` (the unconditional path).
+    """
+    if isinstance(cond, dict):
+        unknown = set(cond) - {"label", "context"}
+        if unknown:
+            raise ValueError(f"{owner}: cond has unknown keys {sorted(unknown)}; use 'label', 'context'.")
+        labels, context = cond.get("label"), cond.get("context")
+    else:
+        labels, context = cond, None
+    if labels is not None:
+        if num_classes is None:
+            raise ValueError(f"{owner}: got class labels but num_classes is None; set num_classes.")
+        labels = jnp.asarray(labels)
+        if labels.shape != (batch,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(
+                f"{owner}: labels must be an int array of shape ({batch},); "
+                f"got {labels.dtype}{labels.shape}."
+            )
+    elif num_classes is not None:
+        labels = jnp.full((batch,), num_classes, jnp.int32)
+    if context_dim is None:
+        if context is not None:
+            raise ValueError(f"{owner}: got cond['context'] but context_dim is None; set context_dim.")
+    else:
+        if context is None:
+            raise ValueError(
+                f"{owner}: context_dim={context_dim} needs cond={{'context': (B, L, {context_dim})}}."
+            )
+        context = jnp.asarray(context)
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != context_dim:
+            raise ValueError(
+                f"{owner}: cond['context'] must have shape ({batch}, L, {context_dim}); "
+                f"got {context.shape}."
+            )
+    return labels, context
+
+
+def check_inputs(owner: str, x: jax.Array, t: jax.Array) -> None:
+    """Checks x is (B, H, W, C) float and t is (B,); raises a one-line ValueError otherwise."""
+    if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{owner}: x must be a float NHWC array (B, H, W, C); got {x.dtype}{x.shape}.")
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"{owner}: t must have shape (batch,) = ({x.shape[0]},); got {t.shape}.")
