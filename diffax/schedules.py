@@ -65,6 +65,13 @@ def _float(t: ArrayLike) -> jax.Array:
     return t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(jnp.float32)
 
 
+def _in_working_precision(fn: Callable[[jax.Array], jax.Array], t: ArrayLike) -> jax.Array:
+    """Evaluates ``fn`` in at least float32 and returns the result in t's floating dtype, so
+    bfloat16 inputs get float32 accuracy and keep their dtype."""
+    t = _float(t)
+    return fn(t.astype(jnp.promote_types(t.dtype, jnp.float32))).astype(t.dtype)
+
+
 class Schedule(abc.ABC):
     """The interface every noise schedule implements. Subclasses define ``log_alpha`` and
     ``log_snr`` (and the inverse); the rest is derived here."""
@@ -72,43 +79,58 @@ class Schedule(abc.ABC):
     t_min: float
     t_max: float
 
+    # Subclasses implement these three (and may override _log_sigma) on float32-or-wider arrays.
     @abc.abstractmethod
+    def _log_alpha(self, t: jax.Array) -> jax.Array: ...
+
+    @abc.abstractmethod
+    def _log_snr(self, t: jax.Array) -> jax.Array: ...
+
+    @abc.abstractmethod
+    def _t_from_log_snr(self, log_snr: jax.Array) -> jax.Array: ...
+
+    def _log_sigma(self, t: jax.Array) -> jax.Array:
+        return self._log_alpha(t) - 0.5 * self._log_snr(t)
+
     def log_alpha(self, t: ArrayLike) -> jax.Array:
         """log alpha(t)."""
+        return _in_working_precision(self._log_alpha, t)
 
-    @abc.abstractmethod
     def log_snr(self, t: ArrayLike) -> jax.Array:
         """lambda(t) = log(alpha(t)^2 / sigma(t)^2), strictly decreasing in t."""
+        return _in_working_precision(self._log_snr, t)
 
-    @abc.abstractmethod
     def t_from_log_snr(self, log_snr: ArrayLike) -> jax.Array:
         """The inverse of ``log_snr``."""
-
-    def alpha(self, t: ArrayLike) -> jax.Array:
-        """alpha(t), the scale of x_0 in x_t."""
-        return jnp.exp(self.log_alpha(t))
+        return _in_working_precision(self._t_from_log_snr, log_snr)
 
     def log_sigma(self, t: ArrayLike) -> jax.Array:
         """log sigma(t) = log alpha(t) - lambda(t) / 2."""
-        return self.log_alpha(t) - 0.5 * self.log_snr(t)
+        return _in_working_precision(self._log_sigma, t)
+
+    def alpha(self, t: ArrayLike) -> jax.Array:
+        """alpha(t), the scale of x_0 in x_t."""
+        return _in_working_precision(lambda u: jnp.exp(self._log_alpha(u)), t)
 
     def sigma(self, t: ArrayLike) -> jax.Array:
         """sigma(t), the scale of the noise in x_t."""
-        return jnp.exp(self.log_sigma(t))
+        return _in_working_precision(lambda u: jnp.exp(self._log_sigma(u)), t)
 
     def drift(self, t: ArrayLike) -> jax.Array:
         """f(t) = d log alpha / dt, the drift coefficient of dx = f(t) x dt + g(t) dW.
 
         References: Kingma et al. 2021 (VDM), App. A; Song et al. 2021, eq. 5.
         """
-        return _elementwise_derivative(self.log_alpha, t)
+        return _in_working_precision(lambda u: _elementwise_derivative(self._log_alpha, u), t)
 
     def diffusion_sq(self, t: ArrayLike) -> jax.Array:
         """g(t)^2 = -sigma(t)^2 d lambda / dt, the squared diffusion coefficient.
 
         References: Kingma et al. 2021 (VDM), eq. 17-18 (g^2 = d sigma^2/dt - 2 f sigma^2).
         """
-        return -jnp.square(self.sigma(t)) * _elementwise_derivative(self.log_snr, t)
+        return _in_working_precision(
+            lambda u: -jnp.exp(2 * self._log_sigma(u)) * _elementwise_derivative(self._log_snr, u), t
+        )
 
     @property
     def prior_std(self) -> jax.Array:
@@ -133,8 +155,7 @@ class Schedule(abc.ABC):
         check_time_range(t, self.t_min, self.t_max, name=name)
 
 
-def _elementwise_derivative(fn: Callable[[jax.Array], jax.Array], t: ArrayLike) -> jax.Array:
-    t = _float(t)
+def _elementwise_derivative(fn: Callable[[jax.Array], jax.Array], t: jax.Array) -> jax.Array:
     return jax.jvp(fn, (t,), (jnp.ones_like(t),))[1]
 
 
@@ -177,16 +198,15 @@ class VPLinear(Schedule):
         if self.beta_max < self.beta_min:
             raise ValueError(f"beta_max ({self.beta_max}) must be >= beta_min ({self.beta_min}).")
 
-    def log_alpha(self, t):
-        t = _float(t)
+    def _log_alpha(self, t):
         return -0.25 * jnp.square(t) * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
-    def log_snr(self, t):
-        return _vp_log_snr(self.log_alpha(t))
+    def _log_snr(self, t):
+        return _vp_log_snr(self._log_alpha(t))
 
-    def t_from_log_snr(self, log_snr):
+    def _t_from_log_snr(self, log_snr):
         # -log alpha = u solves (db/4) t^2 + (b0/2) t - u = 0; the root in a cancellation-free form.
-        u = -_vp_log_alpha_from_log_snr(_float(log_snr))
+        u = -_vp_log_alpha_from_log_snr(log_snr)
         db, b0 = self.beta_max - self.beta_min, self.beta_min
         return 2.0 * u / (0.5 * b0 + jnp.sqrt(0.25 * b0**2 + db * u))
 
@@ -212,14 +232,14 @@ class VPCosine(Schedule):
     def _angle(self, t):
         return 0.5 * math.pi * (t + self.s) / (1.0 + self.s)
 
-    def log_alpha(self, t):
-        return jnp.log(jnp.cos(self._angle(_float(t)))) - math.log(math.cos(self._angle(0.0)))
+    def _log_alpha(self, t):
+        return jnp.log(jnp.cos(self._angle(t))) - math.log(math.cos(self._angle(0.0)))
 
-    def log_snr(self, t):
-        return _vp_log_snr(self.log_alpha(t))
+    def _log_snr(self, t):
+        return _vp_log_snr(self._log_alpha(t))
 
-    def t_from_log_snr(self, log_snr):
-        log_alpha = _vp_log_alpha_from_log_snr(_float(log_snr))
+    def _t_from_log_snr(self, log_snr):
+        log_alpha = _vp_log_alpha_from_log_snr(log_snr)
         cos_angle = jnp.exp(log_alpha) * math.cos(self._angle(0.0))
         return 2.0 * (1.0 + self.s) / math.pi * jnp.arccos(cos_angle) - self.s
 
@@ -241,15 +261,14 @@ class VE(Schedule):
         if not self.sigma_max > self.sigma_min:
             raise ValueError(f"sigma_max ({self.sigma_max}) must be > sigma_min ({self.sigma_min}).")
 
-    def log_alpha(self, t):
-        return jnp.zeros_like(_float(t))
+    def _log_alpha(self, t):
+        return jnp.zeros_like(t)
 
-    def log_snr(self, t):
-        t = _float(t)
+    def _log_snr(self, t):
         return -2.0 * (math.log(self.sigma_min) + t * math.log(self.sigma_max / self.sigma_min))
 
-    def t_from_log_snr(self, log_snr):
-        log_sigma = -0.5 * _float(log_snr)
+    def _t_from_log_snr(self, log_snr):
+        log_sigma = -0.5 * log_snr
         return (log_sigma - math.log(self.sigma_min)) / math.log(self.sigma_max / self.sigma_min)
 
 
@@ -278,14 +297,14 @@ class EDM(Schedule):
     def t_max(self) -> float:
         return self.sigma_max
 
-    def log_alpha(self, t):
-        return jnp.zeros_like(_float(t))
+    def _log_alpha(self, t):
+        return jnp.zeros_like(t)
 
-    def log_snr(self, t):
-        return -2.0 * jnp.log(_float(t))
+    def _log_snr(self, t):
+        return -2.0 * jnp.log(t)
 
-    def t_from_log_snr(self, log_snr):
-        return jnp.exp(-0.5 * _float(log_snr))
+    def _t_from_log_snr(self, log_snr):
+        return jnp.exp(-0.5 * log_snr)
 
 
 @struct.dataclass
@@ -298,18 +317,17 @@ class RectifiedFlow(Schedule):
     t_min: float = struct.field(pytree_node=False, default=0.0)
     t_max: float = struct.field(pytree_node=False, default=1.0)
 
-    def log_alpha(self, t):
-        return jnp.log1p(-_float(t))
+    def _log_alpha(self, t):
+        return jnp.log1p(-t)
 
-    def log_sigma(self, t):
-        return jnp.log(_float(t))
+    def _log_sigma(self, t):
+        return jnp.log(t)
 
-    def log_snr(self, t):
-        t = _float(t)
+    def _log_snr(self, t):
         return 2.0 * (jnp.log1p(-t) - jnp.log(t))
 
-    def t_from_log_snr(self, log_snr):
-        return jax.nn.sigmoid(-0.5 * _float(log_snr))
+    def _t_from_log_snr(self, log_snr):
+        return jax.nn.sigmoid(-0.5 * log_snr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,20 +418,20 @@ class DiscreteSchedule(Schedule):
 
     def index_from_t(self, t: ArrayLike) -> jax.Array:
         """The (fractional) grid index i = t T - 1 of continuous time t."""
-        return _float(t) * self.num_timesteps - 1.0
+        return t * self.num_timesteps - 1.0
 
     def t_from_index(self, index: ArrayLike) -> jax.Array:
         """Continuous time t = (i + 1) / T of grid index i."""
         return (_float(index) + 1.0) / self.num_timesteps
 
-    def log_alpha(self, t):
-        return jnp.interp(_float(t), self.grid_t, self.grid_log_alpha)
+    def _log_alpha(self, t):
+        return jnp.interp(t, self.grid_t, self.grid_log_alpha)
 
-    def log_snr(self, t):
-        return _vp_log_snr(self.log_alpha(t))
+    def _log_snr(self, t):
+        return _vp_log_snr(self._log_alpha(t))
 
-    def t_from_log_snr(self, log_snr):
-        log_alpha = _vp_log_alpha_from_log_snr(_float(log_snr))
+    def _t_from_log_snr(self, log_snr):
+        log_alpha = _vp_log_alpha_from_log_snr(log_snr)
         # log alpha decreases along the grid; interpolate on the reversed (increasing) arrays.
         return jnp.interp(log_alpha, self.grid_log_alpha[::-1], self.grid_t[::-1])
 
