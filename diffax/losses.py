@@ -89,9 +89,7 @@ def discretized_gaussian_log_likelihood(
     log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
     log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
     log_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
-    return jnp.where(
-        x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta)
-    )
+    return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
 def sample_time(
@@ -127,9 +125,7 @@ def sample_time(
         return schedule.t_from_index(index), weight
     if probs is not None:
         raise ValueError("probs (importance sampling) needs a discrete schedule; got a continuous one.")
-    t = jax.random.uniform(
-        key, (batch_size,), minval=max(schedule.t_min, t_eps), maxval=schedule.t_max
-    )
+    t = jax.random.uniform(key, (batch_size,), minval=max(schedule.t_min, t_eps), maxval=schedule.t_max)
     return t, jnp.ones((batch_size,))
 
 
@@ -147,9 +143,7 @@ def importance_time_probs(loss_sq_history: ArrayLike, *, uniform_mix: float = 1e
     return (1.0 - uniform_mix) * probs + uniform_mix / history.shape[0]
 
 
-def min_snr_weight(
-    schedule: Schedule, t: ArrayLike, *, prediction: str, gamma: float = 5.0
-) -> jax.Array:
+def min_snr_weight(schedule: Schedule, t: ArrayLike, *, prediction: str, gamma: float = 5.0) -> jax.Array:
     """Min-SNR-gamma weight for a loss on ``prediction``: min(SNR, gamma) / c, where c turns the loss
     into an x_0 error (c = SNR for eps, 1 for x0, SNR + 1 for v on VP schedules).
 
@@ -282,8 +276,14 @@ def vlb_bpd(
         t = schedule.t_from_index(indices)
         x_t = q_sample(schedule, x0, t, jax.random.normal(k, x0.shape, x0.dtype))
         x0_pred, log_var = _model_mean_and_log_variance(
-            schedule, model_fn(x_t, t), x_t, t, indices,
-            prediction=prediction, learned_variance=learned_variance, clip_denoised=clip_denoised,
+            schedule,
+            model_fn(x_t, t),
+            x_t,
+            t,
+            indices,
+            prediction=prediction,
+            learned_variance=learned_variance,
+            clip_denoised=clip_denoised,
         )
         return None, vlb_term_bpd(schedule, x0, x_t, indices, x0_pred=x0_pred, log_variance=log_var)
 
@@ -317,9 +317,7 @@ def _model_mean_and_log_variance(
     return (jnp.clip(x0_pred, -1.0, 1.0) if clip_denoised else x0_pred), log_var
 
 
-def edm_loss(
-    denoised: ArrayLike, x0: ArrayLike, sigma: ArrayLike, *, sigma_data: float = 0.5
-) -> jax.Array:
+def edm_loss(denoised: ArrayLike, x0: ArrayLike, sigma: ArrayLike, *, sigma_data: float = 0.5) -> jax.Array:
     """EDM's per-example loss lambda(sigma) ||D(x0 + n; sigma) - x0||^2 (mean over dimensions),
     lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
 
@@ -409,8 +407,14 @@ def make_loss(
         per_example = jnp.zeros((batch_size,))
         if loss != "vlb":
             per_example = simple_loss(
-                schedule, mean_output, x0, noise, t,
-                prediction=prediction, weighting=weighting, min_snr_gamma=min_snr_gamma,
+                schedule,
+                mean_output,
+                x0,
+                noise,
+                t,
+                prediction=prediction,
+                weighting=weighting,
+                min_snr_gamma=min_snr_gamma,
             )
             aux["mse"] = per_example
         if loss in ("hybrid", "vlb"):
@@ -419,8 +423,14 @@ def make_loss(
             if learned_variance:
                 vlb_output = jnp.concatenate([vlb_output, variance_output], axis=-1)
             x0_pred, log_var = _model_mean_and_log_variance(
-                schedule, vlb_output, x_t, t, index,
-                prediction=prediction, learned_variance=learned_variance, clip_denoised=False,
+                schedule,
+                vlb_output,
+                x_t,
+                t,
+                index,
+                prediction=prediction,
+                learned_variance=learned_variance,
+                clip_denoised=False,
             )
             vlb = vlb_term_bpd(schedule, x0, x_t, index, x0_pred=x0_pred, log_variance=log_var)
             aux["vlb_term"] = vlb

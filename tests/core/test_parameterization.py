@@ -95,12 +95,16 @@ class ConversionTransformsTest(chex.TestCase):
                 pred = P.from_x0_eps(sch, x0, eps, t, prediction=prediction).astype(dtype)
                 out = f(pred, x_t.astype(dtype), t)
                 chex.assert_type(out, dtype)
-                chex.assert_trees_all_close(out.astype(jnp.float32), x0, atol=0.15 if dtype == jnp.bfloat16 else 1e-3)
+                chex.assert_trees_all_close(
+                    out.astype(jnp.float32), x0, atol=0.15 if dtype == jnp.bfloat16 else 1e-3
+                )
             per_example = self.variant(
                 jax.vmap(lambda p, x, tt: P.to_x0_eps(sch, p[None], x[None], tt, prediction=prediction)[0][0])
             )(P.from_x0_eps(sch, x0, eps, t, prediction=prediction), x_t, t)
             chex.assert_trees_all_close(per_example, x0, atol=1e-3)
-            g = self.variant(jax.grad(lambda tt: jnp.sum(P.from_x0_eps(sch, x0, eps, tt, prediction=prediction))))(t)
+            g = self.variant(
+                jax.grad(lambda tt: jnp.sum(P.from_x0_eps(sch, x0, eps, tt, prediction=prediction)))
+            )(t)
             chex.assert_tree_all_finite(g)
 
 

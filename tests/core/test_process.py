@@ -53,7 +53,8 @@ def test_posterior_equals_bayes_rule(name):
 
 
 def test_transition_composes_to_the_marginal():
-    """q(x_t | x_0) = q(x_t | x_s) o q(x_s | x_0): alpha_t = alpha_ts alpha_s, sigma_t^2 = alpha_ts^2 sigma_s^2 + var_ts."""
+    """q(x_t | x_0) = q(x_t | x_s) o q(x_s | x_0):
+    alpha_t = alpha_ts alpha_s and sigma_t^2 = alpha_ts^2 sigma_s^2 + var_ts."""
     sch = schedules.get("vp_linear")
     s, t = jnp.array([0.1, 0.4]), jnp.array([0.3, 0.9])
     a_ts, var_ts = process.q_transition(sch, s, t)
