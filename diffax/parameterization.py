@@ -34,9 +34,7 @@ PREDICTIONS = ("eps", "x0", "v", "score", "flow")
 def check_prediction(prediction: str) -> None:
     """Raises a ValueError naming the known prediction types if ``prediction`` is unknown."""
     if prediction not in PREDICTIONS:
-        raise ValueError(
-            f"Unknown prediction {prediction!r}; known predictions: {', '.join(PREDICTIONS)}."
-        )
+        raise ValueError(f"Unknown prediction {prediction!r}; known predictions: {', '.join(PREDICTIONS)}.")
 
 
 def _coefficients(schedule: Schedule, t: ArrayLike, x: jax.Array, prediction: str):

@@ -83,9 +83,7 @@ def q_transition(schedule: Schedule, s: ArrayLike, t: ArrayLike) -> tuple[jax.Ar
     return alpha_ts, var_ts
 
 
-def q_step(
-    schedule: Schedule, x_s: ArrayLike, s: ArrayLike, t: ArrayLike
-) -> tuple[jax.Array, jax.Array]:
+def q_step(schedule: Schedule, x_s: ArrayLike, s: ArrayLike, t: ArrayLike) -> tuple[jax.Array, jax.Array]:
     """Mean and variance of the one-step kernel q(x_t | x_s) applied to ``x_s``.
 
     For a discrete schedule with s = t - 1/T this is DDPM's q(x_t | x_{t-1}) =

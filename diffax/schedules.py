@@ -384,9 +384,7 @@ class DiscreteSchedule(Schedule):
         if betas_np.ndim != 1 or betas_np.size < 2:
             raise ValueError(f"betas must be a 1-D array of length >= 2; got shape {betas_np.shape}.")
         if not (np.all(betas_np > 0) and np.all(betas_np < 1)):
-            raise ValueError(
-                f"betas must lie in (0, 1); got min {betas_np.min():g}, max {betas_np.max():g}."
-            )
+            raise ValueError(f"betas must lie in (0, 1); got min {betas_np.min():g}, max {betas_np.max():g}.")
         alphas_cumprod = np.cumprod(1.0 - betas_np)
         return cls(
             betas=jnp.asarray(betas_np, jnp.float32),
