@@ -1,6 +1,18 @@
-"""Evaluation: Fréchet distance, Inception Score, KID, precision/recall, streaming statistics."""
+"""Evaluation: FID and its digits twin, Inception Score, KID, precision/recall, streamed and sharded.
 
+Feature statistics and classifier sums are reduced on the devices that hold each batch and merged
+in float64 on the host; :func:`evaluate_samples` runs a whole evaluation from a sampler.
+"""
+
+from diffax.evaluation._digits import (
+    DigitsClassifier,
+    digits_classifier_params,
+    digits_features_and_logits,
+    load_digits_reference,
+)
+from diffax.evaluation._digits_metrics import digits_metrics, digits_reference, digits_targets
 from diffax.evaluation._frechet import frechet_distance
+from diffax.evaluation._harness import Extractor, evaluate_samples, reference_feature_stats
 from diffax.evaluation._inception import (
     InceptionV3,
     inception_features_and_logits,
@@ -26,9 +38,17 @@ from diffax.evaluation._stats import (
 )
 
 __all__ = [
-    "InceptionV3",
     "ClassifierStats",
+    "DigitsClassifier",
+    "Extractor",
     "FeatureStats",
+    "InceptionV3",
+    "digits_classifier_params",
+    "digits_features_and_logits",
+    "digits_metrics",
+    "digits_reference",
+    "digits_targets",
+    "evaluate_samples",
     "feature_mean_cov",
     "frechet_distance",
     "inception_features_and_logits",
@@ -38,9 +58,11 @@ __all__ = [
     "init_classifier_stats",
     "init_feature_stats",
     "kernel_inception_distance",
+    "load_digits_reference",
     "load_inception_variables",
     "merge_feature_stats",
     "precision_recall",
+    "reference_feature_stats",
     "save_inception_variables",
     "update_classifier_stats",
     "update_feature_stats",
