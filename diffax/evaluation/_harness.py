@@ -1,7 +1,7 @@
 """A whole evaluation: draw samples in batches, stream their features and logits, report floats.
 
 Nothing but the running statistics stays in memory, unless KID and precision/recall are asked
-for (they need every sample's features, kept on the host).
+for: they need every sample's features, which are then gathered to every host.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import jax
 import numpy as np
 import scipy.stats
+from jax.experimental import multihost_utils
 from jax.typing import ArrayLike
 
 from diffax.evaluation._frechet import frechet_distance
@@ -96,7 +97,7 @@ def _evaluate_batches(
             confidence_threshold=confidence_threshold,
         )
         if reference_features is not None:
-            kept.append(np.asarray(jax.device_get(features))[:valid])
+            kept.append(multihost_utils.process_allgather(features, tiled=True)[:valid])
         seen += valid
         if seen == num_samples:
             break
