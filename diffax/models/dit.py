@@ -64,7 +64,9 @@ class DiTBlock(nn.Module):
             nn.silu(c)
         )
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        attn = layers.Attention(self.num_heads, d // self.num_heads, impl=self.attention_impl, **kw)
+        attn = layers.Attention(
+            self.num_heads, d // self.num_heads, impl=self.attention_impl, name="attn", **kw
+        )
         h = attn(_modulate(_layer_norm(self.dtype)(x), shift_msa, scale_msa))
         x = x + gate_msa[:, None, :] * h
         h = _modulate(_layer_norm(self.dtype)(x), shift_mlp, scale_mlp)
@@ -184,10 +186,13 @@ class DiT(nn.Module):
             time_scale=self.time_scale,
             fourier_scale=self.fourier_scale,
             kernel_init=nn.initializers.normal(0.02),
+            name="time_embed",
             **kw,
         )(t)
         if labels is not None:
-            c = c + layers.LabelEmbedding(self.num_classes, d, dropout=self.label_dropout, **kw)(
+            c = c + layers.LabelEmbedding(
+                self.num_classes, d, dropout=self.label_dropout, name="label_embed", **kw
+            )(
                 labels, train
             )
 

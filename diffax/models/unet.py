@@ -95,9 +95,9 @@ class AttentionBlock(nn.Module):
         attn = dict(
             num_heads=self.num_heads, head_dim=self.head_dim, impl=self.attention_impl, zero_init_out=True
         )
-        for ctx in (None,) if context is None else (None, context):
-            y = layers.GroupNorm(**norm, **kw)(x).reshape(b, h * w, c)
-            x = x + layers.Attention(**attn, **kw)(y, ctx).reshape(b, h, w, c)
+        for ctx, name in ((None, "self"), (context, "cross"))[: 1 if context is None else 2]:
+            y = layers.GroupNorm(**norm, name=f"{name}_norm", **kw)(x).reshape(b, h * w, c)
+            x = x + layers.Attention(**attn, name=f"{name}_attn", **kw)(y, ctx).reshape(b, h, w, c)
         return x
 
 
@@ -256,11 +256,12 @@ class UNet(nn.Module):
             kind=self.time_embedding,
             time_scale=self.time_scale,
             fourier_scale=self.fourier_scale,
+            name="time_embed",
             **kw,
         )(t)
         if labels is not None:
             emb = emb + layers.LabelEmbedding(
-                self.num_classes, emb_dim, dropout=self.label_dropout, **kw
+                self.num_classes, emb_dim, dropout=self.label_dropout, name="label_embed", **kw
             )(labels, train)
 
         res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
@@ -272,51 +273,59 @@ class UNet(nn.Module):
             **kw,
         )
 
-        def res_block(h: jax.Array, channels: int, resample: str | None = None) -> jax.Array:
+        # Explicit names keep the parameter tree the same with and without remat.
+        def res_block(h: jax.Array, channels: int, name: str, resample: str | None = None) -> jax.Array:
             return res_cls(
                 channels,
                 dropout=self.dropout,
                 scale_shift=self.time_injection == "scale_shift",
                 resample=resample,
+                name=name,
                 **block_kw,
             )(h, emb, train)
 
-        def attend(h: jax.Array) -> jax.Array:
+        def attend(h: jax.Array, name: str) -> jax.Array:
             heads, head_dim = self._heads(h.shape[-1])
-            return attn_cls(heads, head_dim, attention_impl=self.attention_impl, **block_kw)(
+            return attn_cls(heads, head_dim, attention_impl=self.attention_impl, name=name, **block_kw)(
                 h, context
             )
 
-        def maybe_attend(h: jax.Array) -> jax.Array:
-            return attend(h) if h.shape[1] in self.attention_resolutions else h
+        def block(h: jax.Array, channels: int, name: str) -> jax.Array:
+            h = res_block(h, channels, f"{name}_res")
+            return attend(h, f"{name}_attn") if h.shape[1] in self.attention_resolutions else h
 
-        def resample(h: jax.Array, direction: str) -> jax.Array:
+        def resample(h: jax.Array, direction: str, name: str) -> jax.Array:
             if self.resblock_updown:
-                return res_block(h, h.shape[-1], direction)
+                return res_block(h, h.shape[-1], name, direction)
             if direction == "up":
-                return layers.conv(h.shape[-1], 3, **kw)(_resample(h, "up"))
-            return layers.conv(h.shape[-1], 3, strides=2, padding=((1, 1), (1, 1)), **kw)(h)
+                return layers.conv(h.shape[-1], 3, name=name, **kw)(_resample(h, "up"))
+            return layers.conv(h.shape[-1], 3, strides=2, padding=((1, 1), (1, 1)), name=name, **kw)(h)
 
-        h = layers.conv(self.base_channels, 3, ("channels", "conv_out"), **kw)(x.astype(self.dtype))
+        h = layers.conv(self.base_channels, 3, ("channels", "conv_out"), name="conv_in", **kw)(
+            x.astype(self.dtype)
+        )
         skips = [h]
         last = len(self.channel_mult) - 1
         for level, channels in enumerate(self.level_channels):
-            for _ in range(self.num_res_blocks):
-                h = maybe_attend(res_block(h, channels))
+            for i in range(self.num_res_blocks):
+                h = block(h, channels, f"down{level}_{i}")
                 skips.append(h)
             if level != last:
-                h = resample(h, "down")
+                h = resample(h, "down", f"down{level}_resample")
                 skips.append(h)
 
-        h = res_block(attend(res_block(h, self.level_channels[-1])), self.level_channels[-1])
+        mid = self.level_channels[-1]
+        h = res_block(attend(res_block(h, mid, "mid_res0"), "mid_attn"), mid, "mid_res1")
 
         for level, channels in reversed(list(enumerate(self.level_channels))):
-            for _ in range(self.num_res_blocks + 1):
-                h = maybe_attend(res_block(jnp.concatenate([h, skips.pop()], axis=-1), channels))
+            for i in range(self.num_res_blocks + 1):
+                h = block(jnp.concatenate([h, skips.pop()], axis=-1), channels, f"up{level}_{i}")
             if level != 0:
-                h = resample(h, "up")
+                h = resample(h, "up", f"up{level}_resample")
 
-        h = layers.GroupNorm(self.norm_groups, self.norm_eps, impl=self.norm_impl, **kw)(h)
+        h = layers.GroupNorm(self.norm_groups, self.norm_eps, impl=self.norm_impl, name="norm_out", **kw)(h)
         out_channels = x.shape[-1] * (2 if self.learned_variance else 1)
-        out = layers.conv(out_channels, 3, ("conv_in", "channels"), kernel_init=layers.ZEROS, **kw)(h)
+        out = layers.conv(
+            out_channels, 3, ("conv_in", "channels"), kernel_init=layers.ZEROS, name="conv_out", **kw
+        )(h)
         return out.astype(x.dtype)

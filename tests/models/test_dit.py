@@ -54,7 +54,7 @@ def test_adaln_zero_output_is_exactly_zero_at_init():
     chex.assert_shape(out, (*SHAPE[:3], 8))
     assert np.all(np.asarray(out) == 0.0)
     # ...while the trunk is not trivial: embeddings and attention weights are random.
-    assert np.std(np.asarray(variables["params"]["block_0"]["Attention_0"]["qkv"]["kernel"].value)) > 0
+    assert np.std(np.asarray(variables["params"]["block_0"]["attn"]["qkv"]["kernel"].value)) > 0
 
 
 class ForwardTest(chex.TestCase):
