@@ -32,27 +32,27 @@ def frechet_distance(
 ) -> float:
     """Squared Fréchet (2-Wasserstein) distance between N(mean1, cov1) and N(mean2, cov2).
 
-    ``d² = |m1 - m2|² + tr(S1) + tr(S2) - 2 tr((S1^½ S2 S1^½)^½)``. The last trace equals the sum
-    of the singular values of ``S1^½ S2^½`` (their squares are the eigenvalues of
-    ``S1^½ S2 S1^½``), so it is computed from two symmetric eigendecompositions and one SVD, all in
-    float64. Unlike ``scipy.linalg.sqrtm(S1 @ S2)`` this never takes the square root of a
-    non-symmetric matrix, stays real, and needs no diagonal offset when a covariance is singular
-    (fewer samples than feature dimensions).
+    ``d² = |m1 - m2|² + tr(S1) + tr(S2) - 2 tr((S1^½ S2 S1^½)^½)``. ``S1^½ S2 S1^½`` is symmetric
+    positive semi-definite with the eigenvalues of ``S1 S2``, so the last trace is the sum of the
+    square roots of its eigenvalues: one symmetric eigendecomposition for ``S1^½`` and one
+    eigenvalue solve, in float64. Unlike ``scipy.linalg.sqrtm(S1 @ S2)`` this never takes the
+    square root of a non-symmetric matrix, stays real, and needs no diagonal offset when a
+    covariance is singular (fewer samples than feature dimensions).
 
     Args:
-        mean1: mean of the first Gaussian, shape (d,).
-        cov1: covariance of the first Gaussian, shape (d, d), symmetric positive semi-definite.
-        mean2: mean of the second Gaussian, shape (d,).
-        cov2: covariance of the second Gaussian, shape (d, d), symmetric positive semi-definite.
+      mean1: mean of the first Gaussian, shape (d,).
+      cov1: covariance of the first Gaussian, shape (d, d), symmetric positive semi-definite.
+      mean2: mean of the second Gaussian, shape (d,).
+      cov2: covariance of the second Gaussian, shape (d, d), symmetric positive semi-definite.
 
     Returns:
-        The squared Fréchet distance as a Python float (FID when the statistics are Inception pool3
-        features).
+      The squared Fréchet distance as a Python float (FID when the statistics are Inception pool3
+      features).
 
     References:
-        Dowson & Landau, "The Fréchet distance between multivariate normal distributions", J.
-        Multivariate Anal. 1982, eq. (2); Heusel et al., "GANs Trained by a Two Time-Scale Update Rule
-        Converge to a Local Nash Equilibrium", NeurIPS 2017, eq. (6).
+      Dowson & Landau, "The Fréchet distance between multivariate normal distributions", J.
+      Multivariate Anal. 1982, eq. (2); Heusel et al., "GANs Trained by a Two Time-Scale Update Rule
+      Converge to a Local Nash Equilibrium", NeurIPS 2017, eq. (6).
     """
     m1 = _as_float64("mean1", mean1, 1)
     m2 = _as_float64("mean2", mean2, 1)
@@ -64,6 +64,9 @@ def frechet_distance(
             "means must have shape (d,) and covariances (d, d) with one d; got mean1 "
             f"{m1.shape}, cov1 {s1.shape}, mean2 {m2.shape}, cov2 {s2.shape}."
         )
-    trace_sqrt = np.linalg.svd(_psd_sqrt(s1) @ _psd_sqrt(s2), compute_uv=False).sum()
+    sqrt1 = _psd_sqrt(s1)
+    product = sqrt1 @ s2 @ sqrt1
+    eigenvalues = np.linalg.eigvalsh(0.5 * (product + product.T))
+    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()
     diff = m1 - m2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt)
