@@ -3,9 +3,9 @@
 It is trained deterministically (fixed seeds, one jitted ``lax.scan`` over all steps, seconds on
 a CPU) on the ``train`` split of :func:`diffax.data.digits.load_digits` the first time it
 is needed, then cached as ``digits_classifier_<hash>.npz`` in ``$DIFFAX_CACHE_DIR`` (default
-``~/.cache/diffax``); the hash covers the training recipe, so a changed recipe never reads a stale
-file. Its penultimate layer (64 ReLU units) gives the "digits FD", its logits the digits IS, the
-confidence fraction and the class histogram.
+``~/.cache/diffax``); the hash covers the training recipe and the training split, so a changed
+recipe or split never reads a stale file. Its penultimate layer (64 ReLU units) gives the
+"digits FD", its logits the digits IS, the confidence fraction and the class histogram.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ __all__ = [
 
 DIGITS_SIZE = 8
 NUM_DIGIT_CLASSES = 10
+# Bump ``version`` whenever DigitsClassifier or _train changes: it renames the cached weights.
 _RECIPE = dict(version=1, seed=0, epochs=40, batch_size=100, learning_rate=2e-3, weight_decay=1e-4)
 
 
@@ -98,11 +99,20 @@ def _train(recipe: Mapping) -> dict:
     return jax.device_get(params)
 
 
+@functools.cache
+def _recipe_digest() -> str:
+    """A hash of the training recipe and the training split, naming the cached weights."""
+    images, labels = load_digits(split="train")
+    digest = hashlib.sha256(json.dumps(_RECIPE, sort_keys=True).encode())
+    digest.update(images.tobytes())
+    digest.update(labels.tobytes())
+    return digest.hexdigest()[:12]
+
+
 def _cache_path(cache_dir: str | os.PathLike | None) -> str:
     if cache_dir is None:
         cache_dir = os.environ.get("DIFFAX_CACHE_DIR", os.path.join("~", ".cache", "diffax"))
-    digest = hashlib.sha256(json.dumps(_RECIPE, sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join(os.path.expanduser(cache_dir), f"digits_classifier_{digest}.npz")
+    return os.path.join(os.path.expanduser(cache_dir), f"digits_classifier_{_recipe_digest()}.npz")
 
 
 @functools.cache
