@@ -1,0 +1,41 @@
+"""Shared problems for the sampler tests: a 2-D Gaussian mixture with an exact score under VP noising."""
+
+import jax
+import numpy as np
+import pytest
+
+from diffax import schedules
+from diffax.samplers.exact import GaussianMixture
+
+# Three anisotropic, partly correlated components: trajectories bend, so solver errors are visible.
+MIXTURE = GaussianMixture(
+    weights=np.array([0.3, 0.5, 0.2]),
+    means=np.array([[-1.0, 0.5], [1.0, -0.3], [0.2, 1.2]]),
+    covs=np.array([[[0.36, 0.0], [0.0, 0.16]], [[0.25, 0.1], [0.1, 0.2]], [[0.1, 0.0], [0.0, 0.1]]]),
+)
+
+
+@pytest.fixture(scope="session")
+def vp():
+    return schedules.get("vp_linear", beta_min=0.1, beta_max=20.0)
+
+
+@pytest.fixture(scope="session")
+def mixture():
+    return MIXTURE
+
+
+@pytest.fixture(scope="session")
+def mixture_model(vp):
+    return MIXTURE.model_fn(vp)
+
+
+@pytest.fixture(scope="session")
+def log_snr64(vp):
+    """log-SNR of the VP schedule in float64 at float32 times (the times the samplers really use)."""
+
+    def fn(t):
+        with jax.enable_x64(True):
+            return float(vp.log_snr(np.float64(np.float32(t))))
+
+    return fn
