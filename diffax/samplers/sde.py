@@ -44,11 +44,12 @@ def pc(*, snr: float = 0.16, corrector_steps: int = 1) -> Sampler:
     """Predictor-corrector sampling: ``corrector_steps`` Langevin steps at t, then one reverse-diffusion
     step to s.
 
-    Langevin: eps_L = 2 a^2 (snr ||z|| / ||score||)^2 per example (a^2 = alpha_{t|s}^2, the 1 - beta_i of
-    the VP discretisation, 1 for VE), x <- x + eps_L score + sqrt(2 eps_L) z. Reverse diffusion: with
+    Langevin: eps_L = 2 a^2 (snr ||z|| / ||score||)^2 (a^2 = alpha_{t|s}^2, the 1 - beta_i of the VP
+    discretisation, 1 for VE), x <- x + eps_L score + sqrt(2 eps_L) z. Reverse diffusion: with
     q(x_t | x_s) = N(a x_s, v), x_s = (2 - a) x + v score + sqrt(v) z (the discretised reverse SDE,
-    f_i(x) = (a - 1) x, G_i^2 = v). Norms are per example (score_sde averages them over the batch), so
-    a sample does not depend on the rest of its batch.
+    f_i(x) = (a - 1) x, G_i^2 = v). As in score_sde the norms are averaged over the batch (one step size
+    for the batch): per-example norms blow the step up wherever a score happens to be small, which in
+    low dimensions is common, so a sample depends on its batch through this step size.
 
     Args:
       snr: the signal-to-noise ratio r of the corrector (> 0).
@@ -64,10 +65,8 @@ def pc(*, snr: float = 0.16, corrector_steps: int = 1) -> Sampler:
     if int(corrector_steps) != corrector_steps or corrector_steps < 0:
         raise ValueError(f"corrector_steps must be an integer >= 0; got {corrector_steps}.")
 
-    def per_example_norm(v):
-        return jnp.sqrt(jnp.sum(jnp.square(v.reshape(v.shape[0], -1)), axis=1)).reshape(
-            (-1,) + (1,) * (v.ndim - 1)
-        )
+    def mean_norm(v):
+        return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(v.reshape(v.shape[0], -1)), axis=1)))
 
     def step(denoise, schedule, x, state, i, t, s, key):
         a, v = (c.astype(x.dtype) for c in q_transition(schedule, s, t))
@@ -75,7 +74,7 @@ def pc(*, snr: float = 0.16, corrector_steps: int = 1) -> Sampler:
         for k in range(corrector_steps):
             score = _score(denoise, schedule, x, t)
             z = normal_like(keys[k], x)
-            step_size = 2.0 * jnp.square(a) * jnp.square(snr * per_example_norm(z) / per_example_norm(score))
+            step_size = 2.0 * jnp.square(a) * jnp.square(snr * mean_norm(z) / mean_norm(score))
             x = x + step_size * score + jnp.sqrt(2.0 * step_size) * z
         score = _score(denoise, schedule, x, t)
         x_s = (2.0 - a) * x + v * score + jnp.sqrt(v) * normal_like(keys[-1], x)
