@@ -4,7 +4,7 @@ The functional core (schedules, forward process, parameterizations, losses) is r
 ``diffax.schedules``, ``diffax.losses`` and ``diffax.parameterization`` are public modules too.
 """
 
-from diffax import losses, models, parameterization, process, schedules
+from diffax import evaluation, losses, models, parameterization, process, schedules
 from diffax.losses import make_loss
 from diffax.parameterization import PREDICTIONS, convert, edm_preconditioning, from_x0_eps, to_x0_eps
 from diffax.process import q_posterior, q_posterior_discrete, q_sample, q_step, q_transition
@@ -17,6 +17,7 @@ __all__ = [
     "Schedule",
     "convert",
     "edm_preconditioning",
+    "evaluation",
     "from_x0_eps",
     "losses",
     "make_loss",
