@@ -1,0 +1,91 @@
+"""Checkpoints of the train state (Orbax ``CheckpointManager``, args API) and of the input position.
+
+Layout under the workdir::
+
+    checkpoints/<step>/      the TrainState, written asynchronously by every process (Orbax)
+    data_state/process_<i>/  the input pipeline's position at the same steps (tfds runs only)
+
+A save first records the input position (synchronously, small), then starts the Orbax save, so every
+complete Orbax step has its input position. Orbax writes into a temporary directory and renames it
+when complete, so an interrupted save is never listed and restore takes the newest complete step.
+"""
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from diffax.data import Pipeline
+
+
+class Checkpointer:
+    """Saves every ``every_steps`` steps (keeping ``keep``) and restores the newest complete one.
+
+    Args:
+      workdir: the run directory.
+      every_steps: save interval in steps.
+      keep: number of checkpoints kept.
+      async_save: write in a background thread (training continues meanwhile).
+    """
+
+    def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.data_directory = os.path.abspath(os.path.join(workdir, "data_state"))
+        self.keep, self.every_steps = keep, every_steps
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or ``None``."""
+        return self._manager.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        """Whether ``step`` falls on the save interval and is not saved yet."""
+        return step % self.every_steps == 0 and step not in self._manager.all_steps()
+
+    def save(self, step: int, state: Any, pipeline: Pipeline, *, force: bool = False) -> bool:
+        """Saves ``state`` (after ``step`` updates) and the input position, on the interval or when forced.
+
+        Returns:
+          Whether a save started.
+        """
+        if step in self._manager.all_steps() or not (force or self.should_save(step)):
+            return False
+        pipeline.save(self.data_directory, step, keep=self.keep + 1)
+        return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+    def restore(self, step: int, abstract_state: Any, pipeline: Pipeline | None) -> Any:
+        """Restores the state of ``step`` into the shardings of ``abstract_state`` and repositions the input.
+
+        Args:
+          step: a step from :meth:`latest_step`.
+          abstract_state: a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set.
+          pipeline: the input pipeline to reposition, or ``None`` (e.g. for sampling).
+        """
+        state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        if pipeline is not None:
+            pipeline.restore(self.data_directory, step)
+        return state
+
+    def wait(self) -> None:
+        """Blocks until background saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for saves and releases the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+    """Pairs shapes/dtypes with shardings: the restore target for :meth:`Checkpointer.restore`."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        abstract_tree,
+        shardings,
+    )

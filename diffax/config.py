@@ -1,0 +1,292 @@
+"""The experiment config: every field with its default, and validation of a whole config before compiling.
+
+An experiment file's ``get_config(arg=None)`` starts from :func:`base_config` and overrides fields.
+Sections mirror the code:
+
+- ``process``: ``name`` of a schedule plus its keyword arguments (``diffax.schedules.get``).
+- ``model``: ``name`` of a preset plus field overrides (``diffax.models.from_config``).
+- ``loss``: ``name`` (``loss=`` of ``diffax.losses.make_loss``) plus its other keyword arguments.
+- ``sampler``: ``name``, ``steps``, timestep ``spacing``/``t_start``/``t_end``, ``guidance_scale``,
+  and any further keyword arguments of ``diffax.sample``.
+- ``input``, ``optim``, ``ema``, ``mesh``, ``ckpt``, ``log``: fixed fields, listed in :func:`base_config`.
+- ``evals``: keyword arguments of the periodic evaluation (``diffax.evaluation``).
+
+:func:`validate` raises :class:`ConfigError`, a one-line ``ValueError`` that names the field.
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from ml_collections import config_dict
+
+from diffax import sharding
+from diffax.data import BUILTIN_DATASETS
+from diffax.data import digits as digits_lib
+from diffax.train_state import registry_kwargs
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+LR_DECAYS = ("constant", "cosine")
+# Sections whose extra keys are keyword arguments of a registry (checked by building it).
+FREE_FORM = ("process", "model", "loss", "sampler", "evals")
+
+
+class ConfigError(ValueError):
+    """A config field is invalid; the message is one line that starts with the field's name."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Returns the full config schema with defaults; experiment files override fields of it."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 10_000
+
+    c.process = ml_collections.ConfigDict(dict(name="linear"))
+    c.model = ml_collections.ConfigDict(dict(name="unet_ddpm_cifar10"))
+    c.loss = ml_collections.ConfigDict(dict(name="simple", prediction="eps"))
+    c.sampler = ml_collections.ConfigDict(
+        dict(
+            name="ddim",
+            steps=50,
+            spacing="uniform_t",
+            t_start=config_dict.placeholder(float),  # None: the schedule's largest time
+            t_end=config_dict.placeholder(float),  # None: the schedule's smallest time
+            guidance_scale=config_dict.placeholder(float),  # classifier-free guidance for labelled runs
+        )
+    )
+
+    c.input = ml_collections.ConfigDict(
+        dict(
+            dataset="digits",  # "digits", "mixture", or a tfds dataset name
+            split="train",
+            data_dir=config_dict.placeholder(str),  # tfds data_dir; None: the tfds default
+            batch_size=128,  # global, over all devices and processes
+            image_size=16,
+            channels=1,
+            upsample=2,  # digits only: 8x8 -> 8*upsample
+            labels=False,  # feed "label" to the model (class-conditional)
+            num_classes=0,  # label count of a labelled dataset (the null label is num_classes)
+            random_flip=False,
+            shuffle_buffer=10_000,  # tfds only
+            prefetch=2,  # tfds only
+            mixture_components=4,  # mixture only
+            mixture_std=0.1,
+            mixture_seed=0,
+        )
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            lr=2e-4,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            warmup_steps=0,
+            decay="constant",  # or "cosine" down to lr * min_lr_ratio at total_steps
+            min_lr_ratio=0.0,
+            grad_clip=1.0,  # global-norm clipping; 0 turns it off
+            accum_steps=1,  # gradient accumulation: microbatches per step
+        )
+    )
+    c.ema = ml_collections.ConfigDict(dict(decays=(0.9999,), warmup=False))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+    c.log = ml_collections.ConfigDict(
+        dict(every_steps=100, sample_every_steps=0, num_samples=64, eval_every_steps=0)
+    )
+    c.evals = ml_collections.ConfigDict()
+    return c
+
+
+def _check(field: str, build: Callable[[], Any]) -> Any:
+    """Runs ``build``; a ValueError/TypeError from it becomes a ConfigError naming ``field``."""
+    try:
+        return build()
+    except (ValueError, TypeError) as e:
+        message = " ".join(str(e).split())
+        raise ConfigError(message if message.startswith("config.") else f"{field}: {message}") from None
+
+
+def _unknown_fields(
+    config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str
+) -> None:
+    for key in config.keys():
+        field = f"{prefix}.{key}"
+        if key not in schema:
+            known = ", ".join(sorted(schema.keys()))
+            raise ConfigError(f"{field}: no such field; known fields of {prefix}: {known}.")
+        if isinstance(schema[key], ml_collections.ConfigDict) and key not in FREE_FORM:
+            if not isinstance(config[key], ml_collections.ConfigDict):
+                raise ConfigError(f"{field}: must be a section (ConfigDict), got {config[key]!r}.")
+            _unknown_fields(config[key], schema[key], field)
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}: {message}")
+
+
+def _check_input(c: ml_collections.ConfigDict) -> None:
+    _require(c.batch_size > 0, "config.input.batch_size", f"{c.batch_size} must be positive.")
+    _require(c.image_size > 0, "config.input.image_size", f"{c.image_size} must be positive.")
+    if c.dataset == "digits":
+        _require(
+            c.split in digits_lib.SPLITS,
+            "config.input.split",
+            f"{c.split!r}; digits has {digits_lib.SPLITS}.",
+        )
+        _require(c.upsample >= 1, "config.input.upsample", f"{c.upsample} must be a positive integer.")
+        _require(
+            c.image_size == 8 * c.upsample,
+            "config.input.image_size",
+            f"{c.image_size} must equal 8 * upsample = {8 * c.upsample} for digits.",
+        )
+        _require(c.channels == 1, "config.input.channels", f"{c.channels}; digits images have 1 channel.")
+        return
+    if c.dataset == "mixture":
+        _require(c.mixture_components >= 1, "config.input.mixture_components", "must be at least 1.")
+        _require(c.mixture_std > 0, "config.input.mixture_std", "must be positive.")
+        return
+    import tensorflow_datasets as tfds  # only for tfds datasets: it loads TensorFlow
+
+    try:
+        builder = tfds.builder(c.dataset, data_dir=c.data_dir)
+    except Exception as e:  # tfds raises several types for a name it cannot resolve
+        raise ConfigError(
+            f"config.input.dataset: unknown dataset {c.dataset!r} ({type(e).__name__}); use one of"
+            f" {BUILTIN_DATASETS} or a tfds dataset prepared under config.input.data_dir."
+        ) from None
+    _require(
+        builder.is_prepared(),
+        "config.input.dataset",
+        f"{c.dataset!r} is not prepared under data_dir={builder.data_dir_root!r}; diffax never downloads"
+        " at run time: run tfds.builder(name, data_dir=...).download_and_prepare() first.",
+    )
+    _require(
+        c.split in builder.info.splits,
+        "config.input.split",
+        f"{c.split!r}; {c.dataset} has {sorted(builder.info.splits)}.",
+    )
+
+
+def _check_optim(c: ml_collections.ConfigDict) -> None:
+    _require(c.name in OPTIMIZERS, "config.optim.name", f"unknown optimizer {c.name!r}; known: {OPTIMIZERS}.")
+    _require(c.decay in LR_DECAYS, "config.optim.decay", f"unknown decay {c.decay!r}; known: {LR_DECAYS}.")
+    _require(c.lr > 0, "config.optim.lr", f"{c.lr} must be positive.")
+    _require(c.warmup_steps >= 0, "config.optim.warmup_steps", f"{c.warmup_steps} must be >= 0.")
+    _require(
+        c.grad_clip >= 0, "config.optim.grad_clip", f"{c.grad_clip} must be >= 0 (0 turns clipping off)."
+    )
+    _require(c.accum_steps >= 1, "config.optim.accum_steps", f"{c.accum_steps} must be >= 1.")
+    _require(0 <= c.min_lr_ratio <= 1, "config.optim.min_lr_ratio", f"{c.min_lr_ratio} must be in [0, 1].")
+
+
+def _check_sampler(config: ml_collections.ConfigDict) -> None:
+    import diffax.samplers as samplers  # the sampler registry
+
+    s = config.sampler
+    known = samplers.names()
+    _require(
+        s.name in known, "config.sampler.name", f"unknown sampler {s.name!r}; known: {', '.join(known)}."
+    )
+    _require(s.steps >= 1, "config.sampler.steps", f"{s.steps} must be >= 1.")
+    if s.guidance_scale is not None:
+        _require(config.input.labels, "config.sampler.guidance_scale", "needs a labelled run (input.labels).")
+
+
+def save(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes ``workdir/config.json`` (from process 0): everything the run needs is in it."""
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run saved with :func:`save` (JSON lists come back as tuples)."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        raw = json.load(f)
+
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
+    return ml_collections.ConfigDict(tuples(raw))
+
+
+def check_workdir(workdir: str) -> None:
+    """Creates ``workdir`` if needed and checks that files can be written in it.
+
+    Raises:
+      ConfigError: naming ``--workdir``.
+    """
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"--workdir={workdir}: not writable ({e.strerror or e}); pick a writable directory."
+        ) from None
+
+
+def validate(
+    config: ml_collections.ConfigDict,
+    *,
+    workdir: str | None = None,
+    devices: Sequence[Any] | None = None,
+) -> None:
+    """Checks a whole config (and the workdir) before anything is compiled.
+
+    Args:
+      config: the experiment config.
+      workdir: the run directory to create and write to; not checked when ``None``.
+      devices: the devices of the mesh (default: all).
+
+    Raises:
+      ConfigError: one line naming the first invalid field.
+    """
+    _unknown_fields(config, base_config(), "config")
+    _require(config.total_steps > 0, "config.total_steps", f"{config.total_steps} must be positive.")
+    _check_input(config.input)
+    _check_optim(config.optim)
+    for decay in config.ema.decays:
+        _require(0.0 <= decay < 1.0, "config.ema.decays", f"{decay} must be in [0, 1).")
+    for field in ("ckpt.every_steps", "ckpt.keep", "log.every_steps", "log.num_samples"):
+        section, key = field.split(".")
+        _require(config[section][key] > 0, f"config.{field}", f"{config[section][key]} must be positive.")
+
+    import diffax.losses as losses
+    import diffax.models as models
+    import diffax.schedules as schedules
+
+    schedule = _check(
+        "config.process", lambda: schedules.get(config.process.name, **registry_kwargs(config.process))
+    )
+    _check("config.model", lambda: models.from_config(config.model))
+    _check(
+        "config.loss",
+        lambda: losses.make_loss(
+            schedule, lambda *a: a[1], loss=config.loss.name, **registry_kwargs(config.loss)
+        ),
+    )
+    _check_sampler(config)
+
+    devices = jax.devices() if devices is None else devices
+    mesh = _check("config.mesh", lambda: sharding.make_mesh(config.mesh, devices=devices))
+    _check(
+        "config.input.batch_size",
+        lambda: sharding.check_batch_size(
+            config.input.batch_size,
+            mesh,
+            accum_steps=config.optim.accum_steps,
+            process_count=jax.process_count(),
+        ),
+    )
+    if workdir is not None:
+        check_workdir(workdir)

@@ -1,0 +1,241 @@
+"""Sampling from a run: the jitted sampler the training loop uses for its grids, and the CLI.
+
+    python -m diffax.generate --workdir=DIR --num_samples=N [--sampler=NAME --steps=K --seed=S] --out=FILE
+
+loads the newest checkpoint of ``DIR`` (EMA parameters unless ``--noema``) and writes ``FILE``: an
+``.npz`` with ``images`` (uint8, NHWC) and, for class-conditional runs, ``labels``; or a ``.png`` grid.
+"""
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from jax.sharding import Mesh
+from PIL import Image
+
+from diffax import checkpoint, data, sharding, train_state
+from diffax import config as config_lib
+
+SampleFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+def _prediction(config: ml_collections.ConfigDict) -> str:
+    """What the sampler's ``model_fn`` returns for this run's loss."""
+    return {"flow_matching": "flow", "edm": "x0"}.get(config.loss.name, config.loss.prediction)
+
+
+def make_sampler(
+    config: ml_collections.ConfigDict,
+    parts: train_state.Parts,
+    *,
+    mesh: Mesh,
+    sampler: str | None = None,
+    steps: int | None = None,
+) -> SampleFn:
+    """Builds the jitted ``sample_fn(params, key, labels) -> images`` of a run.
+
+    Args:
+      config: the run's config; ``config.sampler`` gives the defaults.
+      parts: from ``train_state.build(config)``.
+      mesh: the result is replicated over this mesh (every process gets all images).
+      sampler: overrides ``config.sampler.name``.
+      steps: overrides ``config.sampler.steps``.
+
+    Returns:
+      ``sample_fn(params, key, labels)``: float images ``(len(labels), H, W, C)`` in about [-1, 1];
+      ``labels`` (int32) condition labelled runs and only set the count otherwise.
+    """
+    import diffax.parameterization as parameterization
+    import diffax.samplers as samplers
+    from diffax.process import broadcast_to_data
+
+    s = config.sampler
+    name = s.name if sampler is None else sampler
+    num_steps = s.steps if steps is None else steps
+    extra = {k: v for k, v in s.to_dict().items() if k not in config_lib.base_config().sampler}
+    schedule, module = parts.schedule, parts.module
+    shape = data.image_shape(config.input)
+    prediction = _prediction(config)
+
+    def run(params, key, labels):
+        cond = labels if config.input.labels else None
+
+        def model_fn(x, t):
+            if config.loss.name == "edm":  # the net sees c_in x and c_noise (Karras et al. 2022, Table 1)
+                c_skip, c_out, c_in, c_noise = parameterization.edm_preconditioning(
+                    t, sigma_data=schedule.sigma_data
+                )
+                out = module.apply(
+                    {"params": params}, broadcast_to_data(c_in, x) * x, c_noise, cond, train=False
+                )
+                return broadcast_to_data(c_skip, x) * x + broadcast_to_data(c_out, x) * out
+            out = module.apply({"params": params}, x, t, cond, train=False)
+            return out[..., : shape[-1]]  # a learned-variance head's second half is not a prediction
+
+        noise_key, sample_key = jax.random.split(key)
+        x_T = schedule.prior_sample(noise_key, (labels.shape[0], *shape))
+        ts = samplers.timesteps(
+            schedule, num_steps=num_steps, spacing=s.spacing, t_start=s.t_start, t_end=s.t_end
+        )
+        return samplers.sample(
+            model_fn,
+            schedule,
+            x_T,
+            sampler=name,
+            timesteps=ts,
+            prediction=prediction,
+            key=sample_key,
+            **extra,
+        )
+
+    return jax.jit(run, out_shardings=sharding.replicated(mesh))
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Maps [-1, 1] floats to uint8 0..255 (rounded, clipped; NaN becomes 0)."""
+    scaled = np.nan_to_num((np.asarray(images, np.float32) + 1.0) * 127.5, nan=0.0)
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def sample_images(
+    sample_fn: SampleFn,
+    params: Any,
+    *,
+    config: ml_collections.ConfigDict,
+    seed: int,
+    num_samples: int | None = None,
+    batch_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Draws ``num_samples`` images (default ``config.log.num_samples``) in batches of ``batch_size``.
+
+    Labelled runs cycle through the classes (0, 1, ..., num_classes - 1, 0, ...).
+
+    Returns:
+      ``(images, labels)``: uint8 ``(N, H, W, C)`` and int32 ``(N,)``, or ``None`` for unlabelled runs.
+    """
+    num = config.log.num_samples if num_samples is None else num_samples
+    batch = min(num, batch_size or num)
+    classes = max(config.input.num_classes, 1)
+    labels = (np.arange(math.ceil(num / batch) * batch) % classes).astype(np.int32)
+    key = jax.random.key(seed)
+    chunks = [
+        to_uint8(
+            jax.device_get(sample_fn(params, jax.random.fold_in(key, i), labels[i * batch : (i + 1) * batch]))
+        )
+        for i in range(math.ceil(num / batch))
+    ]
+    return np.concatenate(chunks)[:num], (labels[:num] if config.input.labels else None)
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+    """Tiles uint8 NHWC images into one near-square image with 1-pixel gaps."""
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = image
+    return grid
+
+
+def save_png(path: str, images: np.ndarray, *, scale: int = 1) -> None:
+    """Writes uint8 NHWC images as one PNG grid, each pixel enlarged ``scale`` times."""
+    grid = image_grid(images)
+    grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+
+
+def write_sample_grid(samples: tuple[np.ndarray, np.ndarray | None], workdir: str, step: int) -> str:
+    """Saves a training-time grid as ``workdir/samples/step_<step>.png`` (process 0); returns the path."""
+    path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        images = samples[0]
+        save_png(path, images, scale=max(1, 64 // images.shape[1]))
+        logging.info("wrote %s", path)
+    return path
+
+
+def restore_params(
+    config: ml_collections.ConfigDict, parts: train_state.Parts, workdir: str, *, mesh: Mesh, ema: bool = True
+) -> tuple[Any, int]:
+    """Loads the newest checkpoint's parameters (the first EMA copy when ``ema``) replicated on ``mesh``.
+
+    Returns:
+      ``(params, step)``.
+    """
+    ckpt = checkpoint.Checkpointer(
+        workdir, every_steps=config.ckpt.every_steps, keep=config.ckpt.keep, async_save=False
+    )
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"--workdir={workdir}: no complete checkpoint in {ckpt.directory}.")
+    abstract = nn.meta.unbox(jax.eval_shape(train_state.state_initializer(config, parts)))
+    target = checkpoint.abstract_with_shardings(
+        abstract, jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+    )
+    state = ckpt.restore(step, target, None)
+    ckpt.close()
+    return (state.sampling_params() if ema else state.params), step
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "Run directory written by diffax.main.", required=True)
+    flags.DEFINE_integer("num_samples", None, "Number of images.", required=True)
+    flags.DEFINE_string("out", None, "Output file: .npz (images, labels) or .png (grid).", required=True)
+    flags.DEFINE_string("sampler", None, "Sampler name (default: the run's config.sampler.name).")
+    flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sampler.steps).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_integer("batch_size", 256, "Images per sampler call.")
+    flags.DEFINE_bool("ema", True, "Sample with the EMA parameters (--noema: the raw parameters).")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    ext = os.path.splitext(FLAGS.out)[1].lower()
+    if ext not in (".npz", ".png"):
+        raise app.UsageError(f"--out={FLAGS.out}: use a .npz or .png file name.")
+    if FLAGS.num_samples < 1:
+        raise app.UsageError(f"--num_samples={FLAGS.num_samples}: must be at least 1.")
+    config = config_lib.load(FLAGS.workdir)
+    if FLAGS.sampler is not None:
+        config.sampler.name = FLAGS.sampler
+    if FLAGS.steps is not None:
+        config.sampler.steps = FLAGS.steps
+    try:
+        config_lib.validate(config)
+    except config_lib.ConfigError as e:
+        raise app.UsageError(str(e)) from None
+    parts = train_state.build(config)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), devices=jax.local_devices())
+    params, step = restore_params(config, parts, FLAGS.workdir, mesh=mesh, ema=FLAGS.ema)
+    sample_fn = make_sampler(config, parts, mesh=mesh)
+    images, labels = sample_images(
+        sample_fn,
+        params,
+        config=config,
+        seed=FLAGS.seed,
+        num_samples=FLAGS.num_samples,
+        batch_size=FLAGS.batch_size,
+    )
+    if ext == ".npz":
+        arrays = {"images": images} | ({"labels": labels} if labels is not None else {})
+        np.savez(FLAGS.out, **arrays)
+    else:
+        save_png(FLAGS.out, images)
+    logging.info("wrote %d samples of step %d to %s", len(images), step, FLAGS.out)
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

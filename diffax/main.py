@@ -1,0 +1,85 @@
+"""Train a diffusion model: ``python -m diffax.main --config=experiments/<name>.py --workdir=DIR``.
+
+Override any field with ``--config.<section>.<field>=value``; unknown fields are refused. With several
+processes (``--num_processes`` or ``JAX_NUM_PROCESSES`` above 1, a SLURM job step with several
+tasks, a TPU pod slice when ``--distributed`` is set) it first calls ``jax.distributed.initialize``.
+A config error stops the run with one line naming the field, before anything compiles.
+"""
+
+import logging as pylogging
+import os
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diffax import config as config_lib
+from diffax import train
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, logs, samples).", required=True)
+flags.DEFINE_string(
+    "coordinator_address",
+    os.environ.get("JAX_COORDINATOR_ADDRESS"),
+    "host:port of process 0 (multi-process).",
+)
+flags.DEFINE_integer(
+    "num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")), "Number of processes (multi-process)."
+)
+flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")), "This process's index.")
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() with cluster auto-detection (TPU pod slices, SLURM, Kubernetes).",
+)
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+class _QuietOrbax(pylogging.Filter):
+    """Keeps Orbax's per-save INFO chatter out of the console (its warnings and errors still show)."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _initialize_distributed() -> None:
+    """Starts JAX's multi-process runtime when the flags or the environment ask for several processes."""
+    slurm_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
+    if FLAGS.num_processes > 1 or FLAGS.coordinator_address:
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
+    elif FLAGS.distributed or slurm_tasks > 1:
+        jax.distributed.initialize()  # the cluster (TPU metadata, SLURM variables) gives the rest
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_QuietOrbax())
+    _initialize_distributed()
+    try:  # tf.data must not take the GPUs/TPUs that JAX uses
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
+    except ImportError:
+        pass
+    logging.info(
+        "process %d/%d, %d local / %d global devices (%s)",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+    )
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except config_lib.ConfigError as e:
+        raise SystemExit(f"diffax: invalid config: {e}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,124 @@
+"""Device meshes from the config and shardings for batches, parameters and optimizer state.
+
+The mesh has two axes: ``data`` (pure data parallelism) and ``fsdp`` (data parallelism whose
+devices also split the parameters and optimizer state). The batch is split over both; parameters
+are split by the models' logical axis names through rules like ``diffax.models.LOGICAL_AXIS_RULES``,
+so ``fsdp=1`` replicates them. No ``pmap``: every array is a global ``jax.Array``.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = MESH_AXES  # the batch is split over every mesh axis
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+    """Resolves ``(data, fsdp)`` from ``config.mesh``; one of them may be ``-1`` (fill the rest).
+
+    Raises:
+      ValueError: naming the field, when the sizes do not multiply to ``num_devices``.
+    """
+    sizes = {name: int(mesh_config[name]) for name in MESH_AXES}
+    free = [name for name, size in sizes.items() if size == -1]
+    for name, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ValueError(f"config.mesh.{name}={size}: use a positive size, or -1 for the other devices.")
+    if len(free) > 1:
+        raise ValueError("config.mesh: at most one of data/fsdp may be -1.")
+    if free:
+        fixed = math.prod(size for size in sizes.values() if size != -1)
+        if num_devices % fixed:
+            raise ValueError(
+                f"config.mesh.{free[0]}=-1: the other axis ({fixed}) does not divide {num_devices} devices."
+            )
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(
+            f"config.mesh: data={sizes['data']} × fsdp={sizes['fsdp']} must equal the {num_devices} devices;"
+            " set one of them to -1."
+        )
+    return sizes["data"], sizes["fsdp"]
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds the ``("data", "fsdp")`` mesh of ``devices`` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else list(devices)
+    shape = mesh_shape(mesh_config, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Splits the leading (batch) axis over all mesh axes; other axes are whole on each device."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, *, accum_steps: int = 1, process_count: int = 1) -> None:
+    """Checks that every (micro)batch splits evenly over the mesh's batch axes and the processes.
+
+    Raises:
+      ValueError: naming ``config.input.batch_size`` and the multiple to use.
+    """
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    multiple = math.lcm(shards * accum_steps, process_count)
+    if batch_size <= 0 or batch_size % multiple:
+        raise ValueError(
+            f"config.input.batch_size={batch_size} does not divide over {shards} devices × {accum_steps}"
+            f" accumulation steps and {process_count} processes; use a multiple of {multiple}."
+        )
+
+
+def _resolve(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> PartitionSpec:
+    """Maps one array's logical axis names to mesh axes.
+
+    Rules are tried in order; a rule applies to a dimension with its logical name when its mesh axes
+    are still unused in this array and divide the dimension. Other dimensions stay whole, and so do
+    those whose mesh axes have size 1.
+    """
+    assigned: list[Any] = [None] * len(shape)
+    used: set[str] = set()
+    for logical, axes in rules:
+        mesh_axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        for dim, name in enumerate(names):
+            if name != logical or assigned[dim] is not None or not mesh_axes or used & set(mesh_axes):
+                continue
+            size = math.prod(mesh.shape[a] for a in mesh_axes)
+            if size > 1 and shape[dim] % size == 0:
+                assigned[dim] = axes
+                used |= set(mesh_axes)
+    return PartitionSpec(*assigned)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+    """Shardings for a pytree whose leaves may carry Flax logical-axis metadata.
+
+    Args:
+      abstract_tree: e.g. ``jax.eval_shape`` of a state initialiser, leaves boxed in
+        ``nn.LogicallyPartitioned`` where the model named their axes.
+      mesh: the device mesh.
+      rules: ``(logical name, mesh axis or None)`` pairs, in order of preference.
+
+    Returns:
+      A pytree shaped like ``nn.meta.unbox(abstract_tree)`` of ``NamedSharding``s. Leaves without
+      names, and dimensions no free mesh axis divides, are replicated.
+    """
+    names = nn.get_partition_spec(abstract_tree)
+    shapes = nn.meta.unbox(abstract_tree)
+    return jax.tree.map(
+        lambda spec, leaf: NamedSharding(mesh, _resolve(tuple(spec), np.shape(leaf), mesh, rules)),
+        names,
+        shapes,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )

@@ -1,0 +1,223 @@
+"""The training loop: config → mesh → data → model/optimizer → sharded state → restore → step → hooks.
+
+Read top to bottom, :func:`train_and_evaluate` is the whole run. Restart order: the newest complete
+checkpoint (Orbax) gives the state and its step ``s``; the input pipeline is put back at ``s``
+(step-derived sources need nothing, tfds restores its iterator); the loop continues with the batch of
+step ``s``. The result equals an uninterrupted run's, bit for bit on the same devices.
+"""
+
+import functools
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from jax.experimental import multihost_utils
+
+from diffax import checkpoint, data, generate, sharding, train_state
+from diffax import config as config_lib
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can save and stop between steps; all processes agree on it."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping.")
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+    def restore_handler(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return (
+        f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+        if seconds >= 3600
+        else (f"{seconds // 60}m{seconds % 60:02d}s")
+    )
+
+
+def _report(
+    stacked: dict[str, np.ndarray], done: int, total: int, steps: int, seconds: float, *, batch_size: int
+) -> dict[str, float]:
+    """Scalars for TensorBoard over a window of ``steps`` steps, and the console progress line."""
+    scalars = {k: float(np.mean(v)) for k, v in stacked.items()}
+    scalars["lr"] = float(stacked["lr"][-1])
+    line = f"step {done}/{total} ({100.0 * done / total:.0f}%) | loss {scalars['loss']:.4f}"
+    line += f" | grad norm {scalars['grad_norm']:.3f}"
+    if steps > 0:
+        rate = steps / max(seconds, 1e-9)
+        scalars |= {"steps_per_sec": rate, "images_per_sec": rate * batch_size}
+        line += f" | {rate:.2f} steps/s | ETA {_format_seconds((total - done) / rate)}"
+    logging.info("%s", line)
+    return scalars
+
+
+class _MetricWindow:
+    """Per-step metrics since the last report, fetched (and checked for non-finite loss) on demand."""
+
+    def __init__(self, first_step: int):
+        self.first_step = first_step
+        self.metrics: list[dict[str, jax.Array]] = []
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        self.metrics.append(metrics)
+
+    def check(self) -> dict[str, np.ndarray]:
+        """Stacks the window's metrics on the host; raises ``FloatingPointError`` naming a bad step."""
+        if not self.metrics:
+            return {}
+        host = jax.device_get(self.metrics)
+        stacked = {k: np.stack([m[k] for m in host]) for k in host[0]}
+        bad = np.flatnonzero(~np.isfinite(stacked["loss"]))
+        if bad.size:
+            step = self.first_step + int(bad[0]) + 1
+            raise FloatingPointError(
+                f"non-finite loss {stacked['loss'][bad[0]]} at step {step}; the last checkpoint before it is"
+                " intact. Lower config.optim.lr or enable config.optim.grad_clip."
+            )
+        self.first_step += len(host)
+        self.metrics = []
+        return stacked
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, devices: list[Any] | None = None
+) -> train_state.TrainState:
+    """Trains (or resumes) the run ``config`` describes in ``workdir``.
+
+    Args:
+      config: the experiment config (``diffax.config.base_config`` with overrides).
+      workdir: run directory: config, checkpoints, TensorBoard events, ``samples/``.
+      devices: the mesh's devices (default: all devices of all processes).
+
+    Returns:
+      The final train state (after ``config.total_steps`` updates, or at preemption).
+
+    Raises:
+      diffax.config.ConfigError: for an invalid config or workdir, before anything compiles.
+      FloatingPointError: for a non-finite loss, naming the step.
+    """
+    # Everything that can be wrong with the config fails here, in one line, before compiling.
+    config_lib.validate(config, workdir=workdir, devices=devices)
+    mesh = sharding.make_mesh(config.mesh, devices=devices)
+    batch_sharding = sharding.batch_sharding(mesh)
+    config_lib.save(config, workdir)
+    logging.info(
+        "mesh %s over %d processes; global batch %d",
+        dict(mesh.shape),
+        jax.process_count(),
+        config.input.batch_size,
+    )
+
+    # Input, model, loss, optimizer.
+    pipeline = data.make_pipeline(config.input, seed=config.seed)
+    parts = train_state.build(config)
+
+    # State: shapes and logical axes first, then shardings from the rules, then the real state.
+    import diffax.models as models
+
+    init_fn = train_state.state_initializer(config, parts)
+    abstract = jax.eval_shape(init_fn)
+    state_shardings = sharding.logical_shardings(abstract, mesh, models.LOGICAL_AXIS_RULES)
+    ckpt = checkpoint.Checkpointer(
+        workdir, every_steps=config.ckpt.every_steps, keep=config.ckpt.keep, async_save=config.ckpt.async_save
+    )
+    latest = ckpt.latest_step()
+    if latest is None:
+        state = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=state_shardings)()
+        logging.info("initialised %d parameters", sum(x.size for x in jax.tree.leaves(state.params)))
+    else:
+        target = checkpoint.abstract_with_shardings(nn.meta.unbox(abstract), state_shardings)
+        state = ckpt.restore(latest, target, pipeline)
+        logging.info("restored step %d from %s", latest, ckpt.directory)
+
+    step_fn = jax.jit(
+        train_state.make_train_step(
+            parts.loss_fn,
+            parts.tx,
+            parts.lr_schedule,
+            ema_decays=config.ema.decays,
+            ema_warmup=config.ema.warmup,
+            accum_steps=config.optim.accum_steps,
+        ),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    sampler = functools.partial(
+        generate.sample_images, generate.make_sampler(config, parts, mesh=mesh), config=config
+    )
+
+    # TensorBoard events from process 0; the console gets the progress line of _report.
+    writer = metric_writers.AsyncWriter(
+        metric_writers.SummaryWriter(workdir) if jax.process_index() == 0 else metric_writers.MultiWriter([])
+    )
+    preemption = _Preemption()
+    start = int(state.step)
+    total = config.total_steps
+    window = _MetricWindow(start)
+    log_every = config.log.every_steps
+    tick, tick_step = time.perf_counter(), start
+    try:
+        for step in range(start, total):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = data.to_global(pipeline.get(step), batch_sharding)
+                state, metrics = step_fn(state, batch)
+            window.add(metrics)
+            done = step + 1
+
+            if done == start + 1:  # the first step includes compilation: time it apart
+                jax.block_until_ready(metrics)
+                logging.info("first step (with compilation) took %.1f s", time.perf_counter() - tick)
+                tick, tick_step = time.perf_counter(), done
+
+            if done % log_every == 0 or done == total:
+                scalars = _report(
+                    window.check(),
+                    done,
+                    total,
+                    done - tick_step,
+                    time.perf_counter() - tick,
+                    batch_size=config.input.batch_size,
+                )
+                writer.write_scalars(done, scalars)
+                tick, tick_step = time.perf_counter(), done
+
+            if config.log.sample_every_steps and (done % config.log.sample_every_steps == 0 or done == total):
+                generate.write_sample_grid(sampler(state.sampling_params(), seed=done), workdir, done)
+
+            if preemption.agreed():
+                window.check()
+                ckpt.save(done, state, pipeline, force=True)
+                logging.warning("preempted: saved step %d; rerun the same command to continue.", done)
+                break
+            if ckpt.should_save(done):
+                window.check()  # never checkpoint a non-finite state
+                ckpt.save(done, state, pipeline)
+        else:
+            ckpt.save(total, state, pipeline, force=True)
+    finally:
+        preemption.restore_handler()
+        ckpt.close()
+        writer.flush()
+    return state
+
+
+__all__ = ["train_and_evaluate"]

@@ -1,0 +1,54 @@
+"""Defaults shared by the experiment files: the schema, CPU-sized networks, tfds image inputs, runlocal."""
+
+import ml_collections
+
+from diffax.config import base_config
+
+
+def cpu_unet(**overrides) -> ml_collections.ConfigDict:
+    """A small DDPM-style U-Net (the ``unet_ddpm_cifar10`` preset, shrunk) that trains on a laptop CPU.
+
+    It uses the CPU-tuned attention and GroupNorm implementations of ``diffax.models``.
+    """
+    model = dict(
+        name="unet_ddpm_cifar10",
+        base_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_heads=1,
+        norm_groups=8,
+        dropout=0.0,
+        attention_impl="cpu",
+        norm_impl="cpu",
+    )
+    return ml_collections.ConfigDict(model | overrides)
+
+
+def tfds_images(
+    config: ml_collections.ConfigDict, name: str, *, image_size: int, channels: int = 3, labels: bool = False
+) -> None:
+    """Points ``config.input`` at a tfds image dataset (prepared beforehand: nothing downloads at run time)."""
+    config.input.dataset = name
+    config.input.split = "train"
+    config.input.image_size = image_size
+    config.input.channels = channels
+    config.input.labels = labels
+    config.input.random_flip = True
+
+
+def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks a paper-sized config to something a laptop CPU runs in minutes (same code paths)."""
+    config.total_steps = 20
+    config.input.batch_size = 8
+    config.input.shuffle_buffer = 64
+    config.optim.warmup_steps = 5
+    config.ckpt.every_steps = 10
+    config.log.every_steps = 5
+    config.log.sample_every_steps = 20
+    config.log.num_samples = 4
+    config.sampler.steps = 10
+    return config
+
+
+__all__ = ["base_config", "cpu_unet", "runlocal", "tfds_images"]

@@ -1,0 +1,75 @@
+"""Shared pieces for the training-system tests: a tiny Flax model with logical axis names, configs."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+# Experiment files import `experiments.common`, as under `python -m diffax.main` run from the repo root.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from experiments import mixture  # noqa: E402
+
+
+def _init(names):
+    return nn.with_logical_partitioning(nn.initializers.lecun_normal(), names)
+
+
+class TinyNet(nn.Module):
+    """Two convolutions and a time projection; every kernel carries logical axis names like diffax.models."""
+
+    features: int = 8
+
+    @nn.compact
+    def __call__(self, x, t, cond=None, train=False):
+        del cond, train
+        h = nn.Conv(self.features, (3, 3), kernel_init=_init((None, None, "conv_in", "conv_out")))(x)
+        temb = nn.Dense(self.features, kernel_init=_init(("embed", "mlp")))(t.reshape(-1, 1))
+        h = nn.silu(h + temb.reshape(-1, 1, 1, self.features))
+        return nn.Conv(x.shape[-1], (3, 3), kernel_init=_init((None, None, "conv_in", "conv_out")))(h)
+
+
+@pytest.fixture
+def tiny_net():
+    return TinyNet()
+
+
+@pytest.fixture
+def mixture_config():
+    """The tiny analytic-mixture experiment (8×8×1 images, a two-level U-Net)."""
+    return mixture.get_config()
+
+
+def subprocess_env(num_devices: int) -> dict[str, str]:
+    """Environment of a child `python -m diffax.main`: fake CPU devices, the shared compile cache."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
+        "DIFFAX_TEST_CACHE", os.path.expanduser("~/.cache/diffax-test-jax")
+    )
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_main(
+    workdir, *overrides: str, num_devices: int = 8, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    """Runs the training CLI on the mixture experiment and returns the finished process."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffax.main",
+        f"--config={REPO / 'experiments' / 'mixture.py'}",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
+    return subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(num_devices), capture_output=True, text=True, timeout=timeout
+    )
