@@ -15,22 +15,25 @@ __all__ = ["timesteps", "SPACINGS", "INTEGER_SPACINGS"]
 SPACINGS = ("uniform_t", "uniform_logsnr", "quadratic", "karras")
 INTEGER_SPACINGS = ("leading", "trailing", "linspace")
 
-# Where sigma(t_min) = 0 (or alpha(t_max) = 0) the grid stops this fraction of the range short of it,
-# the epsilon of Song et al. 2021 (App. C, 1e-3 for VP) and DPM-Solver (Lu et al. 2022, App. D).
+# Where sigma(t_min) vanishes (or alpha(t_max) does) the default grid stops this fraction of the range short
+# of it, the epsilon of Song et al. 2021 (App. C, 1e-3 for VP) and DPM-Solver (Lu et al. 2022, App. D).
+# "Vanishes" is below _NOISE_FLOOR: VP schedules at t = 0 have sigma = 0 up to float32 rounding (2e-4 for
+# vp_cosine), while VE and EDM keep their sigma_min (>= 2e-3).
 _EDGE = 1e-3
+_NOISE_FLOOR = 1e-3
 
 
 def default_range(schedule: Schedule, t_start, t_end) -> tuple[float, float]:
     """(t_start, t_end) with the defaults filled in: t_max and t_min, moved inside by 1e-3 of the range
-    where alpha(t_max) = 0 or sigma(t_min) = 0."""
+    where alpha(t_max) or sigma(t_min) vanishes."""
     span = schedule.t_max - schedule.t_min
     if t_start is None:
         t_start = schedule.t_max
-        if float(schedule.alpha(t_start)) <= 0:
+        if float(schedule.alpha(t_start)) < _NOISE_FLOOR:
             t_start = schedule.t_max - _EDGE * span
     if t_end is None:
         t_end = schedule.t_min
-        if float(schedule.sigma(t_end)) <= 0:
+        if float(schedule.sigma(t_end)) < _NOISE_FLOOR:
             t_end = schedule.t_min + _EDGE * span
     return float(t_start), float(t_end)
 
