@@ -10,11 +10,13 @@ complete Orbax step has its input position. Orbax writes into a temporary direct
 when complete, so an interrupted save is never listed and restore takes the newest complete step.
 """
 
+import logging as pylogging
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from diffax.data import Pipeline
 
@@ -89,3 +91,15 @@ def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
         abstract_tree,
         shardings,
     )
+
+
+class _QuietOrbax(pylogging.Filter):
+    """Drops Orbax's INFO records (several per save); its warnings and errors pass."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+    """Keeps Orbax's per-save INFO chatter out of the console of the command-line tools."""
+    logging.get_absl_handler().addFilter(_QuietOrbax())

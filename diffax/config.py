@@ -31,6 +31,8 @@ from diffax.train_state import registry_kwargs
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_DECAYS = ("constant", "cosine")
+# Keyword arguments of diffax.sample itself (the other extra sampler fields are the sampler's options).
+_SAMPLE_OPTIONS = ("denoise_final", "thresholding")
 # Sections whose extra keys are keyword arguments of a registry (checked by building it).
 FREE_FORM = ("process", "model", "loss", "sampler", "evals")
 
@@ -186,15 +188,23 @@ def _check_optim(c: ml_collections.ConfigDict) -> None:
     _require(0 <= c.min_lr_ratio <= 1, "config.optim.min_lr_ratio", f"{c.min_lr_ratio} must be in [0, 1].")
 
 
+def sampler_kwargs(sampler_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The fields of ``config.sampler`` beyond the fixed ones: keyword arguments of ``diffax.sample``."""
+    fixed = base_config().sampler
+    return {k: v for k, v in sampler_config.to_dict().items() if k not in fixed}
+
+
 def _check_sampler(config: ml_collections.ConfigDict) -> None:
     import diffax.samplers as samplers  # the sampler registry
 
     s = config.sampler
-    known = samplers.names()
+    known = ", ".join(samplers.SAMPLERS)
     _require(
-        s.name in known, "config.sampler.name", f"unknown sampler {s.name!r}; known: {', '.join(known)}."
+        s.name in samplers.SAMPLERS, "config.sampler.name", f"unknown sampler {s.name!r}; known: {known}."
     )
     _require(s.steps >= 1, "config.sampler.steps", f"{s.steps} must be >= 1.")
+    options = {k: v for k, v in sampler_kwargs(s).items() if k not in _SAMPLE_OPTIONS}
+    _check("config.sampler", lambda: samplers.get(s.name, **options))
     if s.guidance_scale is not None:
         _require(config.input.labels, "config.sampler.guidance_scale", "needs a labelled run (input.labels).")
 
@@ -268,7 +278,15 @@ def validate(
     schedule = _check(
         "config.process", lambda: schedules.get(config.process.name, **registry_kwargs(config.process))
     )
-    _check("config.model", lambda: models.from_config(config.model))
+    module = _check("config.model", lambda: models.from_config(config.model))
+    if config.input.labels:
+        classes = getattr(module, "num_classes", None)
+        _require(
+            config.input.num_classes > 0 and classes == config.input.num_classes,
+            "config.input.num_classes",
+            f"{config.input.num_classes} must be positive and equal the model's num_classes ({classes})"
+            " for a labelled run.",
+        )
     _check(
         "config.loss",
         lambda: losses.make_loss(

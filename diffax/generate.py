@@ -6,6 +6,7 @@ loads the newest checkpoint of ``DIR`` (EMA parameters unless ``--noema``) and w
 ``.npz`` with ``images`` (uint8, NHWC) and, for class-conditional runs, ``labels``; or a ``.png`` grid.
 """
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -13,9 +14,11 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from PIL import Image
 
@@ -38,12 +41,15 @@ def make_sampler(
     sampler: str | None = None,
     steps: int | None = None,
 ) -> SampleFn:
-    """Builds the jitted ``sample_fn(params, key, labels) -> images`` of a run.
+    """Builds ``sample_fn(params, key, labels) -> images`` for a run.
+
+    The network, guidance and grid are fixed here; ``diffax.sample`` compiles the sampler once and
+    takes the parameters as arguments, so later calls with new parameters do not recompile.
 
     Args:
       config: the run's config; ``config.sampler`` gives the defaults.
       parts: from ``train_state.build(config)``.
-      mesh: the result is replicated over this mesh (every process gets all images).
+      mesh: the starting noise (and so the result) is replicated over this mesh.
       sampler: overrides ``config.sampler.name``.
       steps: overrides ``config.sampler.steps``.
 
@@ -51,6 +57,7 @@ def make_sampler(
       ``sample_fn(params, key, labels)``: float images ``(len(labels), H, W, C)`` in about [-1, 1];
       ``labels`` (int32) condition labelled runs and only set the count otherwise.
     """
+    import diffax.guidance as guidance
     import diffax.parameterization as parameterization
     import diffax.samplers as samplers
     from diffax.process import broadcast_to_data
@@ -58,31 +65,43 @@ def make_sampler(
     s = config.sampler
     name = s.name if sampler is None else sampler
     num_steps = s.steps if steps is None else steps
-    extra = {k: v for k, v in s.to_dict().items() if k not in config_lib.base_config().sampler}
+    extra = config_lib.sampler_kwargs(s)
     schedule, module = parts.schedule, parts.module
     shape = data.image_shape(config.input)
     prediction = _prediction(config)
+    # A learned-variance head's second half reaches only samplers that use it (ddpm, variance="learned").
+    keep_variance = extra.get("variance") == "learned"
+    ts = samplers.timesteps(
+        schedule, num_steps=num_steps, spacing=s.spacing, t_start=s.t_start, t_end=s.t_end
+    )
 
-    def run(params, key, labels):
-        cond = labels if config.input.labels else None
+    def network(params, x, t, cond):
+        if config.loss.name == "edm":  # the net sees c_in x and c_noise (Karras et al. 2022, Table 1)
+            c_skip, c_out, c_in, c_noise = parameterization.edm_preconditioning(
+                t, sigma_data=schedule.sigma_data
+            )
+            out = module.apply({"params": params}, broadcast_to_data(c_in, x) * x, c_noise, cond, train=False)
+            return broadcast_to_data(c_skip, x) * x + broadcast_to_data(c_out, x) * out
+        out = module.apply({"params": params}, x, t, cond, train=False)
+        return out if keep_variance else out[..., : shape[-1]]
 
-        def model_fn(x, t):
-            if config.loss.name == "edm":  # the net sees c_in x and c_noise (Karras et al. 2022, Table 1)
-                c_skip, c_out, c_in, c_noise = parameterization.edm_preconditioning(
-                    t, sigma_data=schedule.sigma_data
-                )
-                out = module.apply(
-                    {"params": params}, broadcast_to_data(c_in, x) * x, c_noise, cond, train=False
-                )
-                return broadcast_to_data(c_skip, x) * x + broadcast_to_data(c_out, x) * out
-            out = module.apply({"params": params}, x, t, cond, train=False)
-            return out[..., : shape[-1]]  # a learned-variance head's second half is not a prediction
+    @functools.partial(jax.jit, static_argnums=1, out_shardings=sharding.replicated(mesh))
+    def prior(key, num):
+        return schedule.prior_sample(key, (num, *shape))
 
+    def sample_fn(params, key, labels):
+        if not config.input.labels:
+            model_fn = jax.tree_util.Partial(network, params, cond=None)
+        elif s.guidance_scale is None:
+            model_fn = jax.tree_util.Partial(network, params, cond=labels)
+        else:  # classifier-free guidance; the null label is num_classes
+            null = jnp.int32(config.input.num_classes)
+            guided = guidance.classifier_free(
+                jax.tree_util.Partial(network, params), s.guidance_scale, null_cond=null
+            )
+            model_fn = jax.tree_util.Partial(guided, cond=labels)
         noise_key, sample_key = jax.random.split(key)
-        x_T = schedule.prior_sample(noise_key, (labels.shape[0], *shape))
-        ts = samplers.timesteps(
-            schedule, num_steps=num_steps, spacing=s.spacing, t_start=s.t_start, t_end=s.t_end
-        )
+        x_T = prior(noise_key, len(labels))
         return samplers.sample(
             model_fn,
             schedule,
@@ -94,13 +113,18 @@ def make_sampler(
             **extra,
         )
 
-    return jax.jit(run, out_shardings=sharding.replicated(mesh))
+    return sample_fn
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """Maps [-1, 1] floats to uint8 0..255 (rounded, clipped; NaN becomes 0)."""
     scaled = np.nan_to_num((np.asarray(images, np.float32) + 1.0) * 127.5, nan=0.0)
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on every process (gathered when it spans processes)."""
+    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
 
 
 def sample_images(
@@ -207,6 +231,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--out={FLAGS.out}: use a .npz or .png file name.")
     if FLAGS.num_samples < 1:
         raise app.UsageError(f"--num_samples={FLAGS.num_samples}: must be at least 1.")
+    checkpoint.quiet_orbax_logs()
     config = config_lib.load(FLAGS.workdir)
     if FLAGS.sampler is not None:
         config.sampler.name = FLAGS.sampler

@@ -6,15 +6,15 @@ tasks, a TPU pod slice when ``--distributed`` is set) it first calls ``jax.distr
 A config error stops the run with one line naming the field, before anything compiles.
 """
 
-import logging as pylogging
 import os
+import re
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from diffax import checkpoint, train
 from diffax import config as config_lib
-from diffax import train
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, logs, samples).", required=True)
@@ -36,13 +36,6 @@ flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
-class _QuietOrbax(pylogging.Filter):
-    """Keeps Orbax's per-save INFO chatter out of the console (its warnings and errors still show)."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
 def _initialize_distributed() -> None:
     """Starts JAX's multi-process runtime when the flags or the environment ask for several processes."""
     slurm_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
@@ -56,10 +49,25 @@ def _initialize_distributed() -> None:
         jax.distributed.initialize()  # the cluster (TPU metadata, SLURM variables) gives the rest
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """Parses the flags; a ``--config.<field>`` override naming no field stops with one line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        raise SystemExit(f"diffax: {e}") from None
+    except (AttributeError, KeyError) as e:
+        key = re.search(r"\w+", str(e)).group(0)
+        overrides = [a for a in argv if a.startswith("--config.")]
+        culprit = [a for a in overrides if a.split("=", 1)[0].endswith(f".{key}")] or overrides
+        hint = re.search(r"Did you mean [^?]*\?", str(e))
+        message = f"diffax: invalid config override {' '.join(culprit)}: no such field"
+        raise SystemExit(message + (f" ({hint.group(0)})" if hint else "")) from None
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+    checkpoint.quiet_orbax_logs()
     _initialize_distributed()
     try:  # tf.data must not take the GPUs/TPUs that JAX uses
         import tensorflow as tf
@@ -82,4 +90,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -23,6 +23,7 @@ def get_config(arg=None):
     config.sampler.name = "dpm_solver++_2m"
     config.sampler.steps = 25
     config.sampler.spacing = "uniform_logsnr"
+    config.sampler.thresholding = 0.995  # dynamic thresholding keeps x0 in range (Saharia et al. 2022)
 
     config.input.dataset = "digits"
     config.input.upsample = 2
