@@ -25,7 +25,7 @@ from scipy import integrate
 from diffax.parameterization import from_x0_eps
 from diffax.schedules import Schedule
 
-__all__ = ["GaussianMixture", "reference_flow"]
+__all__ = ["GaussianMixture", "reference_flow", "toy_mixture"]
 
 
 def _marginal_terms(xp, x, alpha, sigma, weights, means, eigvals, eigvecs):
@@ -150,6 +150,16 @@ def _exact_prediction(schedule, weights, means, eigvals, eigvecs, x, t, *, predi
     eps = _eps(jnp, log_joint, solved, sigma)
     x0 = (x - sigma[:, None] * eps) / alpha[:, None]
     return from_x0_eps(schedule, x0, eps, t, prediction=prediction)
+
+
+def toy_mixture() -> GaussianMixture:
+    """The 2-D problem of the sampler tests and benchmark: three anisotropic, partly correlated
+    components, so that probability-flow trajectories bend and solver errors show."""
+    return GaussianMixture(
+        weights=np.array([0.3, 0.5, 0.2]),
+        means=np.array([[-1.0, 0.5], [1.0, -0.3], [0.2, 1.2]]),
+        covs=np.array([[[0.36, 0.0], [0.0, 0.16]], [[0.25, 0.1], [0.1, 0.2]], [[0.1, 0.0], [0.0, 0.1]]]),
+    )
 
 
 def reference_flow(

@@ -5,14 +5,9 @@ import numpy as np
 import pytest
 
 from diffax import schedules
-from diffax.samplers.exact import GaussianMixture
+from diffax.samplers.exact import toy_mixture
 
-# Three anisotropic, partly correlated components: trajectories bend, so solver errors are visible.
-MIXTURE = GaussianMixture(
-    weights=np.array([0.3, 0.5, 0.2]),
-    means=np.array([[-1.0, 0.5], [1.0, -0.3], [0.2, 1.2]]),
-    covs=np.array([[[0.36, 0.0], [0.0, 0.16]], [[0.25, 0.1], [0.1, 0.2]], [[0.1, 0.0], [0.0, 0.1]]]),
-)
+MIXTURE = toy_mixture()
 
 
 @pytest.fixture(scope="session")
