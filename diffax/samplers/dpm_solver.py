@@ -105,18 +105,16 @@ def singlestep(order: int, *, data: bool) -> Sampler:
         def stages(_):
             lam_t = half_log_snr(schedule, t)
             h = half_log_snr(schedule, s) - lam_t
-            diff, r_prev = None, None
+            slope = None  # (m_r - m_t, r) of the latest stage at fraction r of the interval
             for r in fractions:
                 u = schedule.t_from_log_snr(2.0 * (lam_t + r * h))
-                # the previous stage's difference spans r_prev h, i.e. r_prev / r of this stage's interval
-                slope = None if diff is None else (diff, r_prev / r)
-                x_u = _expand(schedule, x, m_t, t, u, data=data, slope=slope)
-                diff, r_prev = _pick(denoise(x_u, u), data) - m_t, r
+                # the latest difference spans r_prev h, i.e. r_prev / r of this stage's interval
+                local = None if slope is None else (slope[0], slope[1] / r)
+                x_u = _expand(schedule, x, m_t, t, u, data=data, slope=local)
+                slope = (_pick(denoise(x_u, u), data) - m_t, r)
             weight = "midpoint" if order == 2 else "taylor"
-            return _expand(schedule, x, m_t, t, s, data=data, slope=(diff, r_prev), slope_weight=weight)
+            return _expand(schedule, x, m_t, t, s, data=data, slope=slope, slope_weight=weight)
 
-        if order == 1:
-            return _expand(schedule, x, m_t, t, s, data=data), state, jnp.int32(1)
         reaches_zero = schedule.sigma(s) <= 0
         x_s = jax.lax.cond(reaches_zero, lambda _: first_order_step(schedule, x0, eps, s), stages, None)
         return x_s, state, jnp.where(reaches_zero, 1, order).astype(jnp.int32)
