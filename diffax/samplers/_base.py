@@ -171,8 +171,10 @@ def integrate(
         x, state, nfe = carry
         i, t, s = inputs
         step_key = None if key is None else jax.random.fold_in(key, i)
-        x, state, used = sampler.step(denoise, schedule, x, state, i, t, s, step_key)
-        return (x, state, nfe + used), None
+        x_s, state_s, used = sampler.step(denoise, schedule, x, state, i, t, s, step_key)
+        # float32 coefficients may promote low-precision states; the carry keeps its dtypes
+        state_s = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), state_s, state)
+        return (x_s.astype(x.dtype), state_s, nfe + used), None
 
     init = (x, sampler.init(x), jnp.zeros((), jnp.int32))
     (x, _, nfe), _ = jax.lax.scan(body, init, (jnp.arange(num_steps), ts[:-1], ts[1:]))

@@ -34,6 +34,7 @@ class _Config(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("model_static", "config"))
 def _run(model_dynamic, schedule, x, ts, key, *, model_static, config: _Config):
     model_fn = join_callable(model_dynamic, model_static)
+    dtype = x.dtype
     sampler = get(config.sampler, **dict(config.options))
     denoise = make_denoiser(
         model_fn,
@@ -52,7 +53,7 @@ def _run(model_dynamic, schedule, x, ts, key, *, model_static, config: _Config):
     if config.denoise_final:
         x = denoise(x, ts[-1])[0]
         info["nfe"] = info["nfe"] + 1
-    return x, info
+    return x.astype(dtype), info
 
 
 def _concrete(x: Any) -> bool:
@@ -182,6 +183,9 @@ def sample(
     Raises:
       ValueError: for an unknown sampler or option, an unsorted or ill-shaped grid, a grid with fewer
         intervals than a multistep method needs, a missing key, or a bad option.
+
+    References: each sampler cites its paper (``diffax.samplers.get(name)``'s factory); the reverse
+    process is Song et al. 2021, "Score-Based Generative Modeling through SDEs", eq. 6 and 13.
     """
     return _execute(
         model_fn,

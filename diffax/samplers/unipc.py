@@ -55,7 +55,7 @@ def _update(schedule, x, m_0, t, s, points, ts_points, num):
             diff = jnp.where(m < num, (points[m] - m_0) / r[m], 0.0)
             total = total + weights[m].astype(x.dtype) * diff
     i0 = phi_integrals(h, 1, data=True)[0]
-    return a.astype(x.dtype) * x + (b * i0).astype(x.dtype) * total
+    return (a.astype(x.dtype) * x + (b * i0).astype(x.dtype) * total).astype(x.dtype)
 
 
 def unipc(*, order: int = 2) -> Sampler:

@@ -209,6 +209,17 @@ def test_thresholded_sampling_ends_in_the_unit_box():
     assert np.abs(plain).max() > 1.5 and np.abs(clipped).max() <= 1.0 + 1e-6
 
 
+@pytest.mark.parametrize("name", ["unipc", "dpm_solver++_3m"])
+def test_bfloat16_state_keeps_its_dtype(vp, mixture_model, name):
+    """float32 schedule coefficients must not promote a bfloat16 state (the scan carry keeps it)."""
+    x_T = jax.random.normal(jax.random.key(0), (16, 2))
+    ts = samplers.timesteps(vp, num_steps=6)
+    run = lambda x: samplers.sample(mixture_model, vp, x, sampler=name, timesteps=ts, key=jax.random.key(1))
+    low = run(x_T.astype(jnp.bfloat16))
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float32), np.asarray(run(x_T)), atol=0.05)
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors, raised before anything compiles.
 
