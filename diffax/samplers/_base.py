@@ -35,7 +35,9 @@ __all__ = [
     "integrate",
     "make_denoiser",
     "normal_like",
+    "push_history",
     "split_callable",
+    "stateless",
     "join_callable",
 ]
 
@@ -77,6 +79,11 @@ def stateless(step: Step, **properties: Any) -> Sampler:
 def half_log_snr(schedule: Schedule, t: ArrayLike) -> jax.Array:
     """lambda(t) = log(alpha / sigma), the time variable of DPM-Solver (Lu et al. 2022, Sec. 3.1)."""
     return 0.5 * schedule.log_snr(t)
+
+
+def push_history(history: jax.Array, value: jax.Array) -> jax.Array:
+    """Prepends ``value`` to a fixed-length history (newest first), dropping the oldest entry."""
+    return jnp.concatenate([value[None].astype(history.dtype), history[:-1]], axis=0)
 
 
 def normal_like(key: jax.Array, x: jax.Array) -> jax.Array:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from diffax.samplers._base import Sampler, first_order_step, half_log_snr, normal_like
+from diffax.samplers._base import Sampler, first_order_step, half_log_snr, normal_like, push_history
 from diffax.schedules import Schedule
 
 __all__ = ["phi_integrals", "exponential_coefficients", "singlestep", "multistep"]
@@ -122,11 +122,6 @@ def singlestep(order: int, *, data: bool) -> Sampler:
     return Sampler(init=lambda x: (), step=step, order=order, nfe_per_step=order, data_prediction=data)
 
 
-def _push(history: jax.Array, value: jax.Array) -> jax.Array:
-    """Prepends ``value`` to a fixed-length history, dropping the oldest entry."""
-    return jnp.concatenate([value[None].astype(history.dtype), history[:-1]], axis=0)
-
-
 def multistep(order: int, *, sde: bool = False) -> Sampler:
     """Multistep DPM-Solver++(kM) in the data prediction, one evaluation per interval.
 
@@ -193,7 +188,7 @@ def multistep(order: int, *, sde: bool = False) -> Sampler:
         if sde:
             x_s = x_s + (schedule.sigma(s) * jnp.sqrt(i0)).astype(x.dtype) * normal_like(key, x)
         if num_hist:
-            state = (_push(m_hist, x0), _push(t_hist, t))
+            state = (push_history(m_hist, x0), push_history(t_hist, t))
         return x_s, state, jnp.int32(1)
 
     return Sampler(

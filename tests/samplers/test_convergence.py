@@ -30,10 +30,12 @@ def error(problem):
     schedule, model, x_T, reference = problem
 
     @functools.cache
-    def fn(name, nfe):
+    def fn(name, nfe, **options):
         steps = nfe // samplers.get(name).nfe_per_step
         ts = samplers.timesteps(schedule, num_steps=steps, spacing="uniform_logsnr", t_end=T_END)
-        x, info = samplers.sample(model, schedule, x_T, sampler=name, timesteps=ts, return_info=True)
+        x, info = samplers.sample(
+            model, schedule, x_T, sampler=name, timesteps=ts, return_info=True, **options
+        )
         assert int(info["nfe"]) == steps * samplers.get(name).nfe_per_step
         return float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64) - reference))))
 
@@ -80,6 +82,12 @@ def test_dpm_solver_3m_reaches_order_two_and_beats_2m(error):
     assert 1.8 < _slope(error, "dpm_solver++_3m", (40, 80)) < 2.25
     for nfe in (20, 40):
         assert error("dpm_solver++_3m", nfe) < error("dpm_solver++_2m", nfe) / 2.5
+
+
+def test_unipc_with_a_third_order_predictor_beats_the_default(error):
+    """UniPC-3 (declared order 3: its warm-up caps the order, see ``unipc``) against UniPC-2."""
+    for nfe in (20, 40):
+        assert error("unipc", nfe, order=3) < error("unipc", nfe) / 2
 
 
 def test_adaptive_ode_matches_reference_to_tolerance(problem):
