@@ -9,8 +9,8 @@ every parameterization. Steps are pure: ``step(denoise, schedule, x, state, i, t
 methods, ``()`` otherwise), ``i`` the interval index, ``key`` a per-interval PRNG key (``None`` for
 deterministic runs) and ``nfe`` the number of model evaluations the step spent (an int32 scalar).
 
-References: Kidger, "On Neural Differential Equations" (2021), Sec. 5.1 (solvers as init/step pairs,
-as in diffrax); Song et al. 2021, "Score-Based Generative Modeling through SDEs", App. G (sampler zoo).
+References: Kidger 2021, "On Neural Differential Equations" (the init/step solver design of diffrax);
+Song et al. 2021, "Score-Based Generative Modeling through SDEs", Sec. 4 (the reverse-time samplers).
 """
 
 from __future__ import annotations
