@@ -89,23 +89,31 @@ class ConversionTransformsTest(chex.TestCase):
         sch = schedules.get("linear", num_timesteps=50)
         x0, eps, t = _draw(5, (3, 4, 2), sch)
         x_t = process.q_sample(sch, x0, t, eps)
-        for prediction in P.PREDICTIONS:
-            for dtype in (jnp.float32, jnp.bfloat16):
-                f = self.variant(lambda p, x, tt: P.to_x0_eps(sch, p, x, tt, prediction=prediction)[0])
-                pred = P.from_x0_eps(sch, x0, eps, t, prediction=prediction).astype(dtype)
-                out = f(pred, x_t.astype(dtype), t)
-                chex.assert_type(out, dtype)
-                chex.assert_trees_all_close(
-                    out.astype(jnp.float32), x0, atol=0.15 if dtype == jnp.bfloat16 else 1e-3
-                )
-            per_example = self.variant(
-                jax.vmap(lambda p, x, tt: P.to_x0_eps(sch, p[None], x[None], tt, prediction=prediction)[0][0])
-            )(P.from_x0_eps(sch, x0, eps, t, prediction=prediction), x_t, t)
-            chex.assert_trees_all_close(per_example, x0, atol=1e-3)
-            g = self.variant(
-                jax.grad(lambda tt: jnp.sum(P.from_x0_eps(sch, x0, eps, tt, prediction=prediction)))
-            )(t)
-            chex.assert_tree_all_finite(g)
+
+        def all_predictions(x_t, t, dtype):
+            """x0 recovered from every prediction type, per batch and per example (vmap), and grads."""
+            out = {}
+            for prediction in P.PREDICTIONS:
+                pred = P.from_x0_eps(sch, x0, eps, t, prediction=prediction)
+                out[prediction] = P.to_x0_eps(
+                    sch, pred.astype(dtype), x_t.astype(dtype), t, prediction=prediction
+                )[0]
+                out[prediction + "/vmap"] = jax.vmap(
+                    lambda p, x, tt, k=prediction: P.to_x0_eps(sch, p[None], x[None], tt, prediction=k)[0][0]
+                )(pred, x_t, t)
+                out[prediction + "/grad"] = jax.grad(
+                    lambda tt, k=prediction: jnp.sum(P.from_x0_eps(sch, x0, eps, tt, prediction=k))
+                )(t)
+            return out
+
+        for dtype in (jnp.float32, jnp.bfloat16):
+            out = self.variant(all_predictions, static_argnums=2)(x_t, t, dtype)
+            chex.assert_tree_all_finite(out)
+            for prediction in P.PREDICTIONS:
+                chex.assert_type(out[prediction], dtype)
+                atol = 0.15 if dtype == jnp.bfloat16 else 1e-3
+                chex.assert_trees_all_close(out[prediction].astype(jnp.float32), x0, atol=atol)
+                chex.assert_trees_all_close(out[prediction + "/vmap"], x0, atol=1e-3)
 
 
 def test_bad_prediction_and_shapes_raise():

@@ -129,6 +129,9 @@ def test_derived_sde_reproduces_the_marginal_variance(name):
     np.testing.assert_allclose(dvar, 2 * s.drift(t) * var(t) + s.diffusion_sq(t), rtol=2e-3, atol=2e-4)
 
 
+METHODS = ("alpha", "sigma", "log_snr", "drift", "diffusion_sq")
+
+
 class TransformsTest(chex.TestCase):
     """Every schedule method under jit, vmap and grad, in float32 and bfloat16."""
 
@@ -137,17 +140,20 @@ class TransformsTest(chex.TestCase):
         for name in ALL:
             s = schedules.get(name)
             t = interior_times(s, 8, margin=1e-2)  # bfloat16 rounds 1 - 1e-3 to 1
+
+            def all_methods(u, s=s):
+                values = {m: getattr(s, m)(u) for m in METHODS}
+                values["inverse"] = s.t_from_log_snr(values["log_snr"])
+                values["dlog_snr"] = jax.vmap(jax.grad(s.log_snr))(u.astype(jnp.float32))
+                return values
+
             for dtype in (jnp.float32, jnp.bfloat16):
-                td = t.astype(dtype)
-                for method in ("alpha", "sigma", "log_snr", "drift", "diffusion_sq"):
-                    out = self.variant(getattr(s, method))(td)
-                    chex.assert_shape(out, (8,))
-                    chex.assert_tree_all_finite(out)
-                    assert out.dtype == dtype, (name, method, out.dtype)
-                lam = self.variant(s.log_snr)(td)
-                chex.assert_tree_all_finite(self.variant(s.t_from_log_snr)(lam))
-            grads = self.variant(jax.vmap(jax.grad(lambda u: s.log_snr(u))))(t)
-            assert np.all(np.asarray(grads) < 0), name
+                out = self.variant(all_methods)(t.astype(dtype))
+                chex.assert_tree_all_finite(out)
+                chex.assert_tree_shape_prefix(out, (8,))
+                for m in METHODS:
+                    assert out[m].dtype == dtype, (name, m, out[m].dtype)
+                assert np.all(np.asarray(out["dlog_snr"]) < 0), name
 
 
 def test_schedules_are_pytrees_that_pass_through_jit():
