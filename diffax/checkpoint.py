@@ -14,6 +14,7 @@ import logging as pylogging
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -82,6 +83,34 @@ class Checkpointer:
         """Waits for saves and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def restore_latest(workdir: str, config: Any, parts: Any, *, mesh: jax.sharding.Mesh) -> tuple[Any, int]:
+    """The newest complete checkpoint of a run as a ``TrainState`` replicated on ``mesh``.
+
+    Args:
+      workdir: the run directory.
+      config: the run's config (``diffax.config.load(workdir)``).
+      parts: ``diffax.train_state.build(config)``.
+      mesh: where to put the state (e.g. the local devices, for sampling or evaluation).
+
+    Returns:
+      ``(state, step)``.
+
+    Raises:
+      FileNotFoundError: when the run has no complete checkpoint.
+    """
+    from diffax import sharding, train_state
+
+    ckpt = Checkpointer(workdir, every_steps=config.ckpt.every_steps, keep=config.ckpt.keep, async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"--workdir={workdir}: no complete checkpoint in {ckpt.directory}.")
+    abstract = nn.meta.unbox(jax.eval_shape(train_state.state_initializer(config, parts)))
+    target = abstract_with_shardings(abstract, jax.tree.map(lambda _: sharding.replicated(mesh), abstract))
+    state = ckpt.restore(step, target, None)
+    ckpt.close()
+    return state, step
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:

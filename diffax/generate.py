@@ -12,7 +12,6 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -187,29 +186,6 @@ def write_sample_grid(samples: tuple[np.ndarray, np.ndarray | None], workdir: st
     return path
 
 
-def restore_params(
-    config: ml_collections.ConfigDict, parts: train_state.Parts, workdir: str, *, mesh: Mesh, ema: bool = True
-) -> tuple[Any, int]:
-    """Loads the newest checkpoint's parameters (the first EMA copy when ``ema``) replicated on ``mesh``.
-
-    Returns:
-      ``(params, step)``.
-    """
-    ckpt = checkpoint.Checkpointer(
-        workdir, every_steps=config.ckpt.every_steps, keep=config.ckpt.keep, async_save=False
-    )
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"--workdir={workdir}: no complete checkpoint in {ckpt.directory}.")
-    abstract = nn.meta.unbox(jax.eval_shape(train_state.state_initializer(config, parts)))
-    target = checkpoint.abstract_with_shardings(
-        abstract, jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-    )
-    state = ckpt.restore(step, target, None)
-    ckpt.close()
-    return (state.sampling_params() if ema else state.params), step
-
-
 FLAGS = flags.FLAGS
 
 
@@ -243,7 +219,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(str(e)) from None
     parts = train_state.build(config)
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), devices=jax.local_devices())
-    params, step = restore_params(config, parts, FLAGS.workdir, mesh=mesh, ema=FLAGS.ema)
+    state, step = checkpoint.restore_latest(FLAGS.workdir, config, parts, mesh=mesh)
+    params = state.sampling_params() if FLAGS.ema else state.params
     sample_fn = make_sampler(config, parts, mesh=mesh)
     images, labels = sample_images(
         sample_fn,

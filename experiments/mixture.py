@@ -1,4 +1,4 @@
-"""A tiny analytic Gaussian-mixture experiment for tests: 8×8×1 "images", a two-level U-Net, seconds per run.
+"""A tiny analytic Gaussian-mixture experiment for tests: 8×8×1 "images", a one-level U-Net, seconds per run.
 
 python -m diffax.main --config=experiments/mixture.py --workdir=/tmp/mixture
 """
@@ -12,7 +12,7 @@ def get_config(arg=None):
     config.total_steps = 8
     config.process.name = "vp_linear"
     config.model = common.cpu_unet(
-        base_channels=8, channel_mult=(1, 2), attention_resolutions=(), norm_groups=4
+        base_channels=8, channel_mult=(1,), attention_resolutions=(), norm_groups=4
     )
     config.loss.prediction = "eps"
     config.sampler.name = "ddim"

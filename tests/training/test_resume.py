@@ -1,0 +1,121 @@
+"""Interrupted runs continue to exactly the parameters of an uninterrupted run: SIGTERM (a final save,
+clean exit) and SIGKILL between saves (back to the newest complete checkpoint); plus sampling a run."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from conftest import REPO, subprocess_env
+
+from diffax import checkpoint, data, sharding, train, train_state
+from diffax import config as config_lib
+
+
+def _restore(workdir):
+    config = config_lib.load(str(workdir))
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
+    return checkpoint.restore_latest(str(workdir), config, train_state.build(config), mesh=mesh)
+
+
+def _host(state):
+    return jax.device_get(state)
+
+
+def test_sigterm_saves_stops_and_resumes_identically(mixture_config, tmp_path, monkeypatch):
+    mixture_config.total_steps = 10
+    reference = _host(train.train_and_evaluate(mixture_config, str(tmp_path / "reference")))
+
+    make_pipeline = data.make_pipeline
+
+    def interrupted_pipeline(*args, **kwargs):
+        pipeline = make_pipeline(*args, **kwargs)
+        get = pipeline.get
+
+        def get_and_signal(step):
+            if step == 5:  # SIGTERM arrives while step 5 runs: it completes, is saved, the run stops
+                os.kill(os.getpid(), signal.SIGTERM)
+            return get(step)
+
+        pipeline.get = get_and_signal
+        return pipeline
+
+    workdir = str(tmp_path / "interrupted")
+    monkeypatch.setattr(data, "make_pipeline", interrupted_pipeline)
+    stopped = train.train_and_evaluate(mixture_config, workdir)
+    assert int(stopped.step) == 6
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
+    monkeypatch.undo()
+    resumed = _host(train.train_and_evaluate(mixture_config, workdir))
+    assert int(resumed.step) == 10
+    chex.assert_trees_all_equal(resumed, reference)
+
+
+@pytest.mark.slow
+def test_sigkill_between_saves_then_restart_equals_uninterrupted(mixture_config, tmp_path):
+    total = 160
+    overrides = [
+        f"--config.total_steps={total}",
+        "--config.log.every_steps=20",
+        f"--config.log.sample_every_steps={total}",
+    ]
+    workdir = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffax.main",
+        f"--config={REPO / 'experiments' / 'mixture.py'}",
+        f"--workdir={workdir}",
+    ]
+    env = subprocess_env(8)
+    proc = subprocess.Popen(
+        cmd + overrides, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 180
+    while not (workdir / "checkpoints" / "8").exists():  # complete checkpoints appear by an atomic rename
+        assert proc.poll() is None and time.time() < deadline, (
+            proc.stderr.read()[-2000:] if proc.poll() else "timeout"
+        )
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    restart = subprocess.run(cmd + overrides, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    restored = int(re.search(r"restored step (\d+)", restart.stderr).group(1))
+    assert 8 <= restored < total
+
+    mixture_config.total_steps = total
+    reference = _host(train.train_and_evaluate(mixture_config, str(tmp_path / "reference")))
+    state, step = _restore(workdir)
+    assert step == total
+    chex.assert_trees_all_equal(_host(state), reference)
+
+    # The final grid was written, and the sampling command reads the run back.
+    assert (workdir / "samples" / f"step_{total:08d}.png").exists()
+    out = tmp_path / "samples.npz"
+    generate = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffax.generate",
+            f"--workdir={workdir}",
+            "--num_samples=6",
+            "--steps=3",
+            f"--out={out}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert generate.returncode == 0, generate.stderr[-3000:]
+    images = np.load(out)["images"]
+    assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 1)
