@@ -143,7 +143,8 @@ def log_likelihood(
       t_data: where the data sits; default the start of ``diffax.timesteps``' range (t_min, or 1e-3 of
         the range above it where sigma(t_min) = 0, the usual epsilon).
       t_prior: where the prior ``schedule.prior_log_prob`` is used; default ``t_max``.
-      solver, rtol, atol, max_steps: the adaptive solver (see ``diffax.samplers.get("ode")``).
+      solver, rtol, atol, max_steps: the adaptive solver (see ``diffax.samplers.get("ode")``); a solve
+        that runs out of steps gives NaN log-probabilities.
 
     Returns:
       A ``Likelihood`` (log_prob, bits_per_dim, nfe).

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import diffrax
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec
 
 from diffax.samplers._base import Denoiser
 from diffax.schedules import Schedule
@@ -86,29 +87,49 @@ def solve_adaptive(
     """Integrates dy/dt = vector_field(t, y) from t0 to t1 (either direction) with diffrax.
 
     Returns:
-      ``(y1, info)``; ``info`` holds ``nfe`` (evaluations of the field), ``num_steps`` and
-      ``num_rejected_steps``.
+      ``(y1, info)``; ``info`` holds ``nfe`` (evaluations of the field), ``num_steps``,
+      ``num_rejected_steps`` and ``successful``. A failed solve (e.g. ``max_steps`` reached) returns NaN
+      rather than raising through a host callback, which would pin the state to one device.
     """
     _check_solver(solver)
     solver_cls, _, stages = SOLVERS[solver]
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(lambda t, y, args: vector_field(t, y)),
-        solver_cls(),
-        t0=t0,
-        t1=t1,
-        dt0=None,
-        y0=y0,
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-        max_steps=max_steps,
-        saveat=diffrax.SaveAt(t1=True),
+
+    def solve(y0, t0, t1):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, args: vector_field(t, y)),
+            solver_cls(),
+            t0=t0,
+            t1=t1,
+            dt0=None,
+            y0=y0,
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+            max_steps=max_steps,
+            saveat=diffrax.SaveAt(t1=True),
+            throw=False,
+        )
+        attempted = jnp.asarray(sol.stats["num_steps"], jnp.int32)
+        successful = sol.result == diffrax.RESULTS.successful
+        info = {
+            "nfe": stages * attempted + _SETUP_EVALUATIONS,
+            "num_steps": attempted,
+            "num_rejected_steps": jnp.asarray(sol.stats["num_rejected_steps"], jnp.int32),
+            "successful": successful,
+        }
+        y1 = jax.tree_util.tree_map(lambda y: jnp.where(successful, y[-1], jnp.nan), sol.ys)
+        return y1, info
+
+    # The step-size controller contracts over the whole state, which explicitly sharded axes refuse:
+    # run the solve with those axes automatic, giving the state back with its sharding.
+    mesh = jax.typeof(jax.tree_util.tree_leaves(y0)[0]).sharding.mesh
+    explicit = tuple(
+        name for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True) if kind == AxisType.Explicit
     )
-    attempted = jnp.asarray(sol.stats["num_steps"], jnp.int32)
-    info = {
-        "nfe": stages * attempted + _SETUP_EVALUATIONS,
-        "num_steps": attempted,
-        "num_rejected_steps": jnp.asarray(sol.stats["num_rejected_steps"], jnp.int32),
-    }
-    return jax.tree_util.tree_map(lambda y: y[-1], sol.ys), info
+    if not explicit:
+        return solve(y0, t0, t1)
+    specs = jax.tree_util.tree_map(lambda y: jax.typeof(y).sharding.spec, y0)
+    replicated = {key: PartitionSpec() for key in ("nfe", "num_steps", "num_rejected_steps", "successful")}
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.auto_axes(solve, axes=explicit, out_sharding=(specs, replicated))(y0, t0, t1)
 
 
 def ode(*, solver: str = "tsit5", rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096):
@@ -118,7 +139,8 @@ def ode(*, solver: str = "tsit5", rtol: float = 1e-5, atol: float = 1e-5, max_st
       solver: ``"tsit5"``, ``"dopri5"`` or ``"dopri8"``.
       rtol: relative tolerance of the PID controller.
       atol: absolute tolerance.
-      max_steps: the most steps diffrax may take (it raises beyond).
+      max_steps: the most steps diffrax may take; beyond, the sample is NaN and
+        ``info["successful"]`` False.
 
     Returns:
       An ``AdaptiveSampler``.
@@ -132,8 +154,6 @@ def ode(*, solver: str = "tsit5", rtol: float = 1e-5, atol: float = 1e-5, max_st
 
     def solve(denoise, schedule, x, t0, t1):
         drift = probability_flow(denoise, schedule)
-        return solve_adaptive(
-            drift, x, t0, t1, solver=solver, rtol=rtol, atol=atol, max_steps=int(max_steps)
-        )
+        return solve_adaptive(drift, x, t0, t1, solver=solver, rtol=rtol, atol=atol, max_steps=int(max_steps))
 
     return AdaptiveSampler(solve=solve, order=SOLVERS[solver][1])

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from diffax import PREDICTIONS, samplers, schedules
 
@@ -129,6 +129,15 @@ def test_nfe_is_counted_right(counting_model, name):
         per_step = samplers.get(name).nfe_per_step
         assert len(calls) == 4 * per_step + (1 if name in _STAGED else per_step)
     assert np.all(np.isfinite(np.asarray(x)))
+
+
+def test_ode_that_runs_out_of_steps_returns_nan(vp, mixture_model):
+    ts = samplers.timesteps(vp, num_steps=1)
+    x_T = jax.random.normal(jax.random.key(0), (8, 2))
+    x, info = samplers.sample(
+        mixture_model, vp, x_T, sampler="ode", timesteps=ts, max_steps=3, return_info=True
+    )
+    assert not bool(info["successful"]) and np.all(np.isnan(np.asarray(x)))
 
 
 def test_ode_counts_match_for_dopri8_and_final_denoising(counting_model):
@@ -279,15 +288,25 @@ def test_get_exposes_the_init_step_pair():
 # Sharding and compilation.
 
 
-@pytest.mark.parametrize("name", ["ddpm", "dpm_solver++_2m"])
-def test_sharded_batch_equals_single_device(vp, mixture_model, name):
-    mesh = jax.make_mesh((8,), ("batch",))
+@pytest.mark.parametrize(
+    "name, axis_type",
+    [
+        ("pc", AxisType.Explicit),
+        ("dpm_solver++_2m", AxisType.Auto),
+        ("ode", AxisType.Explicit),
+        ("ode", AxisType.Auto),
+    ],
+)
+def test_sharded_batch_equals_single_device(vp, mixture_model, name, axis_type):
+    """The batch split over 8 devices gives the single-device result (PRNG draws, PC's batch-mean
+    step size and diffrax's step control included)."""
+    mesh = jax.make_mesh((8,), ("batch",), axis_types=(axis_type,))
     x_T = jax.random.normal(jax.random.key(0), (64, 2))
-    ts = samplers.timesteps(vp, num_steps=6)
+    ts = samplers.timesteps(vp, num_steps=1 if name == "ode" else 6)
     run = lambda x: samplers.sample(mixture_model, vp, x, sampler=name, timesteps=ts, key=jax.random.key(1))
     sharded = run(jax.device_put(x_T, NamedSharding(mesh, PartitionSpec("batch"))))
-    assert len(sharded.sharding.device_set) == 8
-    np.testing.assert_allclose(np.asarray(sharded), np.asarray(run(x_T)), rtol=1e-6, atol=1e-6)
+    assert sharded.sharding.spec[0] == "batch" and len(sharded.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(run(x_T)), rtol=1e-5, atol=1e-6)
 
 
 def _scaled_eps(params, x, t):
