@@ -88,4 +88,3 @@ def ddim(*, eta: float = 0.0) -> Sampler:
         return x_s + jnp.sqrt(noise_var) * normal_like(key, x), state, jnp.int32(1)
 
     return stateless(step, order=1, nfe_per_step=1, stochastic=eta > 0, data_prediction=True)
-

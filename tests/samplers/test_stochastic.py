@@ -33,9 +33,7 @@ def x_T():
 )
 def test_marginal_moments_within_sampling_error(vp, mixture, mixture_model, x_T, name, options, num_steps):
     ts = samplers.timesteps(vp, num_steps=num_steps, t_end=T_END)
-    x = samplers.sample(
-        mixture_model, vp, x_T, sampler=name, timesteps=ts, key=jax.random.key(3), **options
-    )
+    x = samplers.sample(mixture_model, vp, x_T, sampler=name, timesteps=ts, key=jax.random.key(3), **options)
     x = np.asarray(x, np.float64)
     mean, cov = mixture.marginal_moments(float(vp.alpha(T_END)), float(vp.sigma(T_END)))
     se_mean = np.sqrt(np.diag(cov) / NUM_SAMPLES)
