@@ -1,13 +1,26 @@
 """diffax: diffusion models in JAX/Flax.
 
-The functional core (schedules, forward process, parameterizations, losses) is re-exported here;
-``diffax.schedules``, ``diffax.losses`` and ``diffax.parameterization`` are public modules too.
+The functional core (schedules, forward process, parameterizations, losses), sampling, inversion and
+likelihood are re-exported here; ``diffax.schedules``, ``diffax.losses``, ``diffax.samplers``,
+``diffax.guidance``, ``diffax.models`` and ``diffax.evaluation`` are public modules too.
 """
 
-from diffax import evaluation, losses, models, parameterization, process, schedules
+from diffax import (
+    evaluation,
+    guidance,
+    likelihood,
+    losses,
+    models,
+    parameterization,
+    process,
+    samplers,
+    schedules,
+)
+from diffax.likelihood import log_likelihood
 from diffax.losses import make_loss
 from diffax.parameterization import PREDICTIONS, convert, edm_preconditioning, from_x0_eps, to_x0_eps
 from diffax.process import q_posterior, q_posterior_discrete, q_sample, q_step, q_transition
+from diffax.samplers import invert, sample, timesteps
 from diffax.schedules import Schedule
 
 __version__ = "0.1.0"
@@ -19,6 +32,10 @@ __all__ = [
     "edm_preconditioning",
     "evaluation",
     "from_x0_eps",
+    "guidance",
+    "invert",
+    "likelihood",
+    "log_likelihood",
     "losses",
     "make_loss",
     "models",
@@ -29,6 +46,9 @@ __all__ = [
     "q_sample",
     "q_step",
     "q_transition",
+    "sample",
+    "samplers",
     "schedules",
+    "timesteps",
     "to_x0_eps",
 ]

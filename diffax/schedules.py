@@ -233,15 +233,22 @@ class VPCosine(Schedule):
         return 0.5 * math.pi * (t + self.s) / (1.0 + self.s)
 
     def _log_alpha(self, t):
-        return jnp.log(jnp.cos(self._angle(t))) - math.log(math.cos(self._angle(0.0)))
+        # cos(theta_0 + d) / cos(theta_0) = 1 - 2 sin^2(d / 2) - tan(theta_0) sin(d): log1p of a small
+        # number keeps full relative accuracy near t = 0, and alpha(0) = 1, sigma(0) = 0 exactly.
+        d = 0.5 * math.pi * t / (1.0 + self.s)
+        return jnp.log1p(-2.0 * jnp.sin(0.5 * d) ** 2 - math.tan(self._angle(0.0)) * jnp.sin(d))
 
     def _log_snr(self, t):
         return _vp_log_snr(self._log_alpha(t))
 
     def _t_from_log_snr(self, log_snr):
-        log_alpha = _vp_log_alpha_from_log_snr(log_snr)
-        cos_angle = jnp.exp(log_alpha) * math.cos(self._angle(0.0))
-        return 2.0 * (1.0 + self.s) / math.pi * jnp.arccos(cos_angle) - self.s
+        # cos(angle) = alpha cos(theta_0) with alpha^2 = sigmoid(lambda); arctan2 of sin and cos stays
+        # accurate near t = 0, where arccos of a value near 1 loses digits.
+        theta_0 = self._angle(0.0)
+        alpha_sq = jax.nn.sigmoid(log_snr)
+        sin_angle = jnp.sqrt(jax.nn.sigmoid(-log_snr) + alpha_sq * math.sin(theta_0) ** 2)
+        angle = jnp.arctan2(sin_angle, jnp.sqrt(alpha_sq) * math.cos(theta_0))
+        return 2.0 * (1.0 + self.s) / math.pi * angle - self.s
 
 
 @struct.dataclass

@@ -196,3 +196,10 @@ def test_time_outside_range_raises():
     with pytest.raises(ValueError, match=r"t must lie in the schedule's range \[0, 1\]"):
         s.check_t(jnp.array([0.5, 1.5]))
     s.check_t(jnp.array([0.0, 1.0]))
+
+
+def test_vp_cosine_is_accurate_near_t_zero_in_float32():
+    s = schedules.get("vp_cosine")
+    assert float(s.sigma(0.0)) == 0.0 and float(s.alpha(0.0)) == 1.0
+    t = jnp.array([1e-4, 1e-3, 1e-2])
+    np.testing.assert_allclose(s.t_from_log_snr(s.log_snr(t)), t, rtol=1e-4)
