@@ -4,6 +4,7 @@ Feature statistics and classifier sums are reduced on the devices that hold each
 in float64 on the host; :func:`evaluate_samples` runs a whole evaluation from a sampler.
 """
 
+from diffax.evaluation._bits_per_dim import BPD_METHODS, bits_per_dim
 from diffax.evaluation._digits import (
     DigitsClassifier,
     digits_classifier_params,
@@ -38,6 +39,8 @@ from diffax.evaluation._stats import (
 )
 
 __all__ = [
+    "BPD_METHODS",
+    "bits_per_dim",
     "ClassifierStats",
     "DigitsClassifier",
     "Extractor",
