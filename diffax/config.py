@@ -8,8 +8,9 @@ Sections mirror the code:
 - ``loss``: ``name`` (``loss=`` of ``diffax.losses.make_loss``) plus its other keyword arguments.
 - ``sampler``: ``name``, ``steps``, timestep ``spacing``/``t_start``/``t_end``, ``guidance_scale``,
   and any further keyword arguments of ``diffax.sample``.
-- ``input``, ``optim``, ``ema``, ``mesh``, ``ckpt``, ``log``: fixed fields, listed in :func:`base_config`.
-- ``evals``: keyword arguments of the periodic evaluation (``diffax.evaluation``).
+- ``input``, ``optim``, ``ema``, ``mesh``, ``ckpt``, ``log``, ``evals``: fixed fields, listed in
+  :func:`base_config`.
+- ``evals``: size of the periodic evaluation (``diffax.evaluation``; digits runs).
 
 :func:`validate` raises :class:`ConfigError`, a one-line ``ValueError`` that names the field.
 """
@@ -34,7 +35,7 @@ LR_DECAYS = ("constant", "cosine")
 # Keyword arguments of diffax.sample itself (the other extra sampler fields are the sampler's options).
 _SAMPLE_OPTIONS = ("denoise_final", "thresholding")
 # Sections whose extra keys are keyword arguments of a registry (checked by building it).
-FREE_FORM = ("process", "model", "loss", "sampler", "evals")
+FREE_FORM = ("process", "model", "loss", "sampler")
 
 
 class ConfigError(ValueError):
@@ -101,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log = ml_collections.ConfigDict(
         dict(every_steps=100, sample_every_steps=0, num_samples=64, eval_every_steps=0)
     )
-    c.evals = ml_collections.ConfigDict()
+    c.evals = ml_collections.ConfigDict(dict(num_samples=500, batch_size=250))
     return c
 
 
@@ -267,6 +268,12 @@ def validate(
     _check_optim(config.optim)
     for decay in config.ema.decays:
         _require(0.0 <= decay < 1.0, "config.ema.decays", f"{decay} must be in [0, 1).")
+    _require(
+        not config.log.eval_every_steps or config.input.dataset == "digits",
+        "config.log.eval_every_steps",
+        "periodic evaluation runs the digits metrics, so it needs input.dataset='digits'; for other"
+        " datasets use python -m diffax.generate and diffax.evaluation, or set it to 0.",
+    )
     for field in ("ckpt.every_steps", "ckpt.keep", "log.every_steps", "log.num_samples"):
         section, key = field.split(".")
         _require(config[section][key] > 0, f"config.{field}", f"{config[section][key]} must be positive.")

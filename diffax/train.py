@@ -16,7 +16,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from diffax import checkpoint, data, generate, sharding, train_state
@@ -97,6 +96,47 @@ class _MetricWindow:
         return stacked
 
 
+def _make_evaluation(config: ml_collections.ConfigDict, sample_fn: generate.SampleFn):
+    """``evaluate(params, step) -> scalars``: ``diffax.evaluation`` on samples of the EMA parameters.
+
+    Digits runs get the digits metrics (digits FD next to its train-vs-held-out floor, IS, confident
+    fraction, class histogram) on ``config.evals.num_samples`` samples. The reference statistics are
+    computed on the first call and kept.
+    """
+    import diffax.evaluation as evaluation
+
+    num = config.evals.get("num_samples", 500)
+    batch = min(num, config.evals.get("batch_size", 250))
+    labels = np.arange(batch, dtype=np.int32) % max(config.input.num_classes, 1)
+    reference = {}
+
+    def evaluate(params: Any, *, step: int) -> dict[str, float]:
+        if not reference:
+            reference.update(evaluation.digits_reference(num))
+        metrics = evaluation.evaluate_samples(
+            lambda key, n: sample_fn(params, key, labels[:n]),
+            num_samples=num,
+            batch_size=batch,
+            key=jax.random.fold_in(jax.random.key(config.seed), step),
+            **reference,
+        )
+        logging.info(
+            "eval at step %d on %d samples: digits FD %.3f (floor %.3f, ratio %.2f) | IS %.2f"
+            " | confident %.1f%% | class chi2 p %.3f",
+            step,
+            num,
+            metrics["fd"],
+            metrics["fd_floor"],
+            metrics["fd_ratio"],
+            metrics["is"],
+            100 * metrics["confident_fraction"],
+            metrics["class_chi2_pvalue"],
+        )
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    return evaluate
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, devices: list[Any] | None = None
 ) -> train_state.TrainState:
@@ -161,11 +201,14 @@ def train_and_evaluate(
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-    sampler = functools.partial(
-        generate.sample_images, generate.make_sampler(config, parts, mesh=mesh), config=config
-    )
+    sample_fn = generate.make_sampler(config, parts, mesh=mesh)
+    sampler = functools.partial(generate.sample_images, sample_fn, config=config)
+    evaluate = _make_evaluation(config, sample_fn)
 
-    # TensorBoard events from process 0; the console gets the progress line of _report.
+    # TensorBoard events from process 0; the console gets the progress line of _report. (clu loads
+    # TensorFlow, so it is imported only once the config has been accepted.)
+    from clu import metric_writers
+
     writer = metric_writers.AsyncWriter(
         metric_writers.SummaryWriter(workdir) if jax.process_index() == 0 else metric_writers.MultiWriter([])
     )
@@ -202,6 +245,8 @@ def train_and_evaluate(
 
             if config.log.sample_every_steps and (done % config.log.sample_every_steps == 0 or done == total):
                 generate.write_sample_grid(sampler(state.sampling_params(), seed=done), workdir, done)
+            if config.log.eval_every_steps and (done % config.log.eval_every_steps == 0 or done == total):
+                writer.write_scalars(done, evaluate(state.sampling_params(), step=done))
 
             if preemption.agreed():
                 window.check()

@@ -45,4 +45,5 @@ def get_config(arg=None):
     config.log.every_steps = 100
     config.log.sample_every_steps = 1000
     config.log.num_samples = 100
+    config.log.eval_every_steps = config.total_steps  # the digits metrics once, at the end
     return config

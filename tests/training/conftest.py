@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import flax.linen as nn
+import jax
+import ml_collections
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -13,6 +15,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from diffax import checkpoint, sharding, train_state  # noqa: E402
+from diffax import config as config_lib  # noqa: E402
 from experiments import mixture  # noqa: E402
 
 
@@ -58,18 +62,29 @@ def subprocess_env(num_devices: int) -> dict[str, str]:
     return env
 
 
+def main_command(workdir, *overrides: str) -> list[str]:
+    """``python -m diffax.main`` on the mixture experiment, with ``--config.*`` overrides."""
+    config = REPO / "experiments" / "mixture.py"
+    return [sys.executable, "-m", "diffax.main", f"--config={config}", f"--workdir={workdir}", *overrides]
+
+
 def run_main(
     workdir, *overrides: str, num_devices: int = 8, timeout: float = 240
 ) -> subprocess.CompletedProcess:
     """Runs the training CLI on the mixture experiment and returns the finished process."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "diffax.main",
-        f"--config={REPO / 'experiments' / 'mixture.py'}",
-        f"--workdir={workdir}",
-        *overrides,
-    ]
     return subprocess.run(
-        cmd, cwd=REPO, env=subprocess_env(num_devices), capture_output=True, text=True, timeout=timeout
+        main_command(workdir, *overrides),
+        cwd=REPO,
+        env=subprocess_env(num_devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+
+
+def restore_run(workdir):
+    """The newest checkpoint of a run (its whole TrainState, on the host) and its step."""
+    config = config_lib.load(str(workdir))
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
+    state, step = checkpoint.restore_latest(str(workdir), config, train_state.build(config), mesh=mesh)
+    return jax.device_get(state), step

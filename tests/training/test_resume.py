@@ -10,28 +10,29 @@ import time
 
 import chex
 import jax
-import ml_collections
 import numpy as np
 import pytest
-from conftest import REPO, subprocess_env
+from conftest import REPO, main_command, restore_run, subprocess_env
 
-from diffax import checkpoint, data, sharding, train, train_state
-from diffax import config as config_lib
+from diffax import data, train
+from experiments import mixture
 
-
-def _restore(workdir):
-    config = config_lib.load(str(workdir))
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
-    return checkpoint.restore_latest(str(workdir), config, train_state.build(config), mesh=mesh)
+TOTAL = 160  # long enough that a kill after the first checkpoint lands mid-run
+EVERY = 40  # checkpoint interval
 
 
-def _host(state):
-    return jax.device_get(state)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run's final state."""
+    config = mixture.get_config()
+    config.total_steps = TOTAL
+    config.ckpt.every_steps = EVERY
+    return jax.device_get(train.train_and_evaluate(config, str(tmp_path_factory.mktemp("reference"))))
 
 
-def test_sigterm_saves_stops_and_resumes_identically(mixture_config, tmp_path, monkeypatch):
-    mixture_config.total_steps = 10
-    reference = _host(train.train_and_evaluate(mixture_config, str(tmp_path / "reference")))
+def test_sigterm_saves_stops_and_resumes_identically(mixture_config, reference, tmp_path, monkeypatch):
+    mixture_config.total_steps = TOTAL
+    mixture_config.ckpt.every_steps = EVERY
 
     make_pipeline = data.make_pipeline
 
@@ -51,35 +52,32 @@ def test_sigterm_saves_stops_and_resumes_identically(mixture_config, tmp_path, m
     monkeypatch.setattr(data, "make_pipeline", interrupted_pipeline)
     stopped = train.train_and_evaluate(mixture_config, workdir)
     assert int(stopped.step) == 6
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["6"]
     monkeypatch.undo()
-    resumed = _host(train.train_and_evaluate(mixture_config, workdir))
-    assert int(resumed.step) == 10
+    resumed = jax.device_get(train.train_and_evaluate(mixture_config, workdir))
+    assert int(resumed.step) == TOTAL
     chex.assert_trees_all_equal(resumed, reference)
 
 
 @pytest.mark.slow
-def test_sigkill_between_saves_then_restart_equals_uninterrupted(mixture_config, tmp_path):
-    total = 160
+def test_sigkill_between_saves_then_restart_equals_uninterrupted(reference, tmp_path):
+    total = TOTAL
     overrides = [
         f"--config.total_steps={total}",
+        f"--config.ckpt.every_steps={EVERY}",
         "--config.log.every_steps=20",
         f"--config.log.sample_every_steps={total}",
     ]
     workdir = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "diffax.main",
-        f"--config={REPO / 'experiments' / 'mixture.py'}",
-        f"--workdir={workdir}",
-    ]
+    cmd = main_command(workdir)
     env = subprocess_env(8)
     proc = subprocess.Popen(
         cmd + overrides, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 180
-    while not (workdir / "checkpoints" / "8").exists():  # complete checkpoints appear by an atomic rename
+    while not (
+        workdir / "checkpoints" / str(EVERY)
+    ).exists():  # complete checkpoints appear by an atomic rename
         assert proc.poll() is None and time.time() < deadline, (
             proc.stderr.read()[-2000:] if proc.poll() else "timeout"
         )
@@ -89,13 +87,11 @@ def test_sigkill_between_saves_then_restart_equals_uninterrupted(mixture_config,
     restart = subprocess.run(cmd + overrides, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert restart.returncode == 0, restart.stderr[-3000:]
     restored = int(re.search(r"restored step (\d+)", restart.stderr).group(1))
-    assert 8 <= restored < total
+    assert EVERY <= restored < total
 
-    mixture_config.total_steps = total
-    reference = _host(train.train_and_evaluate(mixture_config, str(tmp_path / "reference")))
-    state, step = _restore(workdir)
+    state, step = restore_run(workdir)
     assert step == total
-    chex.assert_trees_all_equal(_host(state), reference)
+    chex.assert_trees_all_equal(state, reference)
 
     # The final grid was written, and the sampling command reads the run back.
     assert (workdir / "samples" / f"step_{total:08d}.png").exists()
