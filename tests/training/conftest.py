@@ -1,4 +1,5 @@
-"""Shared pieces for the training-system tests: a tiny Flax model with logical axis names, configs."""
+"""Shared pieces for the training-system tests: a tiny Flax model with logical axis names, configs, a
+locally built tfds dataset, helpers to run the CLI and to interfere with the input pipeline."""
 
 import os
 import pathlib
@@ -8,14 +9,16 @@ import sys
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # Experiment files import `experiments.common`, as under `python -m diffax.main` run from the repo root.
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from diffax import checkpoint, sharding, train_state  # noqa: E402
+from diffax import checkpoint, data, sharding, train_state  # noqa: E402
 from diffax import config as config_lib  # noqa: E402
 from experiments import mixture  # noqa: E402
 
@@ -36,6 +39,53 @@ class TinyNet(nn.Module):
         temb = nn.Dense(self.features, kernel_init=_init(("embed", "mlp")))(t.reshape(-1, 1))
         h = nn.silu(h + temb.reshape(-1, 1, 1, self.features))
         return nn.Conv(x.shape[-1], (3, 3), kernel_init=_init((None, None, "conv_in", "conv_out")))(h)
+
+
+class DiffaxTestSquares(tfds.core.GeneratorBasedBuilder):
+    """A 48-example image dataset built locally: 12×10 RGB images whose pixels encode their index."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(12, 10, 3)),
+                    "label": tfds.features.ClassLabel(num_classes=4),
+                }
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(48):
+            image = np.full((12, 10, 3), i * 5, np.uint8)
+            image[:, 0] = 255  # a bright left column shows flips
+            yield i, {"image": image, "label": i % 4}
+
+
+@pytest.fixture(scope="session")
+def squares_dir(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    DiffaxTestSquares(data_dir=data_dir).download_and_prepare()
+    return data_dir
+
+
+def patch_pipeline(monkeypatch, hook):
+    """Makes every input pipeline pass each local batch through ``hook(step, batch) -> batch``."""
+    make_pipeline = data.make_pipeline
+
+    def patched(*args, **kwargs):
+        pipeline = make_pipeline(*args, **kwargs)
+        get = pipeline.get
+        pipeline.get = lambda step: hook(step, get(step))
+        return pipeline
+
+    monkeypatch.setattr(data, "make_pipeline", patched)
 
 
 @pytest.fixture

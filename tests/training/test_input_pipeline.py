@@ -5,7 +5,6 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from diffax import data, sharding
 from diffax.config import base_config
@@ -74,40 +73,6 @@ def test_mixture_pipeline_matches_its_density():
     np.testing.assert_allclose(residual.var(), 0.04, rtol=0.05)
     counts = np.bincount(batch["label"], minlength=cfg.mixture_components)
     np.testing.assert_allclose(counts / 4096, 0.25, atol=5 * np.sqrt(0.25 * 0.75 / 4096))
-
-
-class DiffaxTestSquares(tfds.core.GeneratorBasedBuilder):
-    """A 48-example image dataset built locally: 12×10 RGB images whose pixels encode their index."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(12, 10, 3)),
-                    "label": tfds.features.ClassLabel(num_classes=4),
-                }
-            ),
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-        for i in range(48):
-            image = np.full((12, 10, 3), i * 5, np.uint8)
-            image[:, 0] = 255  # a bright left column shows flips
-            yield i, {"image": image, "label": i % 4}
-
-
-@pytest.fixture(scope="module")
-def squares_dir(tmp_path_factory):
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    DiffaxTestSquares(data_dir=data_dir).download_and_prepare()
-    return data_dir
 
 
 def _tfds_config(data_dir, **overrides):

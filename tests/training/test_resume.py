@@ -1,6 +1,7 @@
 """Interrupted runs continue to exactly the parameters of an uninterrupted run: SIGTERM (a final save,
 clean exit) and SIGKILL between saves (back to the newest complete checkpoint); plus sampling a run."""
 
+import glob
 import os
 import re
 import signal
@@ -12,9 +13,9 @@ import chex
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, main_command, restore_run, subprocess_env
+from conftest import REPO, main_command, patch_pipeline, restore_run, subprocess_env
 
-from diffax import data, train
+from diffax import train
 from experiments import mixture
 
 TOTAL = 160  # long enough that a kill after the first checkpoint lands mid-run
@@ -26,30 +27,21 @@ def reference(tmp_path_factory):
     """The uninterrupted run's final state."""
     config = mixture.get_config()
     config.total_steps = TOTAL
-    config.ckpt.every_steps = EVERY
+    config.ckpt.every_steps = config.log.every_steps = EVERY
     return jax.device_get(train.train_and_evaluate(config, str(tmp_path_factory.mktemp("reference"))))
 
 
 def test_sigterm_saves_stops_and_resumes_identically(mixture_config, reference, tmp_path, monkeypatch):
     mixture_config.total_steps = TOTAL
-    mixture_config.ckpt.every_steps = EVERY
+    mixture_config.ckpt.every_steps = mixture_config.log.every_steps = EVERY
 
-    make_pipeline = data.make_pipeline
-
-    def interrupted_pipeline(*args, **kwargs):
-        pipeline = make_pipeline(*args, **kwargs)
-        get = pipeline.get
-
-        def get_and_signal(step):
-            if step == 5:  # SIGTERM arrives while step 5 runs: it completes, is saved, the run stops
-                os.kill(os.getpid(), signal.SIGTERM)
-            return get(step)
-
-        pipeline.get = get_and_signal
-        return pipeline
+    def signal_at_step_5(step, batch):
+        if step == 5:  # SIGTERM arrives while step 5 runs: it completes, is saved, the run stops
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
 
     workdir = str(tmp_path / "interrupted")
-    monkeypatch.setattr(data, "make_pipeline", interrupted_pipeline)
+    patch_pipeline(monkeypatch, signal_at_step_5)
     stopped = train.train_and_evaluate(mixture_config, workdir)
     assert int(stopped.step) == 6
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["6"]
@@ -57,6 +49,38 @@ def test_sigterm_saves_stops_and_resumes_identically(mixture_config, reference, 
     resumed = jax.device_get(train.train_and_evaluate(mixture_config, workdir))
     assert int(resumed.step) == TOTAL
     chex.assert_trees_all_equal(resumed, reference)
+    assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))  # TensorBoard scalars
+
+
+def test_tfds_run_resumes_with_its_input_position(mixture_config, squares_dir, tmp_path):
+    mixture_config.input.update(
+        dict(
+            dataset="diffax_test_squares",
+            data_dir=squares_dir,
+            image_size=8,
+            channels=3,
+            shuffle_buffer=16,
+            random_flip=True,
+        )
+    )
+    mixture_config.total_steps = 9  # 6 batches per epoch: the resumed part crosses an epoch
+    uninterrupted = jax.device_get(train.train_and_evaluate(mixture_config, str(tmp_path / "whole")))
+    workdir = str(tmp_path / "split")
+    mixture_config.total_steps = 4
+    train.train_and_evaluate(mixture_config, workdir)
+    assert os.path.exists(os.path.join(workdir, "data_state", "process_0", "step_4.index"))
+    mixture_config.total_steps = 9
+    resumed = jax.device_get(train.train_and_evaluate(mixture_config, workdir))
+    chex.assert_trees_all_equal(resumed, uninterrupted)
+
+
+def test_non_finite_loss_stops_naming_the_step(mixture_config, tmp_path, monkeypatch):
+    patch_pipeline(
+        monkeypatch, lambda step, batch: dict(batch, image=batch["image"] * np.nan) if step == 2 else batch
+    )
+    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 3;"):
+        train.train_and_evaluate(mixture_config, str(tmp_path))
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "4"))  # nothing non-finite is saved
 
 
 @pytest.mark.slow
@@ -65,7 +89,7 @@ def test_sigkill_between_saves_then_restart_equals_uninterrupted(reference, tmp_
     overrides = [
         f"--config.total_steps={total}",
         f"--config.ckpt.every_steps={EVERY}",
-        "--config.log.every_steps=20",
+        f"--config.log.every_steps={EVERY}",
         f"--config.log.sample_every_steps={total}",
     ]
     workdir = tmp_path / "killed"
