@@ -7,7 +7,11 @@ Layout under the workdir::
 
 A save first records the input position (synchronously, small), then starts the Orbax save, so every
 complete Orbax step has its input position. Orbax writes into a temporary directory and renames it
-when complete, so an interrupted save is never listed and restore takes the newest complete step.
+when complete, so an interrupted save is never listed. Just before that rename every file of the step
+gets its SHA-256 in ``checkpoints/<step>/default/diffax_sha256.json`` (``diffax.integrity``); restore
+takes the newest step whose files still match, and a damaged newer one is reported and renamed to
+``<step>.damaged``. A save that cannot be written (disk full, no permission) raises
+:class:`CheckpointWriteError` naming the step, the reason and the checkpoints kept.
 """
 
 import logging as pylogging
@@ -19,7 +23,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
+from diffax import integrity
 from diffax.data import Pipeline
 
 
@@ -37,7 +43,7 @@ def _handler() -> ocp.PyTreeCheckpointHandler:
         (int, ocp.type_handlers.ScalarHandler()),
         (float, ocp.type_handlers.ScalarHandler()),
     )
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+    return integrity.DigestingHandler(type_handler_registry=registry)
 
 
 class Checkpointer:
@@ -60,6 +66,7 @@ class Checkpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handler())
+        self._in_flight: int | None = None  # the step of a background save not yet waited for
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or ``None``."""
@@ -77,8 +84,14 @@ class Checkpointer:
         """
         if step in self._manager.all_steps() or not (force or self.should_save(step)):
             return False
-        pipeline.save(self.data_directory, step, keep=self.keep + 1)
-        return self._manager.save(step, args=ocp.args.PyTreeSave(state), force=True)
+        self.wait()  # a background save that failed is reported before the next one starts
+        try:
+            pipeline.save(self.data_directory, step, keep=self.keep + 1)
+            started = self._manager.save(step, args=integrity.SealedSave(state), force=True)
+        except Exception as e:  # Orbax/TensorStore wrap OS errors in several types
+            raise self._write_error(step, e) from e
+        self._in_flight = step
+        return started
 
     def restore(self, step: int, abstract_state: Any, pipeline: Pipeline | None) -> Any:
         """Restores the state of ``step`` into the shardings of ``abstract_state`` and repositions the input.
@@ -90,24 +103,111 @@ class Checkpointer:
         """
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
         state = self._manager.restore(
-            step, args=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args)
+            step, args=integrity.SealedRestore(abstract_state, restore_args=restore_args)
         )
         if pipeline is not None:
             pipeline.restore(self.data_directory, step)
         return state
 
+    def restore_latest_intact(
+        self, abstract_state: Any, pipeline: Pipeline | None, *, set_aside: bool = True
+    ) -> tuple[Any, int | None]:
+        """Restores the newest checkpoint whose files match their digests (see ``diffax.integrity``).
+
+        A damaged newer checkpoint (a file truncated, changed or missing, or its input position
+        unreadable) gets one error line naming the step and the problem and, with ``set_aside``, is
+        renamed to ``<step>.damaged`` (nothing is deleted) so that the run saves that step again.
+
+        Args:
+          abstract_state: the restore target, as for :meth:`restore`.
+          pipeline: the input pipeline to reposition, or ``None``.
+          set_aside: rename damaged checkpoints; ``False`` for readers of a run that may be training.
+
+        Returns:
+          ``(state, step)``, or ``(None, None)`` when no intact checkpoint exists.
+        """
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            item = os.path.join(self.directory, str(step), ocp.checkpoint_manager.DEFAULT_ITEM_NAME)
+            problem = _any_process(integrity.verify(item) if jax.process_index() == 0 else None)
+            if problem is None:
+                state = self.restore(step, abstract_state, None)
+                problem = _any_process(self._restore_input(step, pipeline))
+                if problem is None:
+                    return state, step
+            self._report_damage(step, problem, set_aside=set_aside)
+        return None, None
+
+    def _restore_input(self, step: int, pipeline: Pipeline | None) -> str | None:
+        """Repositions ``pipeline`` at ``step``; the problem when its saved position is unreadable."""
+        if pipeline is None:
+            return None
+        try:
+            pipeline.restore(self.data_directory, step)
+        except Exception as e:  # tf.errors.*, FileNotFoundError, ...
+            return f"its input position in {self.data_directory} is unreadable ({integrity.describe(e)})"
+        return None
+
+    def _report_damage(self, step: int, problem: str, *, set_aside: bool) -> None:
+        path = os.path.join(self.directory, str(step))
+        action = "skipping it"
+        if set_aside:
+            if jax.process_index() == 0:
+                action = f"moved it to {integrity.set_aside(path)} (nothing deleted)"
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices(f"diffax_set_aside_{step}")
+            self._manager.reload()
+        if jax.process_index() == 0:
+            logging.error(
+                "checkpoint step %d at %s is damaged: %s; %s, trying the step before.",
+                step,
+                path,
+                problem,
+                action,
+            )
+
+    def _write_error(self, step: int | None, error: Exception) -> "CheckpointWriteError":
+        kept = [s for s in self._manager.all_steps() if s != step]
+        resume = "rerun the same command" + (f" to continue from step {max(kept)}" if kept else "")
+        return CheckpointWriteError(
+            f"checkpoint of step {step} could not be written to {self.directory}"
+            f" ({integrity.describe(error)}); complete checkpoints kept: {kept or 'none'}."
+            f" Free space or make the directory writable, then {resume}."
+        )
+
     def wait(self) -> None:
-        """Blocks until background saves are on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until background saves are on disk.
+
+        Raises:
+          CheckpointWriteError: when the background save failed (disk full, directory not writable).
+        """
+        step, self._in_flight = self._in_flight, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_error(step, e) from e
 
     def close(self) -> None:
-        """Waits for saves and releases the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for saves (raising like :meth:`wait`) and releases the manager."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message names the step, the reason and what is kept."""
+
+
+def _any_process(problem: str | None) -> str | None:
+    """``problem`` on this process, or a note when another process found one (all processes agree)."""
+    if jax.process_count() == 1:
+        return problem
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(problem is not None)))
+    return problem or (f"a problem found by process {int(np.argmax(flags))}" if flags.any() else None)
 
 
 def restore_latest(workdir: str, config: Any, parts: Any, *, mesh: jax.sharding.Mesh) -> tuple[Any, int]:
-    """The newest complete checkpoint of a run as a ``TrainState`` replicated on ``mesh``.
+    """The newest complete, intact checkpoint of a run as a ``TrainState`` replicated on ``mesh``.
 
     Args:
       workdir: the run directory.
@@ -124,13 +224,12 @@ def restore_latest(workdir: str, config: Any, parts: Any, *, mesh: jax.sharding.
     from diffax import sharding, train_state
 
     ckpt = Checkpointer(workdir, every_steps=config.ckpt.every_steps, keep=config.ckpt.keep, async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"--workdir={workdir}: no complete checkpoint in {ckpt.directory}.")
     abstract = nn.meta.unbox(jax.eval_shape(train_state.state_initializer(config, parts)))
     target = abstract_with_shardings(abstract, jax.tree.map(lambda _: sharding.replicated(mesh), abstract))
-    state = ckpt.restore(step, target, None)
+    state, step = ckpt.restore_latest_intact(target, None, set_aside=False)  # the run may be training
     ckpt.close()
+    if step is None:
+        raise FileNotFoundError(f"--workdir={workdir}: no complete, intact checkpoint in {ckpt.directory}.")
     return state, step
 
 

@@ -50,7 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.process = ml_collections.ConfigDict(dict(name="linear"))
     c.model = ml_collections.ConfigDict(dict(name="unet_ddpm_cifar10"))
-    c.loss = ml_collections.ConfigDict(dict(name="simple", prediction="eps"))
+    c.loss = ml_collections.ConfigDict(
+        dict(name="simple", prediction="eps", weighting="uniform", min_snr_gamma=5.0, learned_variance=False)
+    )
     c.sampler = ml_collections.ConfigDict(
         dict(
             name="ddim",
@@ -94,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
             min_lr_ratio=0.0,
             grad_clip=1.0,  # global-norm clipping; 0 turns it off
             accum_steps=1,  # gradient accumulation: microbatches per step
+            skip_nonfinite=False,  # skip (and count) updates with a non-finite loss/gradient, not stop
         )
     )
     c.ema = ml_collections.ConfigDict(dict(decays=(0.9999,), warmup=False))
@@ -195,7 +198,8 @@ def sampler_kwargs(sampler_config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {k: v for k, v in sampler_config.to_dict().items() if k not in fixed}
 
 
-def _check_sampler(config: ml_collections.ConfigDict) -> None:
+def check_sampler(config: ml_collections.ConfigDict) -> None:
+    """Checks ``config.sampler`` (name, steps, options, guidance); raises :class:`ConfigError`."""
     import diffax.samplers as samplers  # the sampler registry
 
     s = config.sampler
@@ -211,10 +215,15 @@ def _check_sampler(config: ml_collections.ConfigDict) -> None:
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes ``workdir/config.json`` (from process 0): everything the run needs is in it."""
+    """Writes ``workdir/config.json`` (from process 0): everything the run needs is in it.
+
+    The file is written beside and renamed into place, so a run killed meanwhile leaves the old one.
+    """
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".partial", "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        os.replace(path + ".partial", path)
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:
@@ -300,7 +309,7 @@ def validate(
             schedule, lambda *a: a[1], loss=config.loss.name, **registry_kwargs(config.loss)
         ),
     )
-    _check_sampler(config)
+    check_sampler(config)
 
     devices = jax.devices() if devices is None else devices
     mesh = _check("config.mesh", lambda: sharding.make_mesh(config.mesh, devices=devices))

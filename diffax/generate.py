@@ -214,7 +214,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.steps is not None:
         config.sampler.steps = FLAGS.steps
     try:
-        config_lib.validate(config)
+        config_lib.check_sampler(config)
     except config_lib.ConfigError as e:
         raise app.UsageError(str(e)) from None
     parts = train_state.build(config)

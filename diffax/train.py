@@ -1,7 +1,8 @@
 """The training loop: config → mesh → data → model/optimizer → sharded state → restore → step → hooks.
 
 Read top to bottom, :func:`train_and_evaluate` is the whole run. Restart order: the newest complete
-checkpoint (Orbax) gives the state and its step ``s``; the input pipeline is put back at ``s``
+checkpoint (Orbax) whose files match their digests gives the state and its step ``s`` (a damaged newer
+one is reported and set aside, see ``diffax.checkpoint``); the input pipeline is put back at ``s``
 (step-derived sources need nothing, tfds restores its iterator); the loop continues with the batch of
 step ``s``. The result equals an uninterrupted run's, bit for bit on the same devices.
 """
@@ -18,7 +19,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffax import checkpoint, data, generate, sharding, train_state
+from diffax import checkpoint, data, generate, nonfinite, sharding, train_state
 from diffax import config as config_lib
 
 
@@ -56,10 +57,12 @@ def _report(
     stacked: dict[str, np.ndarray], done: int, total: int, steps: int, seconds: float, *, batch_size: int
 ) -> dict[str, float]:
     """Scalars for TensorBoard over a window of ``steps`` steps, and the console progress line."""
-    scalars = {k: float(np.mean(v)) for k, v in stacked.items()}
+    scalars = nonfinite.window_means(stacked)  # over the updates applied; "skipped" is a count
     scalars["lr"] = float(stacked["lr"][-1])
     line = f"step {done}/{total} ({100.0 * done / total:.0f}%) | loss {scalars['loss']:.4f}"
     line += f" | grad norm {scalars['grad_norm']:.3f}"
+    if scalars.get("skipped"):
+        line += f" | skipped {scalars['skipped']:.0f} non-finite updates"
     if steps > 0:
         rate = steps / max(seconds, 1e-9)
         scalars |= {"steps_per_sec": rate, "images_per_sec": rate * batch_size}
@@ -69,7 +72,7 @@ def _report(
 
 
 class _MetricWindow:
-    """Per-step metrics since the last report, fetched (and checked for non-finite loss) on demand."""
+    """Per-step metrics since the last report, fetched (and checked for non-finite values) on demand."""
 
     def __init__(self, first_step: int):
         self.first_step = first_step
@@ -84,13 +87,7 @@ class _MetricWindow:
             return {}
         host = jax.device_get(self.metrics)
         stacked = {k: np.stack([m[k] for m in host]) for k in host[0]}
-        bad = np.flatnonzero(~np.isfinite(stacked["loss"]))
-        if bad.size:
-            step = self.first_step + int(bad[0]) + 1
-            raise FloatingPointError(
-                f"non-finite loss {stacked['loss'][bad[0]]} at step {step}; the last checkpoint before it is"
-                " intact. Lower config.optim.lr or enable config.optim.grad_clip."
-            )
+        nonfinite.check(stacked, first_step=self.first_step)  # non-finite loss or gradient, not skipped
         self.first_step += len(host)
         self.metrics = []
         return stacked
@@ -152,7 +149,10 @@ def train_and_evaluate(
 
     Raises:
       diffax.config.ConfigError: for an invalid config or workdir, before anything compiles.
-      FloatingPointError: for a non-finite loss, naming the step.
+      FloatingPointError: for a non-finite loss or gradient, naming the step (unless
+        ``config.optim.skip_nonfinite``, see ``diffax.nonfinite``).
+      diffax.checkpoint.CheckpointWriteError: when a checkpoint cannot be written (disk full, no
+        permission), naming the step; the earlier checkpoints stay intact.
     """
     # Everything that can be wrong with the config fails here, in one line, before compiling.
     config_lib.validate(config, workdir=workdir, devices=devices)
@@ -179,24 +179,26 @@ def train_and_evaluate(
     ckpt = checkpoint.Checkpointer(
         workdir, every_steps=config.ckpt.every_steps, keep=config.ckpt.keep, async_save=config.ckpt.async_save
     )
-    latest = ckpt.latest_step()
+    target = checkpoint.abstract_with_shardings(nn.meta.unbox(abstract), state_shardings)
+    state, latest = ckpt.restore_latest_intact(target, pipeline)  # damaged newer ones are set aside
     if latest is None:
         state = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=state_shardings)()
         logging.info("initialised %d parameters", sum(x.size for x in jax.tree.leaves(state.params)))
     else:
-        target = checkpoint.abstract_with_shardings(nn.meta.unbox(abstract), state_shardings)
-        state = ckpt.restore(latest, target, pipeline)
         logging.info("restored step %d from %s", latest, ckpt.directory)
 
+    train_step = train_state.make_train_step(
+        parts.loss_fn,
+        parts.tx,
+        parts.lr_schedule,
+        ema_decays=config.ema.decays,
+        ema_warmup=config.ema.warmup,
+        accum_steps=config.optim.accum_steps,
+    )
+    if config.optim.skip_nonfinite:
+        train_step = nonfinite.skip_nonfinite_updates(train_step)
     step_fn = jax.jit(
-        train_state.make_train_step(
-            parts.loss_fn,
-            parts.tx,
-            parts.lr_schedule,
-            ema_decays=config.ema.decays,
-            ema_warmup=config.ema.warmup,
-            accum_steps=config.optim.accum_steps,
-        ),
+        train_step,
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,

@@ -17,7 +17,7 @@ def get_config(arg=None):
     config.total_steps = 800_000
     config.process.name = "linear"
     config.process.num_timesteps = 1000
-    config.model.name = "unet_ddpm_cifar10"
+    config.model = common.model("unet_ddpm_cifar10")
     config.loss.name = "simple"
     config.loss.prediction = "eps"
     config.sampler.name = "ddim"
@@ -34,5 +34,5 @@ def get_config(arg=None):
     config.log.sample_every_steps = 10_000
     if arg == "runlocal":
         common.runlocal(config)
-        config.model = common.cpu_unet(name="unet_ddpm_cifar10", attention_resolutions=(8,))
+        config.model = common.cpu_unet(attention_resolutions=(8,))
     return config

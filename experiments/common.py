@@ -2,16 +2,24 @@
 
 import ml_collections
 
+from diffax import models
 from diffax.config import base_config
 
 
-def cpu_unet(**overrides) -> ml_collections.ConfigDict:
-    """A small DDPM-style U-Net (the ``unet_ddpm_cifar10`` preset, shrunk) that trains on a laptop CPU.
+def model(name: str, **overrides) -> ml_collections.ConfigDict:
+    """The ``config.model`` section of a ``diffax.models`` preset, its fields spelled out.
+
+    Listing the preset's fields lets ``--config.model.<field>=...`` override any of them.
+    """
+    return ml_collections.ConfigDict(dict(name=name) | dict(models.PRESETS[name][1]) | overrides)
+
+
+def cpu_unet(preset: str = "unet_ddpm_cifar10", **overrides) -> ml_collections.ConfigDict:
+    """A small U-Net (a U-Net preset, shrunk) that trains on a laptop CPU.
 
     It uses the CPU-tuned attention and GroupNorm implementations of ``diffax.models``.
     """
-    model = dict(
-        name="unet_ddpm_cifar10",
+    small = dict(
         base_channels=32,
         channel_mult=(1, 2, 2),
         num_res_blocks=1,
@@ -22,7 +30,7 @@ def cpu_unet(**overrides) -> ml_collections.ConfigDict:
         attention_impl="cpu",
         norm_impl="cpu",
     )
-    return ml_collections.ConfigDict(model | overrides)
+    return model(preset, **(small | overrides))
 
 
 def tfds_images(
@@ -51,4 +59,4 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-__all__ = ["base_config", "cpu_unet", "runlocal", "tfds_images"]
+__all__ = ["base_config", "cpu_unet", "model", "runlocal", "tfds_images"]

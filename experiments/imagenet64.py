@@ -19,7 +19,7 @@ def get_config(arg=None):
     config.total_steps = 540_000
     config.process.name = "cosine"
     config.process.num_timesteps = 1000
-    config.model.name = "unet_adm_imagenet64"
+    config.model = common.model("unet_adm_imagenet64")
     config.model.label_dropout = 0.1
     config.loss.name = "hybrid"
     config.loss.prediction = "eps"
@@ -46,14 +46,9 @@ def get_config(arg=None):
         common.runlocal(config)
         config.mesh.fsdp = 1
         config.input.image_size = 16
+        # The ADM preset's class conditioning, learned variance, scale-shift norm and resampling blocks
+        # stay; widths, depth and attention shrink.
         config.model = common.cpu_unet(
-            name="unet_adm_imagenet64",
-            attention_resolutions=(8,),
-            head_channels=None,
-            num_classes=1000,
-            label_dropout=0.1,
-            learned_variance=True,
-            time_injection="scale_shift",
-            resblock_updown=True,
+            "unet_adm_imagenet64", attention_resolutions=(8,), head_channels=None, label_dropout=0.1
         )
     return config
