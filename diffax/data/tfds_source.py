@@ -3,10 +3,13 @@
 Each process reads its own slice of the split (``tfds.split_for_jax_process``), shuffles encoded
 records, decodes, center-crops and resizes to a square uint8 image, and batches. The tf.data iterator
 is checkpointed per process (``tf.train.Checkpoint``), so a restarted run sees exactly the examples an
-uninterrupted one would have.
+uninterrupted one would have. An example that cannot be decoded stops the run with a ``ValueError``
+naming its tfds id (``<file>__<index>``).
 """
 
+import functools
 import glob
+import itertools
 import os
 
 import numpy as np
@@ -23,6 +26,24 @@ def _preprocess(image: tf.Tensor, *, image_size: int) -> tf.Tensor:
         return image
     resized = tf.image.resize(image, (image_size, image_size), method="area", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+def _first_bad_record(builder, split, example_fn) -> str | None:
+    """The tfds id (``<file>__<index>``) of the first example of ``split`` that ``example_fn`` fails on.
+
+    The examples are read twice in file order: all ids, and the ids of the examples that decode
+    (``ignore_errors`` drops the others); the first id missing from the second list is the bad one.
+    """
+    read_config = tfds.ReadConfig(add_tfds_id=True, try_autocache=False)
+    decoders = {"image": tfds.decode.SkipDecoding()}
+    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config, decoders=decoders)
+    ids = ds.map(lambda example: example["tfds_id"])
+    decoded = ds.map(lambda example: (example["tfds_id"], example_fn(example)["image"]))
+    good = decoded.ignore_errors().map(lambda tfds_id, image: tfds_id)
+    for tfds_id, good_id in itertools.zip_longest(ids.as_numpy_iterator(), good.as_numpy_iterator()):
+        if tfds_id != good_id:
+            return tfds_id.decode()
+    return None
 
 
 class TfdsPipeline:
@@ -80,6 +101,8 @@ class TfdsPipeline:
                 out["label"] = tf.cast(example["label"], tf.int32)
             return out
 
+        self._find_bad_record = functools.partial(_first_bad_record, builder, process_split, example_fn)
+        self._name = f"{name}/{split}"
         ds = ds.repeat().shuffle(shuffle_buffer, seed=process_seed, reshuffle_each_iteration=True)
         ds = ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(local_batch, drop_remainder=True).prefetch(prefetch)
@@ -92,8 +115,19 @@ class TfdsPipeline:
         """Returns the uint8 local batch for ``step``; steps must be read in order from the restored one."""
         if step != self._next_step:
             raise ValueError(f"step={step}: the tfds pipeline is positioned at step {self._next_step}.")
+        try:
+            batch = next(self._iterator)
+        except tf.errors.InvalidArgumentError as e:  # an undecodable or malformed example
+            record = self._find_bad_record()
+            if record is None:
+                raise
+            reason = e.message.strip().splitlines()[-1][:200]
+            raise ValueError(
+                f"config.input.dataset: record {record} of {self._name} cannot be decoded ({reason});"
+                " fix or remove it and prepare the dataset again."
+            ) from None
         self._next_step += 1
-        return {k: v.numpy() for k, v in next(self._iterator).items()}
+        return {k: v.numpy() for k, v in batch.items()}
 
     def _path(self, directory: str, step: int) -> str:
         return os.path.join(directory, f"process_{self._process_index}", f"step_{step}")
