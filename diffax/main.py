@@ -49,19 +49,27 @@ def _initialize_distributed() -> None:
         jax.distributed.initialize()  # the cluster (TPU metadata, SLURM variables) gives the rest
 
 
+def _no_such_field(argv: list[str], suffix: str, hint: str | None) -> SystemExit:
+    """The one-line error for ``--config.<...><suffix>=...`` overrides that name no field."""
+    overrides = [a for a in argv if a.startswith("--config.")]
+    culprit = [a for a in overrides if a.split("=", 1)[0].endswith(suffix)] or overrides
+    message = f"diffax: invalid config override {' '.join(culprit)}: no such field"
+    return SystemExit(message + (f" ({hint})" if hint else ""))
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """Parses the flags; a ``--config.<field>`` override naming no field stops with one line."""
     try:
         return FLAGS(argv)
-    except flags.Error as e:
+    except flags.Error as e:  # the override flags of a locked config are checked as flags...
+        unknown = re.search(r"Unknown command line flag '(config\.[\w.]+)'", str(e))
+        if unknown:
+            raise _no_such_field(argv, unknown.group(1), None) from None
         raise SystemExit(f"diffax: {e}") from None
-    except (AttributeError, KeyError) as e:
-        key = re.search(r"\w+", str(e)).group(0)
-        overrides = [a for a in argv if a.startswith("--config.")]
-        culprit = [a for a in overrides if a.split("=", 1)[0].endswith(f".{key}")] or overrides
+    except (AttributeError, KeyError) as e:  # ...or, when absl defers them, while applying them
         hint = re.search(r"Did you mean [^?]*\?", str(e))
-        message = f"diffax: invalid config override {' '.join(culprit)}: no such field"
-        raise SystemExit(message + (f" ({hint.group(0)})" if hint else "")) from None
+        key = re.search(r"\w+", str(e)).group(0)
+        raise _no_such_field(argv, f".{key}", hint.group(0) if hint else None) from None
 
 
 def main(argv: list[str]) -> None:

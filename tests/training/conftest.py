@@ -42,7 +42,7 @@ class TinyNet(nn.Module):
 
 
 class DiffaxTestSquares(tfds.core.GeneratorBasedBuilder):
-    """A 48-example image dataset built locally: 12×10 RGB images whose pixels encode their index."""
+    """A 48-example image dataset built locally: 12×10 grayscale images whose pixels encode their index."""
 
     VERSION = tfds.core.Version("1.0.0")
 
@@ -51,7 +51,7 @@ class DiffaxTestSquares(tfds.core.GeneratorBasedBuilder):
             builder=self,
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Image(shape=(12, 10, 3)),
+                    "image": tfds.features.Image(shape=(12, 10, 1)),
                     "label": tfds.features.ClassLabel(num_classes=4),
                 }
             ),
@@ -63,7 +63,7 @@ class DiffaxTestSquares(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self):
         for i in range(48):
-            image = np.full((12, 10, 3), i * 5, np.uint8)
+            image = np.full((12, 10, 1), i * 5, np.uint8)
             image[:, 0] = 255  # a bright left column shows flips
             yield i, {"image": image, "label": i % 4}
 

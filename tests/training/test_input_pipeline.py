@@ -82,7 +82,7 @@ def _tfds_config(data_dir, **overrides):
             dataset="diffax_test_squares",
             data_dir=data_dir,
             image_size=4,
-            channels=3,
+            channels=1,
             labels=True,
             batch_size=8,
             shuffle_buffer=16,
@@ -99,7 +99,7 @@ def test_tfds_pipeline_reads_crops_and_splits_processes(squares_dir):
     for i, pipe in enumerate(first):
         for step in range(3):  # 3 batches of 4 = 12 of each process's 24 examples
             batch = pipe.get(step)
-            chex.assert_shape(batch["image"], (4, 4, 4, 3))
+            chex.assert_shape(batch["image"], (4, 4, 4, 1))
             # Center crop 10×10 then area-resize to 4×4: interior pixels keep the example's value.
             value = np.round((batch["image"][..., 0] + 1) * 127.5).astype(int)
             index = value[:, 0, 1] // 5

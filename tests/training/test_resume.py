@@ -58,7 +58,7 @@ def test_tfds_run_resumes_with_its_input_position(mixture_config, squares_dir, t
             dataset="diffax_test_squares",
             data_dir=squares_dir,
             image_size=8,
-            channels=3,
+            channels=1,
             shuffle_buffer=16,
             random_flip=True,
         )
