@@ -166,6 +166,7 @@ class Checkpointer:
             )
 
     def _write_error(self, step: int | None, error: Exception) -> "CheckpointWriteError":
+        self._manager.reload()  # the disk's steps: a failed save has not dropped the ones it would replace
         kept = [s for s in self._manager.all_steps() if s != step]
         resume = "rerun the same command" + (f" to continue from step {max(kept)}" if kept else "")
         return CheckpointWriteError(
