@@ -170,8 +170,8 @@ def _check_input(c: ml_collections.ConfigDict) -> None:
     _require(
         builder.is_prepared(),
         "config.input.dataset",
-        f"{c.dataset!r} is not prepared under data_dir={builder.data_dir_root!r}; diffax never downloads"
-        " at run time: run tfds.builder(name, data_dir=...).download_and_prepare() first.",
+        f"{c.dataset!r} is not prepared under data_dir={os.fspath(builder.data_dir_root)!r}; diffax never"
+        " downloads at run time: run tfds.builder(name, data_dir=...).download_and_prepare() first.",
     )
     _require(
         c.split in builder.info.splits,
