@@ -3,7 +3,7 @@
 A run of the tiny mixture experiment (``python -m diffax.main --config=experiments/mixture.py``) is
 interrupted again and again: SIGKILL the moment an asynchronous checkpoint write starts (its temporary
 directory appears while an earlier checkpoint is complete), SIGKILL at a random delay, SIGKILL just
-after a checkpoint is committed, or SIGTERM (preemption) at a random delay after the first step.
+after a checkpoint is committed, or SIGTERM (preemption) 1 to 3 steps after the restart.
 After each one the same command is rerun. The report gives, per save mode: interruptions tried, how
 many landed in the middle of a checkpoint write, restarts, clean exits after SIGTERM, whether each
 restart restored exactly the newest complete checkpoint on disk, the steps lost per kill (steps
@@ -157,17 +157,18 @@ def _kill_trigger(
     if mode == "after_save":
         complete_before = set(complete_steps(workdir))
         return lambda: bool(set(complete_steps(workdir)) - complete_before)
-    if mode in ("random", "sigterm"):
-        # SIGKILL: a delay from the restore (or initialisation) of the state; SIGTERM: from the first
-        # step done (before it the run is still compiling, with Python's default SIGTERM handling).
-        delay, deadline = rng.uniform(0.0, 2.0 if mode == "random" else 1.0), []
+    if mode == "random":  # a delay counted from the restore (or initialisation) of the state
+        delay, deadline = rng.uniform(0.0, 2.0), []
 
         def after_delay() -> bool:
-            if not deadline and (child.started.is_set() if mode == "random" else child.steps_done > 0):
+            if not deadline and child.started.is_set():
                 deadline.append(time.monotonic() + delay)
             return bool(deadline) and time.monotonic() >= deadline[0]
 
         return after_delay
+    if mode == "sigterm":  # 1 to 3 steps after the restore (before, Python's default handling is active)
+        steps = rng.randint(1, 3)
+        return lambda: child.started.is_set() and child.steps_done >= (child.restored or 0) + steps
     raise ValueError(f"mode={mode!r}: use one of {MODES}.")
 
 
@@ -311,7 +312,7 @@ def main() -> None:
             )
     print(
         f"\nmixture experiment, {args.total_steps} steps, a checkpoint every {args.every} steps; SIGKILL as a"
-        " checkpoint write starts / at a random delay / after a commit, SIGTERM at a random delay:\n"
+        " checkpoint write starts / at a random delay / after a commit, SIGTERM 1-3 steps after a restart:\n"
     )
     print(HEADER)
     print("\n".join(rows))
