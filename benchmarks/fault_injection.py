@@ -105,6 +105,7 @@ class _Child:
                 self.steps_done = int(progress.group(1))
             elif restored := _RESTORED.search(line):
                 self.restored = int(restored.group(1)) if restored.group(1) else None
+                self.steps_done = self.restored or 0  # done so far, counting those restored
                 self.started.set()
 
     def finish(self, timeout: float | None = None) -> int:
@@ -137,7 +138,7 @@ class Kill:
     """One SIGKILL and the restart after it."""
 
     mode: str  # one of MODES: SIGKILL at a checkpoint write / a random delay / a commit, or SIGTERM
-    steps_done: int  # steps the run had reported done when it was killed
+    steps_done: int  # steps the run had done (restored or reported) when it was killed
     newest_complete: int | None  # the newest complete checkpoint on disk after the kill
     interrupted_save: bool  # a checkpoint directory was left half-written
     exit_code: int  # -9 for SIGKILL; 0 expected after SIGTERM (a final save, then a clean exit)
@@ -206,12 +207,15 @@ def run_with_kills(
         child = _Child(workdir, overrides, env)
         trigger = _kill_trigger(mode, child, workdir, partial_before, rng) if mode else (lambda: False)
         deadline = time.monotonic() + timeout
-        while child.proc.poll() is None and not trigger():
-            if time.monotonic() > deadline:
-                child.proc.kill()
-                child.finish()
-                raise RuntimeError(f"run timed out:\n{''.join(child.tail)}")
-            time.sleep(0.001)
+        try:
+            while child.proc.poll() is None and not trigger():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"run timed out:\n{''.join(child.tail)}")
+                time.sleep(0.001)
+        except BaseException:  # a timeout or an interrupted harness leaves no run behind
+            child.proc.kill()
+            child.finish()
+            raise
         killed = child.proc.poll() is None
         if killed:
             child.proc.send_signal(signal.SIGTERM if mode == "sigterm" else signal.SIGKILL)
