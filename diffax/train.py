@@ -35,9 +35,13 @@ class _Preemption:
         logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping.")
         self.requested = True
 
-    def agreed(self) -> bool:
+    def agreed(self, step: int) -> bool:
+        """Whether to stop after ``step``. Several processes compare notes every 10 steps (a host
+        round trip), so they all stop after the same step."""
         if jax.process_count() == 1:
             return self.requested
+        if step % 10:
+            return False
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
     def restore_handler(self) -> None:
@@ -250,7 +254,7 @@ def train_and_evaluate(
             if config.log.eval_every_steps and (done % config.log.eval_every_steps == 0 or done == total):
                 writer.write_scalars(done, evaluate(state.sampling_params(), step=done))
 
-            if preemption.agreed():
+            if preemption.agreed(done):
                 window.check()
                 ckpt.save(done, state, pipeline, force=True)
                 logging.warning("preempted: saved step %d; rerun the same command to continue.", done)
