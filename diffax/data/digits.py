@@ -6,7 +6,6 @@ an upsampled image recovers the original exactly (what a digits metric at 8×8 r
 """
 
 import numpy as np
-from sklearn import datasets as sk_datasets
 
 SPLITS = ("train", "test", "all")
 NUM_CLASSES = 10
@@ -27,6 +26,8 @@ def load_digits(*, split: str = "train", upsample: int = 1) -> tuple[np.ndarray,
         raise ValueError(f"split={split!r} is not a digits split; use one of {SPLITS}.")
     if int(upsample) != upsample or upsample < 1:
         raise ValueError(f"upsample={upsample!r} must be a positive integer.")
+    from sklearn import datasets as sk_datasets  # imported on use: scikit-learn is slow to import
+
     bunch = sk_datasets.load_digits()
     order = np.random.default_rng(0).permutation(len(bunch.target))
     order = {"train": order[:_NUM_TRAIN], "test": order[_NUM_TRAIN:], "all": np.arange(len(order))}[split]
