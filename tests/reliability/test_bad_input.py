@@ -178,6 +178,8 @@ def test_the_table_covers_every_validation_in_the_config_module():
     named |= {row.field for row in ELSEWHERE}
     covered = {".".join(name.split(".")[:n]) for name in named for n in range(1, name.count(".") + 2)}
     assert fields <= covered, fields - covered
+    training = (REPO / "tests" / "training" / "test_config_validation.py").read_text()
+    assert all(f"def {row.expected}(" in training for row in ELSEWHERE)  # those tests still exist
 
 
 def test_an_undecodable_image_stops_the_input_naming_the_record(broken_dataset):
