@@ -1,0 +1,480 @@
+"""diffax against Hugging Face diffusers on the DDPM U-Net: speed, and closeness to the matmul peak.
+
+One measurement (the form outside code relies on; it mirrors the peer's runner):
+
+  python benchmarks/bench.py --config small --what train --batch 32 --repeats 5
+
+prints one JSON line with ``median_s`` (seconds per train step, per forward, or per whole sampling call),
+``images_per_s``, ``compile_s`` (first call, separately), the XLA-counted FLOPs, the achieved GFLOP/s and
+its fraction of the float32 matmul peak measured in the same run (numpy and XLA), the XLA flags and the
+layer implementations in force.
+
+The suite runs every task for both configs, alternating repetition by repetition with the peer
+(``../peer-venv``, ``../shared/peers/diffusers_bench.py``), prints a markdown table and writes it to
+``benchmarks/results/<date>.md``:
+
+  python benchmarks/bench.py --suite --eigen-conv
+
+The network is the peer's ``UNet2DModel`` layout exactly (same parameter count, checked): the
+``unet_ddpm_cifar10`` preset with 8-channel attention heads and GroupNorm eps 1e-5, as diffusers has.
+The work is the peer's: train = noise a fixed batch at random DDPM steps, MSE to the noise, backward,
+AdamW (lr 1e-4, weight decay 0.01, torch's defaults) with dropout 0.1 active; forward = one eval-mode
+call; sampling = ``diffax.sample`` with DPM-Solver++ 2M (20 steps, diffusers' "linspace" grid) or DDIM
+eta=0 (50 steps, diffusers' "leading" grid) on the linear schedule (1e-4 .. 0.02, 1000 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import diffax
+from diffax import models, perf, samplers
+from diffax.models import layers
+from diffax.train_state import TrainState, make_train_step
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PEER_PYTHON = ROOT.parent / "peer-venv" / "bin" / "python"
+PEER_RUNNER = ROOT.parent / "shared" / "peers" / "diffusers_bench.py"
+PEER_WORKER = pathlib.Path(__file__).resolve().with_name("peer_worker.py")
+
+# Overrides of the "unet_ddpm_cifar10" preset giving diffusers' UNet2DModel configs (diffusers_bench.py).
+CONFIGS: dict[str, dict[str, Any]] = {
+    "small": dict(base_channels=64, channel_mult=(1, 2, 2)),
+    "ddpm-cifar10": dict(base_channels=128, channel_mult=(1, 2, 2, 2)),
+}
+# diffusers' UNet2DModel defaults that differ from the DDPM paper's preset.
+PEER_LAYOUT = dict(head_channels=8, norm_eps=1e-5)
+TASKS = ("train", "forward", "sample-dpmpp20", "sample-ddim50")
+# task -> (sampler, steps, diffusers' default grid for that scheduler)
+SAMPLING = {"sample-dpmpp20": ("dpm_solver++_2m", 20, "linspace"), "sample-ddim50": ("ddim", 50, "leading")}
+# (task, batch) pairs of the suite.
+SUITE = (("train", 32), ("train", 16), ("forward", 16), ("sample-dpmpp20", 16), ("sample-ddim50", 16))
+IMPLS = ("auto", "xla", "cpu")
+
+
+@dataclasses.dataclass
+class Task:
+    """One unit of work, compiled and warmed up: ``run()`` does it once and blocks until it is done."""
+
+    run: Callable[[], None]
+    compile_s: float
+    flops: float  # per unit of work (one train step when a call runs several)
+    params: int
+    info: dict[str, Any]
+    steps_per_call: int = 1
+    executable: Any = None  # the compiled program (train and forward), for profiling
+
+
+def build_task(
+    config: str,
+    what: str,
+    batch: int,
+    *,
+    attention_impl: str = "auto",
+    norm_impl: str = "auto",
+    compute_dtype: str = "float32",
+    steps_per_call: int = 1,
+    compiler_options: dict[str, str] | None = None,
+    seed: int = 0,
+) -> Task:
+    """Builds, compiles (timed) and warms up one task; see the module docstring for the work."""
+    if what != "train" and steps_per_call != 1:
+        raise ValueError(f"--steps-per-call applies to train only; got {steps_per_call} for {what!r}.")
+    if what == "train" and compute_dtype != "float32":
+        raise ValueError("--compute-dtype bfloat16 is for forward and sampling; train runs in float32.")
+    net = models.get(
+        "unet_ddpm_cifar10",
+        **CONFIGS[config],
+        **PEER_LAYOUT,
+        attention_impl=attention_impl,
+        norm_impl=norm_impl,
+        dtype=compute_dtype,
+    )
+    schedule = diffax.schedules.get("linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+    key = jax.random.key(seed)
+    init_key, data_key, run_key = jax.random.split(key, 3)
+    x0 = jax.random.normal(data_key, (batch, 32, 32, 3))
+    params = jax.jit(lambda k: net.init(k, x0[:1], jnp.full((1,), 0.5), train=False)["params"])(init_key)
+    info = {
+        "attention_impl": layers.resolve_impl(attention_impl),
+        "norm_impl": layers.resolve_impl(norm_impl),
+        "compute_dtype": compute_dtype,
+    }
+
+    def forward(p, x, t):
+        return net.apply({"params": p}, x, t)
+
+    t_mid = jnp.full((batch,), 0.501)  # DDPM step 500, as the peer's forward
+    forward_flops = jax.jit(forward).lower(params, x0, t_mid).cost_analysis()["flops"]
+
+    if what == "train":
+
+        def apply_train(p, x, t, cond, k):
+            return net.apply({"params": p}, x, t, cond, train=True, rngs={"dropout": k})
+
+        tx = optax.adamw(1e-4, weight_decay=0.01)
+        step = make_train_step(
+            diffax.make_loss(schedule, apply_train), tx, optax.constant_schedule(1e-4), ema_decays=()
+        )
+        batch_data = {"image": x0}
+
+        def steps(state):
+            if steps_per_call == 1:
+                state, metrics = step(state, batch_data)
+                return state, metrics["loss"]
+            state, metrics = jax.lax.scan(lambda s, _: step(s, batch_data), state, length=steps_per_call)
+            return state, metrics["loss"][-1]
+
+        state = TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=(),
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(run_key),
+        )
+        flops = jax.jit(step).lower(state, batch_data).cost_analysis()["flops"]
+        compiled, compile_s = _compile(jax.jit(steps, donate_argnums=0), state, options=compiler_options)
+        holder = [state]
+
+        def run():
+            holder[0], loss = compiled(holder[0])
+            loss.block_until_ready()
+
+        run()
+        info["steps_per_call"] = steps_per_call
+        return Task(run, compile_s, flops, models.count_params(params), info, steps_per_call, compiled)
+
+    if what == "forward":
+        compiled, compile_s = _compile(jax.jit(forward), params, x0, t_mid, options=compiler_options)
+
+        def run():
+            compiled(params, x0, t_mid).block_until_ready()
+
+        run()
+        return Task(run, compile_s, forward_flops, models.count_params(params), info, executable=compiled)
+
+    if what not in SAMPLING:
+        raise ValueError(f"--what={what!r}; use one of {TASKS}.")
+    if compiler_options:
+        raise ValueError(
+            "--xla-option applies to train and forward (diffax.sample compiles its own program)."
+        )
+    sampler, num_steps, spacing = SAMPLING[what]
+    ts = samplers.timesteps(schedule, num_steps=num_steps, spacing=spacing)
+    model_fn = jax.tree_util.Partial(forward, params)
+    x_T = jax.random.normal(run_key, (batch, 32, 32, 3))
+
+    def run():
+        samplers.sample(model_fn, schedule, x_T, sampler=sampler, timesteps=ts).block_until_ready()
+
+    start = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - start
+    _, stats = samplers.sample(model_fn, schedule, x_T, sampler=sampler, timesteps=ts, return_info=True)
+    info.update(sampler=sampler, num_steps=num_steps, spacing=spacing, nfe=int(stats["nfe"]))
+    return Task(run, compile_s, forward_flops * info["nfe"], models.count_params(params), info)
+
+
+def _compile(fn, *args, options=None):
+    """AOT-compiles ``fn`` for ``args``; returns the executable and the seconds lowering + compiling took."""
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile(compiler_options=options)
+    return compiled, time.perf_counter() - start
+
+
+def matmul_peak(*, n: int = 2048, repeats: int = 7, gap_s: float = 0.05) -> dict[str, float]:
+    """Median float32 GFLOP/s of an n x n matmul in numpy and in XLA, measured alternately now."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    ja = jnp.asarray(a)
+    dot = jax.jit(jnp.dot).lower(ja, ja).compile()
+    runs = {"numpy": lambda: np.dot(a, a), "xla": lambda: dot(ja, ja).block_until_ready()}
+    times = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            time.sleep(gap_s)
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    gflops = {f"{name}_gflops": round(2 * n**3 / statistics.median(t) / 1e9, 1) for name, t in times.items()}
+    gflops["peak_gflops"] = max(gflops.values())
+    return gflops
+
+
+def time_once(task: Task) -> float:
+    """Seconds per unit of work (per train step when a call runs several) of one call of ``task.run``."""
+    start = time.perf_counter()
+    task.run()
+    return (time.perf_counter() - start) / task.steps_per_call
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def summary(task: Task, times: list[float], batch: int, peak: dict[str, float]) -> dict[str, Any]:
+    """The JSON record of one measured task."""
+    median = statistics.median(times)
+    achieved = task.flops / median / 1e9
+    return {
+        "median_s": round(median, 4),
+        "min_s": round(min(times), 4),
+        "images_per_s": round(batch / median, 3),
+        "compile_s": round(task.compile_s, 2),
+        "gflop": round(task.flops / 1e9, 2),
+        "gflops_per_s": round(achieved, 1),
+        "fraction_of_peak": round(achieved / peak["peak_gflops"], 3),
+        **peak,
+        "params": task.params,
+        "times_s": [round(t, 4) for t in times],
+        **task.info,
+    }
+
+
+def _task_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        attention_impl=args.attention_impl,
+        norm_impl=args.norm_impl,
+        compute_dtype=args.compute_dtype,
+        steps_per_call=args.steps_per_call,
+        compiler_options=dict(option.split("=", 1) for option in args.xla_option) or None,
+    )
+
+
+def _settings() -> dict[str, Any]:
+    return {
+        **perf.settings_in_force(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+    }
+
+
+def measure_one(args: argparse.Namespace) -> dict[str, Any]:
+    """The single-measurement mode: build, warm up, time ``repeats`` calls, measure the peak, report."""
+    task = build_task(args.config, args.what, args.batch, **_task_kwargs(args))
+    for _ in range(args.warmup):
+        task.run()
+    times = []
+    for _ in range(args.repeats):
+        time.sleep(args.gap)
+        times.append(time_once(task))
+    record = {"impl": "diffax", "config": args.config, "what": args.what, "batch": args.batch}
+    record.update(summary(task, times, args.batch, matmul_peak()))
+    record.update(_settings(), load_average=load_average())
+    return record
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Worker mode for the suite: build the task, say ready, then time one call per ``run`` line."""
+    task = build_task(args.config, args.what, args.batch, **_task_kwargs(args))
+    for _ in range(args.warmup):
+        task.run()
+    info = {"compile_s": task.compile_s, "flops": task.flops, "params": task.params, **task.info}
+    print(json.dumps({"ready": info}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print(json.dumps({"seconds": time_once(task)}), flush=True)
+
+
+class Worker:
+    """A benchmark process that times one repetition whenever asked (so two can alternate)."""
+
+    def __init__(self, command: list[str]):
+        self.proc = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        self.info = self._read()["ready"]
+
+    def _read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker {self.proc.args} exited with {self.proc.wait()}.")
+        return json.loads(line)
+
+    def time_once(self) -> float:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._read()["seconds"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _flag_args(args: argparse.Namespace) -> list[str]:
+    out = [
+        f"--attention-impl={args.attention_impl}",
+        f"--norm-impl={args.norm_impl}",
+        f"--compute-dtype={args.compute_dtype}",
+        f"--warmup={args.warmup}",
+    ]
+    return out + (["--eigen-conv"] if args.eigen_conv else [])
+
+
+def run_suite(args: argparse.Namespace) -> str:
+    """Every task on both configs, each repetition alternating with the peer; returns the markdown table."""
+    peer = PEER_PYTHON.exists() and PEER_RUNNER.exists() and not args.no_peer
+    peak_before = matmul_peak()
+    rows = []
+    for config in args.configs:
+        for what, batch in SUITE:
+            if what not in args.tasks:
+                continue
+            common = ["--config", config, "--what", what, "--batch", str(batch)]
+            steps = args.steps_per_call if what == "train" else 1
+            mine = Worker(
+                [sys.executable, __file__, "--serve", *common, *_flag_args(args), f"--steps-per-call={steps}"]
+            )
+            theirs = Worker([str(PEER_PYTHON), str(PEER_WORKER), str(PEER_RUNNER), *common]) if peer else None
+            if theirs is not None and theirs.info["params"] != mine.info["params"]:
+                raise RuntimeError(
+                    f"{config}: diffax has {mine.info['params']} parameters, peer {theirs.info['params']}."
+                )
+            times: dict[str, list[float]] = {"diffax": [], "peer": []}
+            loads = []
+            for r in range(args.repeats):
+                order = [("diffax", mine), ("peer", theirs)]
+                for name, worker in order[:: 1 if r % 2 == 0 else -1]:
+                    if worker is not None:
+                        time.sleep(args.gap)
+                        times[name].append(worker.time_once())
+                loads.append(load_average())
+            for worker in (mine, theirs):
+                if worker is not None:
+                    worker.close()
+            rows.append(_row(config, what, batch, mine.info, times, loads))
+            print(json.dumps(rows[-1]), flush=True)
+    peak_after = matmul_peak()
+    return _markdown(args, rows, peak_before, peak_after, peer)
+
+
+def _row(config, what, batch, info, times, loads) -> dict[str, Any]:
+    mine = statistics.median(times["diffax"])
+    row = {
+        "config": config,
+        "what": what,
+        "batch": batch,
+        "diffax_s": mine,
+        "diffax_min_s": min(times["diffax"]),
+        "compile_s": info["compile_s"],
+        "gflop": info["flops"] / 1e9,
+        "load": statistics.median(loads),
+        "diffax_times": times["diffax"],
+    }
+    if times["peer"]:
+        theirs = statistics.median(times["peer"])
+        row.update(
+            peer_s=theirs, peer_min_s=min(times["peer"]), ratio=theirs / mine, peer_times=times["peer"]
+        )
+    return row
+
+
+def _markdown(args, rows, peak_before, peak_after, peer) -> str:
+    peak = max(peak_before["peak_gflops"], peak_after["peak_gflops"])
+    settings = _settings()
+    lines = [
+        f"# diffax vs diffusers, {datetime.date.today().isoformat()}",
+        "",
+        f"Command: `python benchmarks/bench.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"Machine: {settings['cpu']}, {settings['cores']} cores; jax {settings['jax']} / jaxlib"
+        f" {settings['jaxlib']}; XLA_FLAGS: `{' '.join(settings['xla_flags']) or '(none)'}`; impls:"
+        f" attention={args.attention_impl}, norm={args.norm_impl}, compute dtype {args.compute_dtype}, train"
+        f" steps per call {args.steps_per_call}.",
+        f"float32 matmul peak (2048², median GFLOP/s) before: numpy {peak_before['numpy_gflops']}, XLA"
+        f" {peak_before['xla_gflops']}; after: numpy {peak_after['numpy_gflops']}, XLA"
+        f" {peak_after['xla_gflops']}; % peak below uses {peak}.",
+        f"Repetitions: {args.repeats} per side, alternating with the peer, {args.gap} s idle before each;"
+        " medians (min in parentheses). Speed ratio = peer time / diffax time (> 1: diffax faster).",
+        "",
+        "| config | task | batch | diffax s | peer s | speed ratio | diffax img/s | GFLOP (XLA) | GFLOP/s |"
+        " % peak | compile s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        achieved = r["gflop"] / r["diffax_s"]
+        peer_s = f"{r['peer_s']:.3f} ({r['peer_min_s']:.3f})" if "peer_s" in r else "-"
+        ratio = f"{r['ratio']:.2f}×" if "ratio" in r else "-"
+        lines.append(
+            f"| {r['config']} | {r['what']} | {r['batch']} | {r['diffax_s']:.3f} ({r['diffax_min_s']:.3f}) |"
+            f" {peer_s} | {ratio} | {r['batch'] / r['diffax_s']:.2f} | {r['gflop']:.1f} | {achieved:.0f} |"
+            f" {100 * achieved / peak:.0f}% | {r['compile_s']:.1f} | {r['load']:.1f} |"
+        )
+    if not peer:
+        lines.append("\nThe peer's virtualenv or runner was not found; diffax alone.")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    p.add_argument("--what", choices=TASKS, default="train")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--gap", type=float, default=0.5, help="idle seconds before each timed repetition")
+    p.add_argument("--attention-impl", choices=IMPLS, default="auto")
+    p.add_argument("--norm-impl", choices=IMPLS, default="auto")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--steps-per-call", type=int, default=1, help="train steps per jitted call (lax.scan)")
+    p.add_argument("--eigen-conv", action="store_true", help="diffax.perf setting eigen_conv (XLA flag)")
+    p.add_argument(
+        "--xla-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="XLA compile option for the train/forward program, e.g. "
+        "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+    )
+    p.add_argument("--suite", action="store_true", help="every task, both configs, alternating with the peer")
+    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS, reverse=True))
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS, help="suite: the tasks to run")
+    p.add_argument("--no-peer", action="store_true", help="suite without the peer")
+    p.add_argument("--out", type=pathlib.Path, help="suite: markdown file (default results/<date>.md)")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.repeats < 1 or args.steps_per_call < 1:
+        p.error("--batch, --repeats and --steps-per-call must be positive.")
+    if any("=" not in option for option in args.xla_option):
+        p.error("--xla-option takes KEY=VALUE.")
+    if args.suite and args.xla_option:
+        p.error("--xla-option is for single measurements of train or forward, not --suite.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    perf.configure_cpu(eigen_conv=args.eigen_conv)  # before anything starts a JAX backend
+    if args.serve:
+        serve(args)
+    elif args.suite:
+        table = run_suite(args)
+        out = args.out or ROOT / "benchmarks" / "results" / f"{datetime.date.today().isoformat()}.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table)
+        print(table)
+    else:
+        print(json.dumps(measure_one(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""diffax.perf settings and the benchmark's contract: the peer's network, the one-line JSON form."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import jaxlib
+import pytest
+
+from diffax import models, perf
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["bench"]
+
+
+def test_configure_cpu_refuses_once_a_backend_runs():
+    jnp.zeros(1).block_until_ready()
+    with pytest.raises(RuntimeError, match="before any JAX computation"):
+        perf.configure_cpu(eigen_conv=True)
+    assert perf.configure_cpu() == perf.xla_flags()  # nothing chosen: nothing to refuse
+
+
+def test_configure_cpu_before_start_sets_a_flag_this_jaxlib_accepts():
+    """In a fresh process: the flag lands in XLA_FLAGS, is recorded, and XLA compiles a conv with it
+    (an unknown flag would abort the process)."""
+    code = (
+        "from diffax import perf; import jax, json; perf.configure_cpu(eigen_conv=True);"
+        "x = jax.numpy.ones((1, 8, 8, 4));"
+        "y = jax.lax.conv_general_dilated(x, jax.numpy.ones((3, 3, 4, 4)), (1, 1), 'SAME',"
+        " dimension_numbers=('NHWC', 'HWIO', 'NHWC'));"
+        "print(json.dumps({**perf.settings_in_force(), 'centre': float(y[0, 4, 4, 0])}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    assert record["cpu_settings"] == ["eigen_conv"]
+    assert perf.CPU_SETTINGS["eigen_conv"] in record["xla_flags"]
+    assert record["centre"] == 36.0  # 3 x 3 x 4 ones
+    assert record["jaxlib"] == jaxlib.__version__
+
+
+@pytest.mark.parametrize("config,peer_params", [("small", 6_472_195), ("ddpm-cifar10", 35_746_307)])
+def test_bench_network_has_the_peers_parameter_count(bench, config, peer_params):
+    """The counts diffusers' UNet2DModel prints for the two configs (shared/peers/diffusers_bench.py)."""
+    net = models.get("unet_ddpm_cifar10", **bench.CONFIGS[config], **bench.PEER_LAYOUT)
+    assert models.count_params(models.abstract_params(net, (1, 32, 32, 3))) == peer_params
+
+
+def test_bench_rejects_bad_arguments(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--batch", "0"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--xla-option", "no_equals_sign"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--suite", "--xla-option", "a=b"])
+    with pytest.raises(ValueError, match="train only"):
+        bench.build_task("small", "forward", 1, steps_per_call=2)
+
+
+def test_single_measurement_prints_one_json_line(bench, capsys):
+    bench.main(["--config", "small", "--what", "forward", "--batch", "2", "--repeats", "2", "--gap", "0"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["params"] == 6_472_195
+    assert record["images_per_s"] == pytest.approx(2 / record["median_s"], rel=1e-2)
+    assert record["gflop"] > 1 and 0 < record["fraction_of_peak"]
+    assert record["attention_impl"] == record["norm_impl"] == "cpu"  # "auto" on the CPU backend
+    assert record["xla_flags"] == list(perf.xla_flags())

@@ -1,0 +1,164 @@
+"""The CPU formulations (blocked attention, one-pass GroupNorm, custom VJPs) equal the plain ones.
+
+Values and gradients, against the plain ``"xla"`` formulation and float64 numpy references, on shapes
+that exercise several attention blocks, cross-attention, bfloat16 inputs and badly centred activations.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffax import models
+from diffax.models import layers
+
+
+def _attention64(q, k, v):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), v)
+
+
+def _normal(seed, *shapes, scale=1.0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.normal(size=s) * scale, dtype) for s in shapes)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """A 2 KiB block budget: (8, 8) float32 scores take 256 B, so 8 heads fit and 12 run as 2 x 6."""
+    monkeypatch.setattr(layers, "ATTENTION_BLOCK_BYTES", 2048)
+
+
+def test_heads_per_block_is_the_largest_fitting_divisor(small_blocks):
+    assert layers._heads_per_block(6, 8, 8) == 6  # 6 blocks of 256 B fit in 2 KiB
+    assert layers._heads_per_block(12, 8, 8) == 6  # 8 would fit but does not divide 12
+    assert layers._heads_per_block(7, 8, 8) == 7
+    assert layers._heads_per_block(14, 8, 8) == 7
+    assert layers._heads_per_block(5, 32, 32) == 1  # one head is over the budget: still one at a time
+
+
+@pytest.mark.parametrize("t,s", [(8, 8), (9, 5)])  # self- and cross-attention lengths
+def test_blocked_attention_values_and_grads_equal_plain(small_blocks, t, s):
+    b, n, h = 3, 4, 5  # 12 (batch x head) groups in blocks
+    q, k, v, w = _normal(0, (b, t, n, h), (b, s, n, h), (b, s, n, h), (b, t, n, h), scale=2.0)
+    assert layers._heads_per_block(b * n, t, s) < b * n
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(layers.dot_product_attention(q, k, v, impl=impl) * w)
+
+    out = jax.jit(lambda *a: layers.dot_product_attention(*a, impl="cpu"))(q, k, v)
+    np.testing.assert_allclose(out, _attention64(q, k, v), atol=3e-6, rtol=1e-5)
+    grads = {impl: jax.jit(jax.grad(loss(impl), argnums=(0, 1, 2)))(q, k, v) for impl in ("cpu", "xla")}
+    chex.assert_trees_all_close(grads["cpu"], grads["xla"], atol=2e-5, rtol=1e-5)
+
+
+def test_blocked_attention_grads_match_float64_finite_differences():
+    q, k, v = _normal(1, (1, 4, 2, 3), (1, 4, 2, 3), (1, 4, 2, 3))
+    w = np.random.default_rng(2).normal(size=(1, 4, 2, 3))
+
+    def loss64(q):
+        return np.sum(_attention64(q, k, v) * w)
+
+    g = jax.grad(lambda q: jnp.sum(layers.dot_product_attention(q, k, v, impl="cpu") * w))(q)
+    q64, eps = np.asarray(q, np.float64), 1e-6
+    fd = np.zeros(q.shape)
+    for idx in np.ndindex(q.shape):
+        step = np.zeros(q.shape)
+        step[idx] = eps
+        fd[idx] = (loss64(q64 + step) - loss64(q64 - step)) / (2 * eps)
+    np.testing.assert_allclose(g, fd, atol=2e-5, rtol=1e-4)
+
+
+def test_attention_bfloat16_inputs_give_bfloat16_close_to_float32():
+    q, k, v = _normal(3, (2, 16, 2, 8), (2, 16, 2, 8), (2, 16, 2, 8))
+    out = layers.dot_product_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), impl="cpu")
+    assert out.dtype == jnp.bfloat16
+    ref = _attention64(*(a.astype(jnp.bfloat16).astype(jnp.float32) for a in (q, k, v)))
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=2e-2)
+
+
+def _norm_args(seed, mean):
+    x, gamma, beta, m_scale, m_shift = _normal(seed, (2, 6, 5, 16), (16,), (16,), (2, 16), (2, 16))
+    return x * 0.5 + mean, gamma, beta, m_scale * 0.3, m_shift
+
+
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("modulated", [True, False])
+def test_group_norm_cpu_values_and_grads_equal_plain(silu, modulated):
+    x, gamma, beta, m_scale, m_shift = _norm_args(4, mean=1.0)
+    w = _normal(5, x.shape)[0]
+
+    def loss(impl):
+        def f(x, gamma, beta, m_scale, m_shift):
+            mod = (m_scale, m_shift) if modulated else None
+            y = layers.group_norm(x, gamma, beta, num_groups=4, modulation=mod, silu=silu, impl=impl)
+            return jnp.sum(y * w)
+
+        return f
+
+    args = (x, gamma, beta, m_scale, m_shift)
+    values = {impl: jax.jit(loss(impl))(*args) for impl in ("cpu", "xla")}
+    np.testing.assert_allclose(values["cpu"], values["xla"], rtol=1e-5, atol=1e-4)
+    grads = {impl: jax.jit(jax.grad(loss(impl), argnums=range(5)))(*args) for impl in ("cpu", "xla")}
+    chex.assert_trees_all_close(grads["cpu"], grads["xla"], atol=5e-5, rtol=1e-4)
+
+
+def test_group_norm_cpu_survives_a_large_mean():
+    """Activations at mean 1e3 with spread 0.5: the one-pass variance stays accurate (shifted sums)."""
+    x, gamma, beta, _, _ = _norm_args(6, mean=1e3)
+    x64 = np.asarray(x, np.float64)
+    g = x64.reshape(2, 6, 5, 4, 4)
+    ref = (g - g.mean((1, 2, 4), keepdims=True)) / np.sqrt(g.var((1, 2, 4), keepdims=True) + 1e-5)
+    ref = ref.reshape(x.shape) * np.asarray(gamma) + np.asarray(beta)
+    out = layers.group_norm(x, gamma, beta, num_groups=4, silu=False, impl="cpu")
+    np.testing.assert_allclose(out, ref, atol=2e-3)  # float32 x itself carries 6e-5 absolute error
+
+
+def test_silu_custom_vjp_matches_autodiff_in_float64():
+    x, a, shift, dy = _normal(7, (2, 3, 4, 5), (2, 5), (2, 5), (2, 3, 4, 5))
+    _, vjp = jax.vjp(layers._scale_shift_silu, x, a, shift)
+    x64, a64, s64, dy64 = (np.asarray(v, np.float64) for v in (x, a, shift, dy))
+    z = x64 * a64[:, None, None, :] + s64[:, None, None, :]
+    sig = 1 / (1 + np.exp(-z))
+    dz = dy64 * (sig + z * sig * (1 - sig))
+    expected = (dz * a64[:, None, None, :], (dz * x64).sum((1, 2)), dz.sum((1, 2)))
+    for got, want in zip(vjp(dy), expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_is_cpu_on_the_cpu_backend():
+    assert jax.default_backend() == "cpu"
+    assert layers.resolve_impl("auto") == "cpu"
+    assert layers.resolve_impl("xla") == "xla"
+    q, k, v = _normal(8, (1, 4, 1, 2), (1, 4, 1, 2), (1, 4, 1, 2))
+    chex.assert_trees_all_equal(
+        layers.dot_product_attention(q, k, v, impl="auto"), layers.dot_product_attention(q, k, v, impl="cpu")
+    )
+    with pytest.raises(ValueError, match="impl='fast'"):
+        layers.dot_product_attention(q, k, v, impl="fast")
+    with pytest.raises(ValueError, match="impl='fast'"):
+        layers.group_norm(q, jnp.ones(2), jnp.zeros(2), num_groups=1, impl="fast")
+
+
+def test_unet_train_gradients_equal_across_formulations():
+    """A small U-Net (attention at 4x4 with 1 and 2 heads): loss and parameter gradients agree."""
+    kw = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0)
+    plain = models.get("unet_ddpm_cifar10", norm_groups=4, head_channels=8, **kw)
+    fast = models.get(
+        "unet_ddpm_cifar10", norm_groups=4, head_channels=8, attention_impl="cpu", norm_impl="cpu", **kw
+    )
+    x, noise = _normal(9, (2, 8, 8, 3), (2, 8, 8, 3))
+    t = jnp.array([0.3, 0.8])
+    params = plain.init(jax.random.key(0), x, t)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+
+    def loss(net):
+        return jax.jit(jax.value_and_grad(lambda p: jnp.mean((net.apply({"params": p}, x, t) - noise) ** 2)))
+
+    (l_plain, g_plain), (l_fast, g_fast) = loss(plain)(params), loss(fast)(params)
+    np.testing.assert_allclose(l_fast, l_plain, rtol=1e-5)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_plain))
+    chex.assert_trees_all_close(g_fast, g_plain, atol=1e-4 * scale)
