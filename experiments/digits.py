@@ -2,8 +2,11 @@
 
     python -m diffax.main --config=experiments/digits.py --workdir=runs/digits
 
-Nothing downloads. On a 2-core CPU it finishes in under 15 minutes and writes sample grids to
-``runs/digits/samples/``; the digits metric of ``diffax.evaluation`` is logged at the end.
+Nothing downloads. It writes sample grids to ``runs/digits/samples/`` every 500 steps and logs the
+digits metrics of ``diffax.evaluation`` at the end. Measured on the shared 2-core development CPU
+(load 5-6 from other jobs): 963 CPU-seconds, 21 min wall at 76% of one core, so about 8-10 min on an
+idle 2-core machine; digits FD 7.2 against a train-vs-held-out floor of 5.3, 88% of samples
+classified with confidence above 0.9.
 """
 
 from experiments import common
