@@ -9,9 +9,11 @@ from diffax.config import base_config
 def model(name: str, **overrides) -> ml_collections.ConfigDict:
     """The ``config.model`` section of a ``diffax.models`` preset, its fields spelled out.
 
-    Listing the preset's fields lets ``--config.model.<field>=...`` override any of them.
+    Listing the preset's fields lets ``--config.model.<field>=...`` override any of them;
+    ``--config.model.dtype=bfloat16`` computes in bfloat16 with float32 parameters.
     """
-    return ml_collections.ConfigDict(dict(name=name) | dict(models.PRESETS[name][1]) | overrides)
+    fields = dict(name=name, dtype="float32") | dict(models.PRESETS[name][1]) | overrides
+    return ml_collections.ConfigDict(fields)
 
 
 def cpu_unet(preset: str = "unet_ddpm_cifar10", **overrides) -> ml_collections.ConfigDict:

@@ -144,3 +144,20 @@ def test_learning_rate_warmup_then_cosine():
     np.testing.assert_allclose(lr(110), 0.1, rtol=1e-5)
     constant = train_state.learning_rate_schedule(_optim(lr=2.0, warmup_steps=4), total_steps=100)
     np.testing.assert_allclose([constant(2), constant(4), constant(99)], [1.0, 2.0, 2.0], atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_state(mixture_config):
+    mixture_config.model.dtype = "bfloat16"
+    parts = train_state.build(mixture_config)
+    state = jax.jit(lambda: nn.meta.unbox(train_state.state_initializer(mixture_config, parts)()))()
+    step = jax.jit(
+        train_state.make_train_step(
+            parts.loss_fn, parts.tx, parts.lr_schedule, ema_decays=mixture_config.ema.decays
+        )
+    )
+    state, metrics = step(state, _mixture(8).get(0))
+    assert metrics["loss"].dtype == jnp.float32 and bool(jnp.isfinite(metrics["loss"]))
+    assert {leaf.dtype for leaf in jax.tree.leaves((state.params, state.ema_params, state.opt_state))} <= {
+        jnp.dtype(jnp.float32),
+        jnp.dtype(jnp.int32),
+    }
