@@ -5,9 +5,10 @@ One measurement (the form outside code relies on; it mirrors the peer's runner):
   python benchmarks/bench.py --config small --what train --batch 32 --repeats 5
 
 prints one JSON line with ``median_s`` (seconds per train step, per forward, or per whole sampling call),
-``images_per_s``, ``compile_s`` (first call, separately), the XLA-counted FLOPs, the achieved GFLOP/s and
-its fraction of the float32 matmul peak measured in the same run (numpy and XLA), the XLA flags and the
-layer implementations in force.
+``images_per_s``, ``compile_s`` (lowering + compiling, apart from the timings; for sampling the first
+call less a steady one), the XLA-counted FLOPs (per train step or forward; a sampling call counts its
+network evaluations times one forward), the achieved GFLOP/s and its fraction of the float32 matmul
+peak measured in the same run (numpy and XLA, 2048x2048), the XLA flags and the layer formulations.
 
 The suite runs every task for both configs, alternating repetition by repetition with the peer
 (``../peer-venv``, ``../shared/peers/diffusers_bench.py``), prints a markdown table and writes it to
@@ -184,9 +185,11 @@ def build_task(
     def run():
         samplers.sample(model_fn, schedule, x_T, sampler=sampler, timesteps=ts).block_until_ready()
 
-    start = time.perf_counter()
+    first = time.perf_counter()
     run()
-    compile_s = time.perf_counter() - start
+    second = time.perf_counter()
+    run()
+    compile_s = 2 * second - first - time.perf_counter()  # the first call less a steady one
     _, stats = samplers.sample(model_fn, schedule, x_T, sampler=sampler, timesteps=ts, return_info=True)
     info.update(sampler=sampler, num_steps=num_steps, spacing=spacing, nfe=int(stats["nfe"]))
     return Task(run, compile_s, forward_flops * info["nfe"], models.count_params(params), info)
@@ -334,7 +337,7 @@ def run_suite(args: argparse.Namespace) -> str:
     """Every task on both configs, each repetition alternating with the peer; returns the markdown table."""
     peer = PEER_PYTHON.exists() and PEER_RUNNER.exists() and not args.no_peer
     peak_before = matmul_peak()
-    rows = []
+    rows, peer_info = [], {}
     for config in args.configs:
         for what, batch in SUITE:
             if what not in args.tasks:
@@ -344,7 +347,15 @@ def run_suite(args: argparse.Namespace) -> str:
             mine = Worker(
                 [sys.executable, __file__, "--serve", *common, *_flag_args(args), f"--steps-per-call={steps}"]
             )
-            theirs = Worker([str(PEER_PYTHON), str(PEER_WORKER), str(PEER_RUNNER), *common]) if peer else None
+            peer_cmd = [
+                str(PEER_PYTHON),
+                str(PEER_WORKER),
+                str(PEER_RUNNER),
+                *common,
+                f"--threads={args.peer_threads}",
+            ]
+            theirs = Worker(peer_cmd) if peer else None
+            peer_info = theirs.info if theirs is not None else peer_info
             if theirs is not None and theirs.info["params"] != mine.info["params"]:
                 raise RuntimeError(
                     f"{config}: diffax has {mine.info['params']} parameters, peer {theirs.info['params']}."
@@ -364,7 +375,7 @@ def run_suite(args: argparse.Namespace) -> str:
             rows.append(_row(config, what, batch, mine.info, times, loads))
             print(json.dumps(rows[-1]), flush=True)
     peak_after = matmul_peak()
-    return _markdown(args, rows, peak_before, peak_after, peer)
+    return _markdown(args, rows, peak_before, peak_after, peer_info)
 
 
 def _row(config, what, batch, info, times, loads) -> dict[str, Any]:
@@ -388,7 +399,7 @@ def _row(config, what, batch, info, times, loads) -> dict[str, Any]:
     return row
 
 
-def _markdown(args, rows, peak_before, peak_after, peer) -> str:
+def _markdown(args, rows, peak_before, peak_after, peer_info) -> str:
     peak = max(peak_before["peak_gflops"], peak_after["peak_gflops"])
     settings = _settings()
     lines = [
@@ -403,6 +414,7 @@ def _markdown(args, rows, peak_before, peak_after, peer) -> str:
         f"float32 matmul peak (2048², median GFLOP/s) before: numpy {peak_before['numpy_gflops']}, XLA"
         f" {peak_before['xla_gflops']}; after: numpy {peak_after['numpy_gflops']}, XLA"
         f" {peak_after['xla_gflops']}; % peak below uses {peak}.",
+        f"Peer: {peer_info['versions']}, {peer_info['threads']} threads." if peer_info else "Peer: not run.",
         f"Repetitions: {args.repeats} per side, alternating with the peer, {args.gap} s idle before each;"
         " medians (min in parentheses). Speed ratio = peer time / diffax time (> 1: diffax faster).",
         "",
@@ -419,8 +431,6 @@ def _markdown(args, rows, peak_before, peak_after, peer) -> str:
             f" {peer_s} | {ratio} | {r['batch'] / r['diffax_s']:.2f} | {r['gflop']:.1f} | {achieved:.0f} |"
             f" {100 * achieved / peak:.0f}% | {r['compile_s']:.1f} | {r['load']:.1f} |"
         )
-    if not peer:
-        lines.append("\nThe peer's virtualenv or runner was not found; diffax alone.")
     return "\n".join(lines) + "\n"
 
 
@@ -449,6 +459,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS, reverse=True))
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS, help="suite: the tasks to run")
     p.add_argument("--no-peer", action="store_true", help="suite without the peer")
+    p.add_argument("--peer-threads", type=int, default=0, help="suite: torch threads (0: torch's default)")
     p.add_argument("--out", type=pathlib.Path, help="suite: markdown file (default results/<date>.md)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -74,8 +74,7 @@ def measure(name: str) -> tuple[int, float, float]:
 def main() -> None:
     print(f"jax {jax.__version__}, input {INPUT_SHAPE}, backend {jax.default_backend()}\n")
     print(
-        "| model | params (M) | paper Gflops | XLA GFLOPs | XLA / paper | matmul+conv GMACs | "
-        "GMACs / paper |"
+        "| model | params (M) | paper Gflops | XLA GFLOPs | XLA / paper | matmul+conv GMACs | GMACs / paper |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for patch in (2, 4, 8):

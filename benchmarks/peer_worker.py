@@ -22,6 +22,7 @@ def main() -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--what", required=True)
     p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = p.parse_args()
     import diffusers
 
@@ -29,6 +30,8 @@ def main() -> None:
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
 
+    if args.threads:
+        runner.torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, run = runner.make_task(args.config, args.what, args.batch)
     run()

@@ -80,3 +80,17 @@ def test_single_measurement_prints_one_json_line(bench, capsys):
     assert record["gflop"] > 1 and 0 < record["fraction_of_peak"]
     assert record["attention_impl"] == record["norm_impl"] == "cpu"  # "auto" on the CPU backend
     assert record["xla_flags"] == list(perf.xla_flags())
+
+
+@pytest.mark.skipif(
+    not (ROOT.parent / "peer-venv" / "bin" / "python").exists(), reason="the peer's virtualenv is not set up"
+)
+def test_peer_worker_times_the_peers_own_task_on_request(bench):
+    """The suite's peer side: diffusers' runner, same parameter count, one timing per request."""
+    cmd = [str(bench.PEER_PYTHON), str(bench.PEER_WORKER), str(bench.PEER_RUNNER)]
+    worker = bench.Worker([*cmd, "--config", "small", "--what", "forward", "--batch", "1", "--threads", "1"])
+    try:
+        assert worker.info["params"] == 6_472_195 and worker.info["threads"] == 1
+        assert [worker.time_once() > 0 for _ in range(2)] == [True, True]
+    finally:
+        worker.close()

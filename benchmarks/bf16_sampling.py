@@ -1,0 +1,70 @@
+"""What bfloat16 compute costs in sample quality and buys in speed, on a trained run's sampler.
+
+    python benchmarks/bf16_sampling.py --workdir runs/digits --num_samples 1000
+
+loads the run's newest checkpoint (EMA parameters), draws the same samples (same seeds, the run's own
+sampler settings) with the network computing in float32 and in bfloat16 (parameters stay float32;
+GroupNorm statistics and attention stay float32 inside the layers), and prints one JSON line per dtype:
+seconds per sampling batch (median) and, for a digits run, ``diffax.evaluation.digits_metrics`` (FD,
+its floor, confident fraction), plus the mean absolute difference between the two dtypes' images.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from diffax import checkpoint, generate, sharding, train_state
+from diffax import config as config_lib
+from diffax.evaluation import digits_metrics
+
+
+def sample_with_dtype(workdir: str, dtype: str, *, num_samples: int, batch_size: int, seed: int):
+    """(uint8 images, seconds per batch after the first) of the run's sampler computing in ``dtype``."""
+    config = config_lib.load(workdir)
+    config.model.dtype = dtype
+    parts = train_state.build(config)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), devices=jax.local_devices())
+    state, _ = checkpoint.restore_latest(workdir, config, parts, mesh=mesh)
+    params = state.sampling_params()
+    sample_fn = generate.make_sampler(config, parts, mesh=mesh)
+    times, chunks = [], []
+    for i in range(num_samples // batch_size):
+        start = time.perf_counter()
+        chunk, _ = generate.sample_images(
+            sample_fn, params, config=config, seed=seed + i, num_samples=batch_size, batch_size=batch_size
+        )
+        times.append(time.perf_counter() - start)
+        chunks.append(chunk)
+    return config, np.concatenate(chunks), statistics.median(times[1:] or times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--num_samples", type=int, default=1000)
+    p.add_argument("--batch_size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.num_samples % args.batch_size:
+        p.error("--num_samples must be a multiple of --batch_size.")
+    images = {}
+    for dtype in ("float32", "bfloat16"):
+        config, images[dtype], seconds = sample_with_dtype(
+            args.workdir, dtype, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed
+        )
+        record = {"dtype": dtype, "seconds_per_batch": round(seconds, 3), "batch": args.batch_size}
+        if config.input.dataset == "digits":
+            metrics = digits_metrics(images[dtype].astype(np.float32) / 127.5 - 1.0)
+            record.update({k: round(float(metrics[k]), 4) for k in ("fd", "fd_floor", "confident_fraction")})
+        print(json.dumps(record), flush=True)
+    diff = np.abs(images["float32"].astype(np.float32) - images["bfloat16"].astype(np.float32))
+    print(json.dumps({"mean_abs_pixel_difference_0_255": round(float(diff.mean()), 3)}))
+
+
+if __name__ == "__main__":
+    main()
