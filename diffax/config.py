@@ -10,7 +10,9 @@ Sections mirror the code:
   and any further keyword arguments of ``diffax.sample``.
 - ``input``, ``optim``, ``ema``, ``mesh``, ``ckpt``, ``log``, ``evals``: fixed fields, listed in
   :func:`base_config`.
-- ``evals``: size of the periodic evaluation (``diffax.evaluation``; digits runs).
+- ``evals``: the evaluation of ``diffax.evaluate`` (every ``log.eval_every_steps`` and on the
+  command line): sample count and batch, and for non-digits runs the local InceptionV3 file, the
+  number of reference images and the held-out split that gives the floor.
 
 :func:`validate` raises :class:`ConfigError`, a one-line ``ValueError`` that names the field.
 """
@@ -105,7 +107,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.log = ml_collections.ConfigDict(
         dict(every_steps=100, sample_every_steps=0, num_samples=64, eval_every_steps=0)
     )
-    c.evals = ml_collections.ConfigDict(dict(num_samples=500, batch_size=250))
+    c.evals = ml_collections.ConfigDict(
+        dict(
+            num_samples=500,
+            batch_size=250,
+            inception_weights="",  # non-digits runs: a local .npz (evaluation.save_inception_variables)
+            inception_size=299,  # images are resized to this side; 299 is FID's
+            num_reference=10000,  # real images of the run's input giving the reference statistics
+            heldout_split="",  # e.g. "test": as many images as samples give the FID floor
+        )
+    )
     return c
 
 
@@ -214,6 +225,24 @@ def check_sampler(config: ml_collections.ConfigDict) -> None:
         _require(config.input.labels, "config.sampler.guidance_scale", "needs a labelled run (input.labels).")
 
 
+def check_evaluation(config: ml_collections.ConfigDict) -> None:
+    """Checks that ``diffax.evaluate`` can measure this run; raises :class:`ConfigError`."""
+    e = config.evals
+    if config.input.dataset == "digits":
+        return
+    _require(
+        bool(e.inception_weights),
+        "config.evals.inception_weights",
+        "empty; a non-digits run is evaluated with InceptionV3; convert the FID weights to a local file"
+        " (diffax.evaluation.save_inception_variables) and name it here, or set log.eval_every_steps=0.",
+    )
+    _require(
+        os.path.isfile(e.inception_weights),
+        "config.evals.inception_weights",
+        f"{e.inception_weights} is not a file; name a converted InceptionV3 .npz.",
+    )
+
+
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes ``workdir/config.json`` (from process 0): everything the run needs is in it.
 
@@ -227,7 +256,10 @@ def save(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run saved with :func:`save` (JSON lists come back as tuples)."""
+    """The config a run saved with :func:`save` (JSON lists come back as tuples).
+
+    Fields added to :func:`base_config` after the run was saved get their defaults.
+    """
     with open(os.path.join(workdir, "config.json")) as f:
         raw = json.load(f)
 
@@ -236,7 +268,9 @@ def load(workdir: str) -> ml_collections.ConfigDict:
             return {k: tuples(v) for k, v in x.items()}
         return tuple(tuples(v) for v in x) if isinstance(x, list) else x
 
-    return ml_collections.ConfigDict(tuples(raw))
+    config = base_config()
+    config.update(tuples(raw))
+    return config
 
 
 def check_workdir(workdir: str) -> None:
@@ -277,12 +311,13 @@ def validate(
     _check_optim(config.optim)
     for decay in config.ema.decays:
         _require(0.0 <= decay < 1.0, "config.ema.decays", f"{decay} must be in [0, 1).")
-    _require(
-        not config.log.eval_every_steps or config.input.dataset == "digits",
-        "config.log.eval_every_steps",
-        "periodic evaluation runs the digits metrics, so it needs input.dataset='digits'; for other"
-        " datasets use python -m diffax.generate and diffax.evaluation, or set it to 0.",
-    )
+    e = config.evals
+    _require(e.num_samples >= 2, "config.evals.num_samples", f"{e.num_samples} must be at least 2.")
+    _require(e.batch_size >= 1, "config.evals.batch_size", f"{e.batch_size} must be positive.")
+    _require(e.inception_size >= 75, "config.evals.inception_size", f"{e.inception_size} must be >= 75.")
+    _require(e.num_reference >= 2, "config.evals.num_reference", f"{e.num_reference} must be at least 2.")
+    if config.log.eval_every_steps:
+        check_evaluation(config)
     for field in ("ckpt.every_steps", "ckpt.keep", "log.every_steps", "log.num_samples"):
         section, key = field.split(".")
         _require(config[section][key] > 0, f"config.{field}", f"{config[section][key]} must be positive.")

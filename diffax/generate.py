@@ -186,6 +186,46 @@ def write_sample_grid(samples: tuple[np.ndarray, np.ndarray | None], workdir: st
     return path
 
 
+def load_run(
+    workdir: str,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    ema: bool = True,
+    check: Callable[[ml_collections.ConfigDict], None] | None = None,
+) -> tuple[ml_collections.ConfigDict, SampleFn, Any, int]:
+    """A finished or running run's config, sampler and newest intact parameters, on this process's devices.
+
+    Args:
+      workdir: the run directory.
+      sampler: overrides ``config.sampler.name``.
+      steps: overrides ``config.sampler.steps``.
+      ema: the EMA parameters (else the raw ones).
+      check: a further config check (raising ``ConfigError``) run before anything is built.
+
+    Returns:
+      ``(config, sample_fn, params, step)``.
+
+    Raises:
+      absl.app.UsageError: for a sampler or config that cannot be used, in one line.
+    """
+    checkpoint.quiet_orbax_logs()
+    config = config_lib.load(workdir)
+    config.sampler.name = config.sampler.name if sampler is None else sampler
+    config.sampler.steps = config.sampler.steps if steps is None else steps
+    try:
+        config_lib.check_sampler(config)
+        if check is not None:
+            check(config)
+    except config_lib.ConfigError as e:
+        raise app.UsageError(str(e)) from None
+    parts = train_state.build(config)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), devices=jax.local_devices())
+    state, step = checkpoint.restore_latest(workdir, config, parts, mesh=mesh)
+    params = state.sampling_params() if ema else state.params
+    return config, make_sampler(config, parts, mesh=mesh), params, step
+
+
 FLAGS = flags.FLAGS
 
 
@@ -207,21 +247,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--out={FLAGS.out}: use a .npz or .png file name.")
     if FLAGS.num_samples < 1:
         raise app.UsageError(f"--num_samples={FLAGS.num_samples}: must be at least 1.")
-    checkpoint.quiet_orbax_logs()
-    config = config_lib.load(FLAGS.workdir)
-    if FLAGS.sampler is not None:
-        config.sampler.name = FLAGS.sampler
-    if FLAGS.steps is not None:
-        config.sampler.steps = FLAGS.steps
-    try:
-        config_lib.check_sampler(config)
-    except config_lib.ConfigError as e:
-        raise app.UsageError(str(e)) from None
-    parts = train_state.build(config)
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), devices=jax.local_devices())
-    state, step = checkpoint.restore_latest(FLAGS.workdir, config, parts, mesh=mesh)
-    params = state.sampling_params() if FLAGS.ema else state.params
-    sample_fn = make_sampler(config, parts, mesh=mesh)
+    config, sample_fn, params, step = load_run(
+        FLAGS.workdir, sampler=FLAGS.sampler, steps=FLAGS.steps, ema=FLAGS.ema
+    )
     images, labels = sample_images(
         sample_fn,
         params,

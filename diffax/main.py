@@ -3,7 +3,8 @@
 Override any field with ``--config.<section>.<field>=value``; unknown fields are refused. With several
 processes (``--num_processes`` or ``JAX_NUM_PROCESSES`` above 1, a SLURM job step with several
 tasks, a TPU pod slice when ``--distributed`` is set) it first calls ``jax.distributed.initialize``.
-A config error stops the run with one line naming the field, before anything compiles.
+A config error stops the run with one line naming the field, before anything compiles; a checkpoint that
+cannot be written and a non-finite loss or gradient also end it with one line (exit status 1).
 """
 
 import os
@@ -95,6 +96,8 @@ def main(argv: list[str]) -> None:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except config_lib.ConfigError as e:
         raise SystemExit(f"diffax: invalid config: {e}") from None
+    except (checkpoint.CheckpointWriteError, FloatingPointError) as e:  # the message says what to do
+        raise SystemExit(f"diffax: {e}") from None
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from diffax import checkpoint, data, generate, nonfinite, sharding, train_state
 from diffax import config as config_lib
+from diffax import evaluate as evaluate_lib
 
 
 class _Preemption:
@@ -97,47 +98,6 @@ class _MetricWindow:
         return stacked
 
 
-def _make_evaluation(config: ml_collections.ConfigDict, sample_fn: generate.SampleFn):
-    """``evaluate(params, step) -> scalars``: ``diffax.evaluation`` on samples of the EMA parameters.
-
-    Digits runs get the digits metrics (digits FD next to its train-vs-held-out floor, IS, confident
-    fraction, class histogram) on ``config.evals.num_samples`` samples. The reference statistics are
-    computed on the first call and kept.
-    """
-    import diffax.evaluation as evaluation
-
-    num = config.evals.get("num_samples", 500)
-    batch = min(num, config.evals.get("batch_size", 250))
-    labels = np.arange(batch, dtype=np.int32) % max(config.input.num_classes, 1)
-    reference = {}
-
-    def evaluate(params: Any, *, step: int) -> dict[str, float]:
-        if not reference:
-            reference.update(evaluation.digits_reference(num))
-        metrics = evaluation.evaluate_samples(
-            lambda key, n: sample_fn(params, key, labels[:n]),
-            num_samples=num,
-            batch_size=batch,
-            key=jax.random.fold_in(jax.random.key(config.seed), step),
-            **reference,
-        )
-        logging.info(
-            "eval at step %d on %d samples: digits FD %.3f (floor %.3f, ratio %.2f) | IS %.2f"
-            " | confident %.1f%% | class chi2 p %.3f",
-            step,
-            num,
-            metrics["fd"],
-            metrics["fd_floor"],
-            metrics["fd_ratio"],
-            metrics["is"],
-            100 * metrics["confident_fraction"],
-            metrics["class_chi2_pvalue"],
-        )
-        return {f"eval/{k}": v for k, v in metrics.items()}
-
-    return evaluate
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, devices: list[Any] | None = None
 ) -> train_state.TrainState:
@@ -209,7 +169,7 @@ def train_and_evaluate(
     )
     sample_fn = generate.make_sampler(config, parts, mesh=mesh)
     sampler = functools.partial(generate.sample_images, sample_fn, config=config)
-    evaluate = _make_evaluation(config, sample_fn)
+    evaluate = evaluate_lib.make_evaluation(config, sample_fn)
 
     # TensorBoard events from process 0; the console gets the progress line of _report. (clu loads
     # TensorFlow, so it is imported only once the config has been accepted.)
@@ -252,7 +212,8 @@ def train_and_evaluate(
             if config.log.sample_every_steps and (done % config.log.sample_every_steps == 0 or done == total):
                 generate.write_sample_grid(sampler(state.sampling_params(), seed=done), workdir, done)
             if config.log.eval_every_steps and (done % config.log.eval_every_steps == 0 or done == total):
-                writer.write_scalars(done, evaluate(state.sampling_params(), step=done))
+                metrics = evaluate(state.sampling_params(), step=done)
+                writer.write_scalars(done, {f"eval/{k}": v for k, v in metrics.items()})
 
             if preemption.agreed(done):
                 window.check()

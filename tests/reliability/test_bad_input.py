@@ -63,9 +63,11 @@ ROWS = [
     Row("optim.grad_clip", -1.0, "config.optim.grad_clip: -1.0 must be >= 0 (0 turns clipping off)."),
     Row("optim.accum_steps", 0, "config.optim.accum_steps: 0 must be >= 1."),
     Row("optim.min_lr_ratio", 2.0, "config.optim.min_lr_ratio: 2.0 must be in [0, 1]."),
-    Row(
-        "log.eval_every_steps", 10, "config.log.eval_every_steps: periodic evaluation runs the digits metrics"
-    ),
+    Row("log.eval_every_steps", 10, "config.evals.inception_weights: empty; a non-digits run is evaluated"),
+    Row("evals.num_samples", 1, "config.evals.num_samples: 1 must be at least 2."),
+    Row("evals.batch_size", 0, "config.evals.batch_size: 0 must be positive."),
+    Row("evals.inception_size", 64, "config.evals.inception_size: 64 must be >= 75."),
+    Row("evals.num_reference", 1, "config.evals.num_reference: 1 must be at least 2."),
     Row("ckpt.every_steps", 0, "config.ckpt.every_steps: 0 must be positive."),
     Row("ckpt.keep", 0, "config.ckpt.keep: 0 must be positive."),
     Row("log.every_steps", 0, "config.log.every_steps: 0 must be positive."),

@@ -1,6 +1,8 @@
 """Non-finite loss or gradient: the run stops naming the step with its last checkpoint intact, or, with
 ``config.optim.skip_nonfinite``, the update is skipped (state unchanged but the step) and counted."""
 
+import re
+
 import chex
 import flax.struct
 import jax
@@ -84,3 +86,19 @@ def test_check_names_the_first_bad_step_of_a_window():
     nonfinite.check(window | {"skipped": np.array([0, 0, 1, 1])}, first_step=10)  # skipped: no error
     means = nonfinite.window_means(window | {"skipped": np.array([0, 0, 1, 1])})
     assert means["skipped"] == 2 and means["loss"] == pytest.approx(0.45) and means["grad_norm"] == 1.0
+
+
+def test_the_command_line_stops_on_a_non_finite_loss_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    command = [sys.executable, "-m", "diffax.main", f"--config={REPO / 'experiments' / 'mixture.py'}"]
+    command += [f"--workdir={tmp_path}", "--config.optim.lr=1e38", "--config.optim.warmup_steps=0"]
+    command += ["--config.optim.grad_clip=0.0", "--config.log.every_steps=1", "--config.ckpt.every_steps=1"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.match(r"^diffax: non-finite (loss|gradient) .* at step \d+; the last checkpoint", last), last
