@@ -5,7 +5,9 @@
 Nothing downloads. It writes sample grids to ``runs/digits/samples/`` every 500 steps and logs the
 digits metrics of ``diffax.evaluation`` at the end. Measured on an idle 2-core CPU: 11 min 08 s
 wall (815 CPU-seconds); digits FD 7.15 against a train-vs-held-out floor of 5.29, IS 8.26, 88.4% of
-500 samples classified with confidence above 0.9, class chi-square p = 0.059.
+500 samples classified with confidence above 0.9, class chi-square p = 0.059. The same checkpoint
+sampled by ``python -m diffax.evaluate --workdir=runs/digits --sampler=ddpm --steps=200``: FD 5.66,
+90.6% confident, p = 0.68.
 """
 
 from experiments import common
