@@ -75,11 +75,8 @@ def reference(config: ml_collections.ConfigDict, num_samples: int) -> dict[str, 
         heldout_input = copy.deepcopy(config.input)
         heldout_input.split = config.evals.heldout_split
         heldout = _real_images(heldout_input, num_samples, seed=config.seed)
-        heldout_stats = evaluation.reference_feature_stats(
-            heldout, extractor=extractor, batch_size=config.evals.batch_size
-        )
-        floor = evaluation.frechet_distance(
-            *evaluation.feature_mean_cov(heldout_stats), *evaluation.feature_mean_cov(stats)
+        floor = evaluation.floor_fd(
+            heldout, extractor=extractor, reference_stats=stats, batch_size=config.evals.batch_size
         )
     return dict(extractor=extractor, reference_stats=stats, floor_fd=floor)
 

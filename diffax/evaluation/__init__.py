@@ -13,7 +13,7 @@ from diffax.evaluation._digits import (
 )
 from diffax.evaluation._digits_metrics import digits_metrics, digits_reference, digits_targets
 from diffax.evaluation._frechet import frechet_distance
-from diffax.evaluation._harness import Extractor, evaluate_samples, reference_feature_stats
+from diffax.evaluation._harness import Extractor, evaluate_samples, floor_fd, reference_feature_stats
 from diffax.evaluation._inception import (
     InceptionV3,
     inception_features_and_logits,
@@ -53,6 +53,7 @@ __all__ = [
     "digits_targets",
     "evaluate_samples",
     "feature_mean_cov",
+    "floor_fd",
     "frechet_distance",
     "inception_features_and_logits",
     "inception_score",

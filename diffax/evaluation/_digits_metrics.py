@@ -13,9 +13,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from diffax.evaluation._digits import digits_features_and_logits, load_digits_reference
-from diffax.evaluation._frechet import frechet_distance
-from diffax.evaluation._harness import _evaluate_batches, reference_feature_stats
-from diffax.evaluation._stats import feature_mean_cov
+from diffax.evaluation._harness import _evaluate_batches, floor_fd, reference_feature_stats
 
 __all__ = ["digits_reference", "digits_metrics", "digits_targets"]
 
@@ -47,8 +45,7 @@ def digits_reference(
     heldout = load_digits_reference("test")[0] if reference_heldout is None else reference_heldout
     extractor = functools.partial(digits_features_and_logits, params=params)
     train_stats = reference_feature_stats(train, extractor=extractor)
-    heldout_stats = reference_feature_stats(np.asarray(heldout)[:num_samples], extractor=extractor)
-    floor = frechet_distance(*feature_mean_cov(heldout_stats), *feature_mean_cov(train_stats))
+    floor = floor_fd(np.asarray(heldout)[:num_samples], extractor=extractor, reference_stats=train_stats)
     return dict(extractor=extractor, reference_stats=train_stats, floor_fd=floor, class_metrics=True)
 
 

@@ -30,7 +30,7 @@ from diffax.evaluation._stats import (
     update_feature_stats,
 )
 
-__all__ = ["Extractor", "evaluate_samples", "reference_feature_stats"]
+__all__ = ["Extractor", "evaluate_samples", "floor_fd", "reference_feature_stats"]
 
 Extractor = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 """Images (N, ...) → (features (N, d), logits (N, classes)), e.g. a ``functools.partial`` of
@@ -59,6 +59,21 @@ def reference_feature_stats(
     if stats is None:
         raise ValueError("images is empty; pass at least two reference images.")
     return stats
+
+
+def floor_fd(
+    heldout: ArrayLike, *, extractor: Extractor, reference_stats: FeatureStats, batch_size: int = 500
+) -> float:
+    """The Fréchet distance of held-out real images to the reference: what a perfect model scores.
+
+    Args:
+      heldout: held-out images, as many as the samples that will be evaluated.
+      extractor: maps an image batch to ``(features, logits)``.
+      reference_stats: the reference (training) statistics.
+      batch_size: images per extractor call.
+    """
+    heldout_stats = reference_feature_stats(heldout, extractor=extractor, batch_size=batch_size)
+    return frechet_distance(*feature_mean_cov(heldout_stats), *feature_mean_cov(reference_stats))
 
 
 def _evaluate_batches(
