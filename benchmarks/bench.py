@@ -330,7 +330,11 @@ def _flag_args(args: argparse.Namespace) -> list[str]:
         f"--compute-dtype={args.compute_dtype}",
         f"--warmup={args.warmup}",
     ]
-    return out + (["--eigen-conv"] if args.eigen_conv else [])
+    return (
+        out
+        + (["--eigen-conv"] if args.eigen_conv else [])
+        + (["--retain-host-memory"] if args.retain_host_memory else [])
+    )
 
 
 def run_suite(args: argparse.Namespace) -> str:
@@ -408,7 +412,8 @@ def _markdown(args, rows, peak_before, peak_after, peer_info) -> str:
         f"Command: `python benchmarks/bench.py {' '.join(sys.argv[1:])}`",
         "",
         f"Machine: {settings['cpu']}, {settings['cores']} cores; jax {settings['jax']} / jaxlib"
-        f" {settings['jaxlib']}; XLA_FLAGS: `{' '.join(settings['xla_flags']) or '(none)'}`; impls:"
+        f" {settings['jaxlib']}; XLA_FLAGS: `{' '.join(settings['xla_flags']) or '(none)'}`; diffax.perf"
+        f" settings: {', '.join(settings['cpu_settings']) or 'none'}; impls:"
         f" attention={args.attention_impl}, norm={args.norm_impl}, compute dtype {args.compute_dtype}, train"
         f" steps per call {args.steps_per_call}.",
         f"float32 matmul peak (2048², median GFLOP/s) before: numpy {peak_before['numpy_gflops']}, XLA"
@@ -448,6 +453,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-per-call", type=int, default=1, help="train steps per jitted call (lax.scan)")
     p.add_argument("--eigen-conv", action="store_true", help="diffax.perf setting eigen_conv (XLA flag)")
     p.add_argument(
+        "--retain-host-memory",
+        action="store_true",
+        help="diffax.perf setting retain_host_memory (glibc malloc keeps freed buffers)",
+    )
+    p.add_argument(
         "--xla-option",
         action="append",
         default=[],
@@ -474,7 +484,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    perf.configure_cpu(eigen_conv=args.eigen_conv)  # before anything starts a JAX backend
+    # Before anything starts a JAX backend.
+    perf.configure_cpu(eigen_conv=args.eigen_conv, retain_host_memory=args.retain_host_memory)
     if args.serve:
         serve(args)
     elif args.suite:

@@ -1,6 +1,15 @@
 """What bfloat16 compute costs in sample quality and buys in speed, on a trained run's sampler.
 
     python benchmarks/bf16_sampling.py --workdir runs/digits --num_samples 1000
+    python benchmarks/bf16_sampling.py --mixture
+
+``--mixture``: on the exact-score 2-D Gaussian mixture (``diffax.samplers.exact.toy_mixture``, VP-linear)
+the network is replaced by the exact prediction evaluated as a bfloat16 network would: its input rounded
+to bfloat16 and its output rounded to bfloat16. It prints the RMS distance to the float64
+probability-flow reference for DDIM and DPM-Solver++ 2M at several NFE, with exact float32 evaluations
+beside the bfloat16 ones, so the table separates the solver's error from bfloat16's.
+
+With ``--workdir``:
 
 loads the run's newest checkpoint (EMA parameters), draws the same samples (same seeds, the run's own
 sampler settings) with the network computing in float32 and in bfloat16 (parameters stay float32;
@@ -15,12 +24,42 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffax import checkpoint, generate, sharding, train_state
+from diffax import checkpoint, generate, samplers, schedules, sharding, train_state
 from diffax import config as config_lib
 from diffax.evaluation import digits_metrics
+from diffax.samplers.exact import reference_flow, toy_mixture
+
+MIXTURE_SAMPLERS = ("ddim", "dpm_solver++_2m")
+MIXTURE_NFE = (10, 20, 50)
+
+
+def mixture_table(num_points: int = 2000, t_end: float = 1e-3) -> list[dict[str, object]]:
+    """RMS error to the float64 reference of each sampler with float32 and bfloat16-rounded evaluations."""
+    schedule = schedules.get("vp_linear", beta_min=0.1, beta_max=20.0)
+    mixture = toy_mixture()
+    exact = mixture.model_fn(schedule)
+
+    def rounded(x, t):  # what a network computing in bfloat16 hands back: rounded in, rounded out
+        return exact(x.astype(jnp.bfloat16).astype(jnp.float32), t).astype(jnp.bfloat16).astype(jnp.float32)
+
+    x_T = jax.random.normal(jax.random.key(0), (num_points, 2))
+    with jax.enable_x64(True):
+        lam = [float(schedule.log_snr(np.float64(np.float32(t)))) for t in (schedule.t_max, t_end)]
+    reference = reference_flow(mixture, np.asarray(x_T), *lam)
+    rows = []
+    for name in MIXTURE_SAMPLERS:
+        for nfe in MIXTURE_NFE:
+            ts = samplers.timesteps(schedule, num_steps=nfe, spacing="uniform_logsnr", t_end=t_end)
+            row: dict[str, object] = {"sampler": name, "nfe": nfe}
+            for label, model in (("float32", exact), ("bfloat16", rounded)):
+                x = samplers.sample(model, schedule, x_T, sampler=name, timesteps=ts)
+                row[label] = float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64) - reference))))
+            rows.append(row)
+    return rows
 
 
 def sample_with_dtype(workdir: str, dtype: str, *, num_samples: int, batch_size: int, seed: int):
@@ -45,11 +84,18 @@ def sample_with_dtype(workdir: str, dtype: str, *, num_samples: int, batch_size:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--workdir", help="a trained run")
+    mode.add_argument("--mixture", action="store_true", help="the exact-score Gaussian mixture instead")
     p.add_argument("--num_samples", type=int, default=1000)
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.mixture:
+        print("| sampler | NFE | RMS error, float32 | RMS error, bfloat16 evaluations |\n|---|---|---|---|")
+        for row in mixture_table():
+            print(f"| {row['sampler']} | {row['nfe']} | {row['float32']:.2e} | {row['bfloat16']:.2e} |")
+        return
     if args.num_samples % args.batch_size:
         p.error("--num_samples must be a multiple of --batch_size.")
     images = {}

@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffax import checkpoint, train
+from diffax import checkpoint, perf, train
 from diffax import config as config_lib
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -77,6 +77,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     checkpoint.quiet_orbax_logs()
+    cpu_settings = FLAGS.config.get("cpu", {})
+    perf.configure_cpu(**cpu_settings)  # before anything starts a JAX backend
     _initialize_distributed()
     try:  # tf.data must not take the GPUs/TPUs that JAX uses
         import tensorflow as tf
