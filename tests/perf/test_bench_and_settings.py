@@ -33,6 +33,13 @@ def test_configure_cpu_refuses_once_a_backend_runs():
     assert perf.configure_cpu() == perf.xla_flags()  # nothing chosen: nothing to refuse
 
 
+def _fresh_process_record(code: str) -> dict:
+    """Runs ``code`` in a new Python without XLA_FLAGS; returns the JSON of its last output line."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_configure_cpu_before_start_sets_a_flag_this_jaxlib_accepts():
     """In a fresh process: the flag lands in XLA_FLAGS, is recorded, and XLA compiles a conv with it
     (an unknown flag would abort the process)."""
@@ -43,9 +50,7 @@ def test_configure_cpu_before_start_sets_a_flag_this_jaxlib_accepts():
         " dimension_numbers=('NHWC', 'HWIO', 'NHWC'));"
         "print(json.dumps({**perf.settings_in_force(), 'centre': float(y[0, 4, 4, 0])}))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    record = json.loads(out.stdout.strip().splitlines()[-1])
+    record = _fresh_process_record(code)
     assert record["cpu_settings"] == ["eigen_conv"]
     assert perf.CPU_SETTINGS["eigen_conv"] in record["xla_flags"]
     assert record["centre"] == 36.0  # 3 x 3 x 4 ones
@@ -61,9 +66,7 @@ def test_retain_host_memory_is_applied_and_recorded_before_start():
         "y = float(jnp.sum(jnp.ones((1024, 1024)) @ jnp.ones((1024, 4))));"
         "print(json.dumps({'sum': y, 'settings': perf.settings_in_force()['cpu_settings']}))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    record = json.loads(out.stdout.strip().splitlines()[-1])
+    record = _fresh_process_record(code)
     assert record == {"sum": 1024.0 * 1024 * 4, "settings": ["retain_host_memory"]}
 
 
