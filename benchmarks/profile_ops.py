@@ -5,14 +5,15 @@
 Builds the task exactly as ``bench.py`` does, traces a few calls, and sums the thunk events by class:
 each event is an instruction of the optimized HLO, classified through its ``op_name`` metadata (which
 layer function it came from, forward or backward) and its opcode. Eigen convolutions run
-asynchronously, so their events show only dispatch; the "unaccounted" row (wall time less all events
-on the executing thread) is where their work and any idle time show up.
+asynchronously, so their events show only dispatch; the "unaccounted" row (wall time less the events
+of all threads, which may overlap) is where their work and any idle time show up.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import collections.abc
 import pathlib
 import re
 import sys
@@ -63,9 +64,11 @@ def instruction_classes(hlo_text: str) -> dict[str, tuple[str, str]]:
     return classes
 
 
-def profile(task: bench.Task, calls: int) -> tuple[collections.Counter, float, int]:
-    """Traces ``calls`` calls; returns seconds per call by instruction, wall seconds per call, event count."""
-    classes = instruction_classes(task.executable.as_text())
+def profile(
+    task: bench.Task, calls: int, instructions: collections.abc.Container[str]
+) -> tuple[collections.Counter, float, int]:
+    """Traces ``calls`` calls; returns seconds per call of each of ``instructions``, wall seconds per
+    call, and the number of their events."""
     with tempfile.TemporaryDirectory() as logdir:
         jax.profiler.start_trace(logdir)
         start = time.perf_counter()
@@ -82,7 +85,7 @@ def profile(task: bench.Task, calls: int) -> tuple[collections.Counter, float, i
             continue
         for line in plane.lines:
             for event in line.events:
-                if event.name in classes:
+                if event.name in instructions:
                     totals[event.name] += event.duration_ns * 1e-9 / calls
                     events += 1
     return totals, wall / calls, events
@@ -105,10 +108,11 @@ def main(argv: list[str] | None = None) -> None:
     task = bench.build_task(
         args.config, args.what, args.batch, attention_impl=args.attention_impl, norm_impl=args.norm_impl
     )
+    hlo_text = task.executable.as_text()
     if args.dump:
-        args.dump.write_text(task.executable.as_text())
-    per_instruction, wall, events = profile(task, args.calls)
-    classes = instruction_classes(task.executable.as_text())
+        args.dump.write_text(hlo_text)
+    classes = instruction_classes(hlo_text)
+    per_instruction, wall, events = profile(task, args.calls, classes)
     totals: collections.Counter = collections.Counter()
     for name, seconds in per_instruction.items():
         totals[classes[name][0]] += seconds
