@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from diffax import samplers, schedules
-from diffax.samplers.exact import reference_flow, toy_mixture
+from diffax.samplers.exact import log_snr64, reference_flow, toy_mixture
 
 DETERMINISTIC = (
     "ddim",
@@ -54,9 +54,7 @@ def main() -> None:
     schedule = schedules.get("vp_linear", beta_min=0.1, beta_max=20.0)
     model = mixture.model_fn(schedule)
     x_T = jax.random.normal(jax.random.key(0), (args.batch, 2))
-    with jax.enable_x64(True):
-        log_snr = lambda t: float(schedule.log_snr(np.float64(np.float32(t))))
-        lam_start, lam_end = log_snr(schedule.t_max), log_snr(args.t_end)
+    lam_start, lam_end = log_snr64(schedule, schedule.t_max), log_snr64(schedule, args.t_end)
     start = time.perf_counter()
     reference = reference_flow(mixture, np.asarray(x_T), lam_start, lam_end)
     print(f"reference: float64 DOP853 in {time.perf_counter() - start:.1f} s")

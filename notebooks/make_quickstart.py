@@ -177,15 +177,14 @@ CELLS = (
         import numpy as np
 
         from diffax import samplers, schedules
-        from diffax.samplers.exact import reference_flow, toy_mixture
+        from diffax.samplers.exact import log_snr64, reference_flow, toy_mixture
 
         mixture = toy_mixture()
         schedule = schedules.get("vp_linear", beta_min=0.1, beta_max=20.0)
         model_fn = mixture.model_fn(schedule)  # the exact eps-prediction, in float32
         T_END = 1e-3
         x_T = jax.random.normal(jax.random.key(0), (500, 2))
-        with jax.enable_x64(True):  # the float32 grid's end points, in float64
-            log_snr = [float(schedule.log_snr(np.float64(np.float32(t)))) for t in (schedule.t_max, T_END)]
+        log_snr = [log_snr64(schedule, t) for t in (schedule.t_max, T_END)]  # the float32 grid's ends
         reference = reference_flow(mixture, np.asarray(x_T), *log_snr)
         """,
         (),

@@ -162,6 +162,13 @@ def toy_mixture() -> GaussianMixture:
     )
 
 
+def log_snr64(schedule: Schedule, t: float) -> float:
+    """The schedule's log-SNR in float64 at the float32 time ``t`` (the time a float32 sampler really
+    uses): the end points to hand ``reference_flow`` for a sampler's grid."""
+    with jax.enable_x64(True):
+        return float(schedule.log_snr(np.float64(np.float32(t))))
+
+
 def reference_flow(
     mixture: GaussianMixture,
     x: np.ndarray,

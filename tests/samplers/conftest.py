@@ -1,10 +1,11 @@
 """Shared problems for the sampler tests: a 2-D Gaussian mixture with an exact score under VP noising."""
 
-import jax
-import numpy as np
+import functools
+
 import pytest
 
 from diffax import schedules
+from diffax.samplers import exact
 from diffax.samplers.exact import toy_mixture
 
 MIXTURE = toy_mixture()
@@ -29,8 +30,4 @@ def mixture_model(vp):
 def log_snr64(vp):
     """log-SNR of the VP schedule in float64 at float32 times (the times the samplers really use)."""
 
-    def fn(t):
-        with jax.enable_x64(True):
-            return float(vp.log_snr(np.float64(np.float32(t))))
-
-    return fn
+    return functools.partial(exact.log_snr64, vp)
