@@ -292,6 +292,27 @@ def check_workdir(workdir: str) -> None:
         ) from None
 
 
+def cpu_settings(config: ml_collections.ConfigDict) -> dict[str, bool]:
+    """The ``config.cpu`` section checked against the schema, as keywords for ``perf.configure_cpu``.
+
+    Needs no JAX backend, so ``diffax.main`` can check it before applying it (XLA reads its flags
+    once, when the first backend starts).
+
+    Raises:
+      ConfigError: one line naming an unknown field or a value that is not a bool.
+    """
+    schema = base_config().cpu
+    section = config.get("cpu", ml_collections.ConfigDict())
+    if not isinstance(section, ml_collections.ConfigDict):
+        raise ConfigError(f"config.cpu: must be a section (ConfigDict), got {section!r}.")
+    _unknown_fields(section, schema, "config.cpu")
+    for key in section.keys():
+        _require(
+            isinstance(section[key], bool), f"config.cpu.{key}", f"{section[key]!r} must be True or False."
+        )
+    return {key: bool(section.get(key, default)) for key, default in schema.items()}
+
+
 def validate(
     config: ml_collections.ConfigDict,
     *,
@@ -309,6 +330,7 @@ def validate(
       ConfigError: one line naming the first invalid field.
     """
     _unknown_fields(config, base_config(), "config")
+    cpu_settings(config)
     _require(config.total_steps > 0, "config.total_steps", f"{config.total_steps} must be positive.")
     _check_input(config.input)
     _check_optim(config.optim)

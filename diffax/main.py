@@ -77,7 +77,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     checkpoint.quiet_orbax_logs()
-    cpu_settings = FLAGS.config.get("cpu", {})
+    try:
+        cpu_settings = config_lib.cpu_settings(FLAGS.config)
+    except config_lib.ConfigError as e:
+        raise SystemExit(f"diffax: invalid config: {e}") from None
     perf.configure_cpu(**cpu_settings)  # before anything starts a JAX backend
     _initialize_distributed()
     try:  # tf.data must not take the GPUs/TPUs that JAX uses

@@ -75,6 +75,12 @@ ROWS = [
     Row("sampler.steps", 0, "config.sampler.steps: 0 must be >= 1."),
     Row("sampler.no_such_option", 1, "config.sampler: "),
     Row("sampler.guidance_scale", 2.0, "config.sampler.guidance_scale: needs a labelled run (input.labels)."),
+    Row(
+        "cpu.eigen_convs",
+        True,
+        "config.cpu.eigen_convs: no such field; known fields of config.cpu: eigen_conv,",
+    ),
+    Row("cpu.retain_host_memory", "yes", "config.cpu.retain_host_memory: 'yes' must be True or False."),
 ]
 ELSEWHERE = [  # checked by tests/training/test_config_validation.py outside its parametrization
     Row("optim.lrr", 0.1, "test_nonexistent_key_in_a_config_file_is_named"),

@@ -1,9 +1,11 @@
 """Bad configs stop before anything compiles, with one line that names the field."""
 
 import importlib
+import subprocess
+import sys
 
 import pytest
-from conftest import run_main
+from conftest import REPO, run_main, subprocess_env
 
 from diffax import config as config_lib
 from diffax import data, train
@@ -89,3 +91,28 @@ def test_command_line_config_error_is_one_line(tmp_path):
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("diffax: invalid config: config.input.batch_size=12 does not divide"), last
+
+
+def test_cpu_settings_are_checked_before_they_are_applied(tmp_path):
+    experiment = tmp_path / "typo.py"
+    experiment.write_text(
+        "from experiments import mixture\n\n\n"
+        "def get_config(arg=None):\n"
+        "    config = mixture.get_config(arg)\n"
+        "    config.cpu.eigen_convs = True\n"
+        "    return config\n"
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "diffax.main", f"--config={experiment}", f"--workdir={tmp_path / 'run'}"],
+        cwd=REPO,
+        env=subprocess_env(1),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("diffax: invalid config: config.cpu.eigen_convs: no such field; known fields"), (
+        last
+    )
+    assert not (tmp_path / "run").exists()
