@@ -262,10 +262,21 @@ def _task_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _settings() -> dict[str, Any]:
     return {
         **perf.settings_in_force(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "cores": os.cpu_count(),
     }
 
