@@ -31,3 +31,17 @@ def test_sigkill_mid_write_and_sigterm_then_restarts_end_bitwise_equal(reference
     assert step == TOTAL
     assert_bitwise_equal(state, reference.state)
     assert not list((tmp_path / "checkpoints").glob("*.damaged*"))
+
+
+@pytest.mark.slow
+def test_synchronous_saves_lose_at_most_one_interval(reference, tmp_path):
+    # With --config.ckpt.async_save=False a save finishes before the next step runs, so a SIGKILL, even
+    # in the middle of a write, loses at most the save interval.
+    overrides = OVERRIDES | {"log.every_steps": 1, "ckpt.async_save": False}
+    kills = fault_injection.run_with_kills(tmp_path, overrides, ["during_save", "random"], seed=1)
+    assert kills[0].mode == "during_save" and kills[0].interrupted_save, kills
+    assert all(k.exit_code == -9 and 0 <= k.steps_lost <= EVERY for k in kills), kills
+
+    state, step = fault_injection.final_state(tmp_path)
+    assert step == TOTAL
+    assert_bitwise_equal(state, reference.state)
