@@ -112,18 +112,21 @@ def subprocess_env(num_devices: int) -> dict[str, str]:
     return env
 
 
-def main_command(workdir, *overrides: str) -> list[str]:
-    """``python -m diffax.main`` on the mixture experiment, with ``--config.*`` overrides."""
-    config = REPO / "experiments" / "mixture.py"
+def main_command(workdir, *overrides: str, config=REPO / "experiments" / "mixture.py") -> list[str]:
+    """``python -m diffax.main`` on an experiment file (default: the mixture), ``--config.*`` overrides."""
     return [sys.executable, "-m", "diffax.main", f"--config={config}", f"--workdir={workdir}", *overrides]
 
 
 def run_main(
-    workdir, *overrides: str, num_devices: int = 8, timeout: float = 240
+    workdir,
+    *overrides: str,
+    config=REPO / "experiments" / "mixture.py",
+    num_devices: int = 8,
+    timeout: float = 240,
 ) -> subprocess.CompletedProcess:
-    """Runs the training CLI on the mixture experiment and returns the finished process."""
+    """Runs the training CLI on an experiment file (the mixture's by default); the finished process."""
     return subprocess.run(
-        main_command(workdir, *overrides),
+        main_command(workdir, *overrides, config=config),
         cwd=REPO,
         env=subprocess_env(num_devices),
         capture_output=True,

@@ -1,11 +1,9 @@
 """Bad configs stop before anything compiles, with one line that names the field."""
 
 import importlib
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, run_main, subprocess_env
+from conftest import run_main
 
 from diffax import config as config_lib
 from diffax import data, train
@@ -102,14 +100,7 @@ def test_cpu_settings_are_checked_before_they_are_applied(tmp_path):
         "    config.cpu.eigen_convs = True\n"
         "    return config\n"
     )
-    bad = subprocess.run(
-        [sys.executable, "-m", "diffax.main", f"--config={experiment}", f"--workdir={tmp_path / 'run'}"],
-        cwd=REPO,
-        env=subprocess_env(1),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = run_main(tmp_path / "run", config=experiment, num_devices=1, timeout=120)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("diffax: invalid config: config.cpu.eigen_convs: no such field; known fields"), (
