@@ -31,7 +31,7 @@ import numpy as np
 from diffax import checkpoint, generate, samplers, schedules, sharding, train_state
 from diffax import config as config_lib
 from diffax.evaluation import digits_metrics
-from diffax.samplers.exact import log_snr64, reference_flow, toy_mixture
+from diffax.samplers.exact import reference_samples, toy_mixture
 
 MIXTURE_SAMPLERS = ("ddim", "dpm_solver++_2m")
 MIXTURE_NFE = (10, 20, 50)
@@ -47,8 +47,7 @@ def mixture_table(num_points: int = 2000, t_end: float = 1e-3) -> list[dict[str,
         return exact(x.astype(jnp.bfloat16).astype(jnp.float32), t).astype(jnp.bfloat16).astype(jnp.float32)
 
     x_T = jax.random.normal(jax.random.key(0), (num_points, 2))
-    lam = (log_snr64(schedule, schedule.t_max), log_snr64(schedule, t_end))
-    reference = reference_flow(mixture, np.asarray(x_T), *lam)
+    reference = reference_samples(mixture, schedule, x_T, t_end)
     rows = []
     for name in MIXTURE_SAMPLERS:
         for nfe in MIXTURE_NFE:

@@ -177,15 +177,14 @@ CELLS = (
         import numpy as np
 
         from diffax import samplers, schedules
-        from diffax.samplers.exact import log_snr64, reference_flow, toy_mixture
+        from diffax.samplers.exact import reference_samples, toy_mixture
 
         mixture = toy_mixture()
         schedule = schedules.get("vp_linear", beta_min=0.1, beta_max=20.0)
         model_fn = mixture.model_fn(schedule)  # the exact eps-prediction, in float32
         T_END = 1e-3
         x_T = jax.random.normal(jax.random.key(0), (500, 2))
-        log_snr = [log_snr64(schedule, t) for t in (schedule.t_max, T_END)]  # the float32 grid's ends
-        reference = reference_flow(mixture, np.asarray(x_T), *log_snr)
+        reference = reference_samples(mixture, schedule, x_T, T_END)  # float64, from t_max to T_END
         """,
         (),
     ),

@@ -162,13 +162,6 @@ def toy_mixture() -> GaussianMixture:
     )
 
 
-def log_snr64(schedule: Schedule, t: float) -> float:
-    """The schedule's log-SNR in float64 at the float32 time ``t`` (the time a float32 sampler really
-    uses): the end points to hand ``reference_flow`` for a sampler's grid."""
-    with jax.enable_x64(True):
-        return float(schedule.log_snr(np.float64(np.float32(t))))
-
-
 def reference_flow(
     mixture: GaussianMixture,
     x: np.ndarray,
@@ -217,3 +210,18 @@ def reference_flow(
         raise RuntimeError(f"reference solve failed: {sol.message}")
     alpha1, _ = alpha_sigma(ell1)
     return alpha1 * sol.y[:, -1].reshape(shape)
+
+
+def reference_samples(
+    mixture: GaussianMixture,
+    schedule: Schedule,
+    x_T: ArrayLike,
+    t_end: float,
+    *,
+    variance_preserving: bool = True,
+) -> np.ndarray:
+    """``reference_flow`` over a sampler's grid: from ``schedule.t_max`` to ``t_end``, both log-SNRs taken
+    in float64 at the float32 times a float32 sampler really uses. (B, D) float64 end states."""
+    with jax.enable_x64(True):
+        ends = [float(schedule.log_snr(np.float64(np.float32(t)))) for t in (schedule.t_max, t_end)]
+    return reference_flow(mixture, np.asarray(x_T), *ends, variance_preserving=variance_preserving)

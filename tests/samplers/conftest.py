@@ -1,11 +1,8 @@
 """Shared problems for the sampler tests: a 2-D Gaussian mixture with an exact score under VP noising."""
 
-import functools
-
 import pytest
 
 from diffax import schedules
-from diffax.samplers import exact
 from diffax.samplers.exact import toy_mixture
 
 MIXTURE = toy_mixture()
@@ -24,10 +21,3 @@ def mixture():
 @pytest.fixture(scope="session")
 def mixture_model(vp):
     return MIXTURE.model_fn(vp)
-
-
-@pytest.fixture(scope="session")
-def log_snr64(vp):
-    """log-SNR of the VP schedule in float64 at float32 times (the times the samplers really use)."""
-
-    return functools.partial(exact.log_snr64, vp)

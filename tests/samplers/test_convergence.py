@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from diffax import samplers
-from diffax.samplers.exact import reference_flow
+from diffax.samplers.exact import reference_samples
 
 T_END = 1e-3
 
 
 @pytest.fixture(scope="module")
-def problem(vp, mixture, mixture_model, log_snr64):
+def problem(vp, mixture, mixture_model):
     x_T = jax.random.normal(jax.random.key(0), (64, 2))
-    reference = reference_flow(mixture, np.asarray(x_T), log_snr64(vp.t_max), log_snr64(T_END))
+    reference = reference_samples(mixture, vp, x_T, T_END)
     return vp, mixture_model, x_T, reference
 
 
