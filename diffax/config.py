@@ -141,9 +141,14 @@ def _unknown_fields(
             known = ", ".join(sorted(schema.keys()))
             raise ConfigError(f"{field}: no such field; known fields of {prefix}: {known}.")
         if isinstance(schema[key], ml_collections.ConfigDict) and key not in FREE_FORM:
-            if not isinstance(config[key], ml_collections.ConfigDict):
-                raise ConfigError(f"{field}: must be a section (ConfigDict), got {config[key]!r}.")
-            _unknown_fields(config[key], schema[key], field)
+            _unknown_fields(_section(config, key, field), schema[key], field)
+
+
+def _section(config: ml_collections.ConfigDict, key: str, field: str) -> ml_collections.ConfigDict:
+    """``config[key]``, which the schema makes a section; a ConfigError naming ``field`` if it is not one."""
+    if not isinstance(config[key], ml_collections.ConfigDict):
+        raise ConfigError(f"{field}: must be a section (ConfigDict), got {config[key]!r}.")
+    return config[key]
 
 
 def _require(ok: bool, field: str, message: str) -> None:
@@ -302,9 +307,7 @@ def cpu_settings(config: ml_collections.ConfigDict) -> dict[str, bool]:
       ConfigError: one line naming an unknown field or a value that is not a bool.
     """
     schema = base_config().cpu
-    section = config.get("cpu", ml_collections.ConfigDict())
-    if not isinstance(section, ml_collections.ConfigDict):
-        raise ConfigError(f"config.cpu: must be a section (ConfigDict), got {section!r}.")
+    section = _section(config, "cpu", "config.cpu") if "cpu" in config else ml_collections.ConfigDict()
     _unknown_fields(section, schema, "config.cpu")
     for key in section.keys():
         _require(

@@ -112,7 +112,10 @@ def subprocess_env(num_devices: int) -> dict[str, str]:
     return env
 
 
-def main_command(workdir, *overrides: str, config=REPO / "experiments" / "mixture.py") -> list[str]:
+MIXTURE_EXPERIMENT = REPO / "experiments" / "mixture.py"
+
+
+def main_command(workdir, *overrides: str, config=MIXTURE_EXPERIMENT) -> list[str]:
     """``python -m diffax.main`` on an experiment file (default: the mixture), ``--config.*`` overrides."""
     return [sys.executable, "-m", "diffax.main", f"--config={config}", f"--workdir={workdir}", *overrides]
 
@@ -120,7 +123,7 @@ def main_command(workdir, *overrides: str, config=REPO / "experiments" / "mixtur
 def run_main(
     workdir,
     *overrides: str,
-    config=REPO / "experiments" / "mixture.py",
+    config=MIXTURE_EXPERIMENT,
     num_devices: int = 8,
     timeout: float = 240,
 ) -> subprocess.CompletedProcess:
