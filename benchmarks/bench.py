@@ -37,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -67,7 +67,8 @@ TASKS = ("train", "forward", "sample-dpmpp20", "sample-ddim50")
 SAMPLING = {"sample-dpmpp20": ("dpm_solver++_2m", 20, "linspace"), "sample-ddim50": ("ddim", 50, "leading")}
 # (task, batch) pairs of the suite.
 SUITE = (("train", 32), ("train", 16), ("forward", 16), ("sample-dpmpp20", 16), ("sample-ddim50", 16))
-IMPLS = ("auto", "xla", "cpu")
+# The U-Net's formulation switches (values ``layers.IMPLS``), each a command-line flag.
+IMPL_FIELDS = ("attention_impl", "norm_impl", "resblock_impl")
 
 
 @dataclasses.dataclass
@@ -88,14 +89,17 @@ def build_task(
     what: str,
     batch: int,
     *,
-    attention_impl: str = "auto",
-    norm_impl: str = "auto",
+    impls: Mapping[str, str] | None = None,
     compute_dtype: str = "float32",
     steps_per_call: int = 1,
     compiler_options: dict[str, str] | None = None,
     seed: int = 0,
 ) -> Task:
-    """Builds, compiles (timed) and warms up one task; see the module docstring for the work."""
+    """Builds, compiles (timed) and warms up one task; see the module docstring for the work.
+
+    ``impls`` maps some of ``IMPL_FIELDS`` to values; the others are ``"auto"``.
+    """
+    impls = {field: "auto" for field in IMPL_FIELDS} | dict(impls or {})
     if what != "train" and steps_per_call != 1:
         raise ValueError(f"--steps-per-call applies to train only; got {steps_per_call} for {what!r}.")
     if what == "train" and compute_dtype != "float32":
@@ -104,8 +108,7 @@ def build_task(
         "unet_ddpm_cifar10",
         **CONFIGS[config],
         **PEER_LAYOUT,
-        attention_impl=attention_impl,
-        norm_impl=norm_impl,
+        **impls,
         dtype=compute_dtype,
     )
     schedule = diffax.schedules.get("linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
@@ -114,8 +117,7 @@ def build_task(
     x0 = jax.random.normal(data_key, (batch, 32, 32, 3))
     params = jax.jit(lambda k: net.init(k, x0[:1], jnp.full((1,), 0.5), train=False)["params"])(init_key)
     info = {
-        "attention_impl": layers.resolve_impl(attention_impl),
-        "norm_impl": layers.resolve_impl(norm_impl),
+        **{field: layers.resolve_impl(value) for field, value in impls.items()},
         "compute_dtype": compute_dtype,
     }
 
@@ -252,10 +254,20 @@ def summary(task: Task, times: list[float], batch: int, peak: dict[str, float]) 
     }
 
 
+def add_impl_args(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--attention-impl``, ``--norm-impl``, ``--resblock-impl`` (``IMPL_FIELDS``), default ``auto``."""
+    for field in IMPL_FIELDS:
+        parser.add_argument(f"--{field.replace('_', '-')}", choices=layers.IMPLS, default="auto")
+
+
+def impls_of(args: argparse.Namespace) -> dict[str, str]:
+    """The ``IMPL_FIELDS`` values of parsed arguments."""
+    return {field: getattr(args, field) for field in IMPL_FIELDS}
+
+
 def _task_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
-        attention_impl=args.attention_impl,
-        norm_impl=args.norm_impl,
+        impls=impls_of(args),
         compute_dtype=args.compute_dtype,
         steps_per_call=args.steps_per_call,
         compiler_options=dict(option.split("=", 1) for option in args.xla_option) or None,
@@ -336,8 +348,7 @@ class Worker:
 
 def _flag_args(args: argparse.Namespace) -> list[str]:
     out = [
-        f"--attention-impl={args.attention_impl}",
-        f"--norm-impl={args.norm_impl}",
+        *(f"--{field.replace('_', '-')}={value}" for field, value in impls_of(args).items()),
         f"--compute-dtype={args.compute_dtype}",
         f"--warmup={args.warmup}",
     ]
@@ -417,6 +428,7 @@ def _row(config, what, batch, info, times, loads) -> dict[str, Any]:
 def _markdown(args, rows, peak_before, peak_after, peer_info) -> str:
     peak = max(peak_before["peak_gflops"], peak_after["peak_gflops"])
     settings = _settings()
+    impls = ", ".join(f"{field.removesuffix('_impl')}={value}" for field, value in impls_of(args).items())
     lines = [
         f"# diffax vs diffusers, {datetime.date.today().isoformat()}",
         "",
@@ -424,9 +436,8 @@ def _markdown(args, rows, peak_before, peak_after, peer_info) -> str:
         "",
         f"Machine: {settings['cpu']}, {settings['cores']} cores; jax {settings['jax']} / jaxlib"
         f" {settings['jaxlib']}; XLA_FLAGS: `{' '.join(settings['xla_flags']) or '(none)'}`; diffax.perf"
-        f" settings: {', '.join(settings['cpu_settings']) or 'none'}; impls:"
-        f" attention={args.attention_impl}, norm={args.norm_impl}, compute dtype {args.compute_dtype}, train"
-        f" steps per call {args.steps_per_call}.",
+        f" settings: {', '.join(settings['cpu_settings']) or 'none'}; impls: {impls}, compute dtype"
+        f" {args.compute_dtype}, train steps per call {args.steps_per_call}.",
         f"float32 matmul peak (2048², median GFLOP/s) before: numpy {peak_before['numpy_gflops']}, XLA"
         f" {peak_before['xla_gflops']}; after: numpy {peak_after['numpy_gflops']}, XLA"
         f" {peak_after['xla_gflops']}; % peak below uses {peak}.",
@@ -458,8 +469,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--gap", type=float, default=0.5, help="idle seconds before each timed repetition")
-    p.add_argument("--attention-impl", choices=IMPLS, default="auto")
-    p.add_argument("--norm-impl", choices=IMPLS, default="auto")
+    add_impl_args(p)
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--steps-per-call", type=int, default=1, help="train steps per jitted call (lax.scan)")
     p.add_argument("--eigen-conv", action="store_true", help="diffax.perf setting eigen_conv (XLA flag)")

@@ -97,17 +97,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--what", choices=("train", "forward"), default="train")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--calls", type=int, default=3)
-    p.add_argument("--attention-impl", choices=bench.IMPLS, default="auto")
-    p.add_argument("--norm-impl", choices=bench.IMPLS, default="auto")
+    bench.add_impl_args(p)
     p.add_argument("--eigen-conv", action="store_true")
     p.add_argument("--retain-host-memory", action="store_true")
     p.add_argument("--top", type=int, default=0, help="also list the N slowest instructions")
     p.add_argument("--dump", type=pathlib.Path, help="also write the optimized HLO here")
     args = p.parse_args(argv)
     perf.configure_cpu(eigen_conv=args.eigen_conv, retain_host_memory=args.retain_host_memory)
-    task = bench.build_task(
-        args.config, args.what, args.batch, attention_impl=args.attention_impl, norm_impl=args.norm_impl
-    )
+    task = bench.build_task(args.config, args.what, args.batch, impls=bench.impls_of(args))
     hlo_text = task.executable.as_text()
     if args.dump:
         args.dump.write_text(hlo_text)

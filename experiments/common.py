@@ -19,7 +19,7 @@ def model(name: str, **overrides) -> ml_collections.ConfigDict:
 def cpu_unet(preset: str = "unet_ddpm_cifar10", **overrides) -> ml_collections.ConfigDict:
     """A small U-Net (a U-Net preset, shrunk) that trains on a laptop CPU.
 
-    It uses the CPU-tuned attention and GroupNorm implementations of ``diffax.models``.
+    It uses the CPU-tuned attention, GroupNorm and residual-block formulations of ``diffax.models``.
     """
     small = dict(
         base_channels=32,
@@ -31,6 +31,7 @@ def cpu_unet(preset: str = "unet_ddpm_cifar10", **overrides) -> ml_collections.C
         dropout=0.0,
         attention_impl="cpu",
         norm_impl="cpu",
+        resblock_impl="cpu",
     )
     return model(preset, **(small | overrides))
 

@@ -20,8 +20,7 @@ from jax.typing import ArrayLike
 Dtype = Any
 Initializer = Any
 
-ATTENTION_IMPLS = ("xla", "cpu", "auto")
-NORM_IMPLS = ("xla", "cpu", "auto")
+IMPLS = ("xla", "cpu", "auto")  # the values of every ``*_impl`` switch
 TIME_EMBEDDINGS = ("sinusoidal", "fourier")
 
 # Logical axis names used on parameters, and the default mapping onto mesh axes. Earlier rules win
@@ -59,8 +58,8 @@ def check_common(
     """Validates the fields the U-Net and DiT share; raises a one-line ValueError naming the field."""
     if time_embedding not in TIME_EMBEDDINGS:
         raise ValueError(f"{owner}: time_embedding={time_embedding!r}; use one of {TIME_EMBEDDINGS}.")
-    if attention_impl not in ATTENTION_IMPLS:
-        raise ValueError(f"{owner}: attention_impl={attention_impl!r}; use one of {ATTENTION_IMPLS}.")
+    if attention_impl not in IMPLS:
+        raise ValueError(f"{owner}: attention_impl={attention_impl!r}; use one of {IMPLS}.")
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"{owner}: num_classes={num_classes}; use a positive int or None.")
     if not 0.0 <= label_dropout <= 1.0:
@@ -173,7 +172,7 @@ def group_norm(
     """
     impl = resolve_impl(impl)
     if impl not in ("xla", "cpu"):
-        raise ValueError(f"group_norm: impl={impl!r}; use one of {NORM_IMPLS}.")
+        raise ValueError(f"group_norm: impl={impl!r}; use one of {IMPLS}.")
     xf = jnp.asarray(x, jnp.float32)
     b, c, nd = xf.shape[0], xf.shape[-1], xf.ndim
     g = num_groups
@@ -249,6 +248,28 @@ def _scale_shift_silu_bwd(residuals, dy):
 
 
 _scale_shift_silu.defvjp(_scale_shift_silu_fwd, _scale_shift_silu_bwd)
+
+
+@jax.custom_vjp
+def materialized_cotangent(x: jax.Array) -> jax.Array:
+    """The identity, whose backward pass materialises the incoming cotangent behind an optimization barrier.
+
+    Placed on a residual block's input, whose cotangent sums the skip path's gradient and the residual
+    branch's: without the barrier XLA's CPU fusion recomputes that sum, and the sums it is built from
+    block after block, inside each consumer (the convolution weight gradients' operand transposes).
+    """
+    return x
+
+
+def _materialized_cotangent_fwd(x):
+    return x, None
+
+
+def _materialized_cotangent_bwd(_, g):
+    return (jax.lax.optimization_barrier(g),)
+
+
+materialized_cotangent.defvjp(_materialized_cotangent_fwd, _materialized_cotangent_bwd)
 
 
 class GroupNorm(nn.Module):
@@ -372,7 +393,7 @@ def dot_product_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, impl: str
     if impl == "xla":
         return jax.nn.dot_product_attention(q, k, v)
     if impl != "cpu":
-        raise ValueError(f"dot_product_attention: impl={impl!r}; use one of {ATTENTION_IMPLS}.")
+        raise ValueError(f"dot_product_attention: impl={impl!r}; use one of {IMPLS}.")
     b, t, n, _ = q.shape
 
     def heads_first(x: jax.Array) -> jax.Array:

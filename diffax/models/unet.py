@@ -33,6 +33,8 @@ class ResBlock(nn.Module):
 
     ``resample`` ("up"/"down") makes it a BigGAN-style resampling block: both branches are resampled
     after the first normalisation. ``scale_shift`` injects time as ``GN(h) * (1 + s) + b`` (AdaGN).
+    ``materialize_input_cotangent`` passes x through ``layers.materialized_cotangent`` (same values and
+    gradients; a different backward program).
 
     References:
       Ho et al. 2020, App. B; Dhariwal & Nichol 2021, Sec. 3 (AdaGN, BigGAN up/down blocks).
@@ -45,6 +47,7 @@ class ResBlock(nn.Module):
     scale_shift: bool
     resample: str | None = None
     norm_impl: str = "xla"
+    materialize_input_cotangent: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -53,13 +56,13 @@ class ResBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(num_groups=self.norm_groups, epsilon=self.norm_eps, impl=self.norm_impl, **kw)
         out = self.out_channels
+        if self.materialize_input_cotangent:
+            x = layers.materialized_cotangent(x)
         h = layers.GroupNorm(**norm)(x)
         if self.resample is not None:
             h, x = _resample(h, self.resample), _resample(x, self.resample)
         h = layers.conv(out, 3, **kw)(h)
-        e = layers.dense(out * (2 if self.scale_shift else 1), ("embed", "conv_out"), **kw)(
-            nn.silu(emb)
-        )
+        e = layers.dense(out * (2 if self.scale_shift else 1), ("embed", "conv_out"), **kw)(nn.silu(emb))
         if self.scale_shift:
             scale, shift = jnp.split(e, 2, axis=-1)
             h = layers.GroupNorm(**norm)(h, (scale, shift))
@@ -128,6 +131,9 @@ class UNet(nn.Module):
       param_dtype: parameter dtype.
       attention_impl: "xla" or "cpu" (see ``layers.dot_product_attention``).
       norm_impl: "xla" or "cpu" (see ``layers.group_norm``).
+      resblock_impl: "xla", or "cpu": each residual block materialises its input's cotangent
+        (``layers.materialized_cotangent``), which XLA's CPU backend otherwise recomputes in every
+        consumer. "auto" (here and in the two above): "cpu" on the CPU backend, else "xla".
 
     References:
       Ho et al., "Denoising Diffusion Probabilistic Models", 2020, App. B; Nichol & Dhariwal,
@@ -159,6 +165,7 @@ class UNet(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     norm_impl: str = "xla"
+    resblock_impl: str = "xla"
 
     def __post_init__(self) -> None:
         self._validate()
@@ -175,12 +182,11 @@ class UNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        if self.norm_impl not in layers.NORM_IMPLS:
-            raise ValueError(f"{name}: norm_impl={self.norm_impl!r}; use one of {layers.NORM_IMPLS}.")
+        for field in ("norm_impl", "resblock_impl"):
+            if getattr(self, field) not in layers.IMPLS:
+                raise ValueError(f"{name}: {field}={getattr(self, field)!r}; use one of {layers.IMPLS}.")
         if self.time_injection not in TIME_INJECTIONS:
-            raise ValueError(
-                f"{name}: time_injection={self.time_injection!r}; use one of {TIME_INJECTIONS}."
-            )
+            raise ValueError(f"{name}: time_injection={self.time_injection!r}; use one of {TIME_INJECTIONS}.")
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"{name}: channel_mult={self.channel_mult}; use positive ints, e.g. (1, 2).")
         if self.num_res_blocks < 1:
@@ -228,9 +234,7 @@ class UNet(nn.Module):
             )
 
     @nn.compact
-    def __call__(
-        self, x: ArrayLike, t: ArrayLike, cond: Any = None, train: bool = False
-    ) -> jax.Array:
+    def __call__(self, x: ArrayLike, t: ArrayLike, cond: Any = None, train: bool = False) -> jax.Array:
         """Predicts from noisy images.
 
         Args:
@@ -280,6 +284,7 @@ class UNet(nn.Module):
                 dropout=self.dropout,
                 scale_shift=self.time_injection == "scale_shift",
                 resample=resample,
+                materialize_input_cotangent=layers.resolve_impl(self.resblock_impl) == "cpu",
                 name=name,
                 **block_kw,
             )(h, emb, train)

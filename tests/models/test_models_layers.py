@@ -35,7 +35,7 @@ def _qkv(seed, t=7, s=5):
     )
 
 
-@pytest.mark.parametrize("impl", layers.ATTENTION_IMPLS)
+@pytest.mark.parametrize("impl", layers.IMPLS)
 def test_attention_matches_float64_softmax(impl):
     q, k, v = _qkv(0)
     out = jax.jit(lambda q, k, v: layers.dot_product_attention(q, k, v, impl=impl))(q, k, v)
@@ -62,7 +62,7 @@ def _norm_inputs(seed):
     return x, gamma, beta, m_scale, m_shift
 
 
-@pytest.mark.parametrize("impl", layers.NORM_IMPLS)
+@pytest.mark.parametrize("impl", layers.IMPLS)
 @pytest.mark.parametrize("silu", [True, False])
 def test_group_norm_matches_float64_reference(impl, silu):
     x, gamma, beta, m_scale, m_shift = _norm_inputs(3)

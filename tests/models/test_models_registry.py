@@ -87,6 +87,7 @@ def test_from_config_applies_overrides():
         ("unet_adm_imagenet64", dict(head_channels=100), "head_channels=100"),
         ("unet_ddpm_cifar10", dict(time_injection="film"), "time_injection='film'"),
         ("unet_ddpm_cifar10", dict(norm_impl="fast"), "norm_impl='fast'"),
+        ("unet_ddpm_cifar10", dict(resblock_impl="fast"), "resblock_impl='fast'"),
         ("unet_ddpm_cifar10", dict(label_dropout=0.1), "label_dropout=0.1 needs num_classes"),
         ("unet_ddpm_cifar10", dict(dropout=1.0), r"dropout=1.0; use a rate in \[0, 1\)"),
         ("dit_s_2", dict(num_heads=5), "hidden_size=384 is not divisible by num_heads=5"),
@@ -104,8 +105,13 @@ def test_inconsistent_config_raises_one_line_error(name, overrides, match):
 @pytest.mark.parametrize(
     "name, overrides, shape, cond, match",
     [
-        ("unet_ddpm_cifar10", dict(attention_resolutions=(16, 64)), (1, 32, 32, 3), None,
-         r"attention_resolutions \[64\] are never reached .* \[32, 16, 8, 4\]"),
+        (
+            "unet_ddpm_cifar10",
+            dict(attention_resolutions=(16, 64)),
+            (1, 32, 32, 3),
+            None,
+            r"attention_resolutions \[64\] are never reached .* \[32, 16, 8, 4\]",
+        ),
         ("unet_ddpm_cifar10", {}, (1, 36, 36, 3), None, r"36x36 is not divisible by 2\*\*\(levels-1\) = 8"),
         ("dit_s_4", {}, (1, 30, 30, 4), None, "30x30 is not divisible by patch_size=4"),
         ("unet_ddpm_cifar10", {}, (1, 32, 32, 3), jnp.zeros(1, jnp.int32), "num_classes is None"),
