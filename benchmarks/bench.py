@@ -16,6 +16,11 @@ The suite runs every task for both configs, alternating repetition by repetition
 
   python benchmarks/bench.py --suite --eigen-conv
 
+One formulation switch against its plain form, both built in one process and timed alternately (so a
+difference below the run-to-run noise shows), one JSON line:
+
+  python benchmarks/bench.py --config small --what train --batch 32 --repeats 10 --compare-impl resblock_impl
+
 The network is the peer's ``UNet2DModel`` layout exactly (same parameter count, checked): the
 ``unet_ddpm_cifar10`` preset with 8-channel attention heads and GroupNorm eps 1e-5, as diffusers has.
 The work is the peer's: train = noise a fixed batch at random DDPM steps, MSE to the noise, backward,
@@ -308,6 +313,39 @@ def measure_one(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def compare_impl(args: argparse.Namespace) -> dict[str, Any]:
+    """``--compare-impl FIELD``: the task with FIELD ``"xla"`` and ``"cpu"`` in one process, alternating
+    (the order flips every round); ``speedup`` is the xla median over the cpu median."""
+    field = args.compare_impl
+    tasks = {
+        value: build_task(
+            args.config,
+            args.what,
+            args.batch,
+            **(_task_kwargs(args) | {"impls": impls_of(args) | {field: value}}),
+        )
+        for value in ("xla", "cpu")
+    }
+    times: dict[str, list[float]] = {value: [] for value in tasks}
+    for round_ in range(args.repeats):
+        for value in ("xla", "cpu") if round_ % 2 == 0 else ("cpu", "xla"):
+            time.sleep(args.gap)
+            times[value].append(time_once(tasks[value]))
+    median = {value: statistics.median(t) for value, t in times.items()}
+    return {
+        "config": args.config,
+        "what": args.what,
+        "batch": args.batch,
+        "field": field,
+        "xla_median_s": round(median["xla"], 4),
+        "cpu_median_s": round(median["cpu"], 4),
+        "speedup": round(median["xla"] / median["cpu"], 3),
+        "times_s": {value: [round(x, 4) for x in t] for value, t in times.items()},
+        **_settings(),
+        "load_average": load_average(),
+    }
+
+
 def serve(args: argparse.Namespace) -> None:
     """Worker mode for the suite: build the task, say ready, then time one call per ``run`` line."""
     task = build_task(args.config, args.what, args.batch, **_task_kwargs(args))
@@ -470,6 +508,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--gap", type=float, default=0.5, help="idle seconds before each timed repetition")
     add_impl_args(p)
+    p.add_argument(
+        "--compare-impl", choices=IMPL_FIELDS, help="time this switch's xla and cpu forms alternately"
+    )
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--steps-per-call", type=int, default=1, help="train steps per jitted call (lax.scan)")
     p.add_argument("--eigen-conv", action="store_true", help="diffax.perf setting eigen_conv (XLA flag)")
@@ -500,6 +541,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--xla-option takes KEY=VALUE.")
     if args.suite and args.xla_option:
         p.error("--xla-option is for single measurements of train or forward, not --suite.")
+    if args.suite and args.compare_impl:
+        p.error("--compare-impl is a single measurement, not --suite.")
     return args
 
 
@@ -515,6 +558,8 @@ def main(argv: list[str] | None = None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table)
         print(table)
+    elif args.compare_impl:
+        print(json.dumps(compare_impl(args)))
     else:
         print(json.dumps(measure_one(args)))
 

@@ -88,6 +88,20 @@ def test_bench_rejects_bad_arguments(bench):
         bench.build_task("small", "forward", 1, steps_per_call=2)
 
 
+def test_compare_impl_times_both_forms_in_one_process(bench, capsys):
+    argv = ["--config", "small", "--what", "forward", "--batch", "1", "--repeats", "3", "--gap", "0"]
+    bench.main([*argv, "--compare-impl", "norm_impl"])
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    record = json.loads(line)
+    assert record["field"] == "norm_impl"
+    assert [len(record["times_s"][form]) for form in ("xla", "cpu")] == [3, 3]
+    assert record["speedup"] == pytest.approx(record["xla_median_s"] / record["cpu_median_s"], rel=1e-2)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--suite", "--compare-impl", "norm_impl"])
+    with pytest.raises(SystemExit):
+        bench.parse_args([*argv, "--compare-impl", "dtype"])
+
+
 def test_single_measurement_prints_one_json_line(bench, capsys):
     bench.main(["--config", "small", "--what", "forward", "--batch", "2", "--repeats", "2", "--gap", "0"])
     lines = capsys.readouterr().out.strip().splitlines()
