@@ -301,9 +301,11 @@ class GroupNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-# Bytes of float32 scores one step of the "cpu" attention keeps live: small enough to stay in a core's
-# L2 cache between the QK^T product, the exponential and the PV product (measured best at ~1 MiB).
-ATTENTION_BLOCK_BYTES = 1 << 20
+# Bytes of float32 scores one step of the "cpu" attention keeps live between the QK^T product, the
+# exponential and the PV product. Measured on a 2-core AMD EPYC (1 MiB L2 per core, both variants in one
+# process, alternating): 4 MiB trains 3% (small) and 4-6% (ddpm-cifar10) faster than 1 MiB, forward even;
+# 2 MiB 6%, 8 MiB 1-3%, 16 MiB 11% slower than 4 MiB (benchmarks/results/2026-12-01-train.md).
+ATTENTION_BLOCK_BYTES = 4 << 20
 
 
 def _heads_per_block(groups: int, t: int, s: int) -> int:
