@@ -326,6 +326,9 @@ def compare_impl(args: argparse.Namespace) -> dict[str, Any]:
         )
         for value in ("xla", "cpu")
     }
+    for task in tasks.values():
+        for _ in range(args.warmup):
+            task.run()
     times: dict[str, list[float]] = {value: [] for value in tasks}
     for round_ in range(args.repeats):
         for value in ("xla", "cpu") if round_ % 2 == 0 else ("cpu", "xla"):
