@@ -73,7 +73,7 @@ SAMPLING = {"sample-dpmpp20": ("dpm_solver++_2m", 20, "linspace"), "sample-ddim5
 # (task, batch) pairs of the suite.
 SUITE = (("train", 32), ("train", 16), ("forward", 16), ("sample-dpmpp20", 16), ("sample-ddim50", 16))
 # The U-Net's formulation switches (values ``layers.IMPLS``), each a command-line flag.
-IMPL_FIELDS = ("attention_impl", "norm_impl", "resblock_impl")
+IMPL_FIELDS = ("attention_impl", "norm_impl", "resblock_impl", "conv_impl")
 
 
 @dataclasses.dataclass
@@ -260,7 +260,8 @@ def summary(task: Task, times: list[float], batch: int, peak: dict[str, float]) 
 
 
 def add_impl_args(parser: argparse.ArgumentParser) -> None:
-    """Adds ``--attention-impl``, ``--norm-impl``, ``--resblock-impl`` (``IMPL_FIELDS``), default ``auto``."""
+    """Adds ``--attention-impl``, ``--norm-impl``, ``--resblock-impl``, ``--conv-impl`` (``IMPL_FIELDS``),
+    default ``auto``."""
     for field in IMPL_FIELDS:
         parser.add_argument(f"--{field.replace('_', '-')}", choices=layers.IMPLS, default="auto")
 

@@ -19,7 +19,8 @@ def model(name: str, **overrides) -> ml_collections.ConfigDict:
 def cpu_unet(preset: str = "unet_ddpm_cifar10", **overrides) -> ml_collections.ConfigDict:
     """A small U-Net (a U-Net preset, shrunk) that trains on a laptop CPU.
 
-    It uses the CPU-tuned attention, GroupNorm and residual-block formulations of ``diffax.models``.
+    It uses the CPU-tuned attention, GroupNorm, residual-block and (at inference) convolution
+    formulations of ``diffax.models``.
     """
     small = dict(
         base_channels=32,
@@ -32,6 +33,7 @@ def cpu_unet(preset: str = "unet_ddpm_cifar10", **overrides) -> ml_collections.C
         attention_impl="cpu",
         norm_impl="cpu",
         resblock_impl="cpu",
+        conv_impl="cpu",
     )
     return model(preset, **(small | overrides))
 

@@ -1,6 +1,6 @@
 """Building blocks shared by the U-Net and DiT: attention, GroupNorm(+SiLU), time and label embeddings.
 
-Attention and GroupNorm each live in exactly one function here, behind an ``impl`` switch:
+Convolution, attention and GroupNorm each live in exactly one function here, behind an ``impl`` switch:
 ``"xla"`` is the plain formulation (the default), ``"cpu"`` a formulation that XLA's CPU backend
 fuses better (see ``/work/shared/PERF-NOTES.md``); the two agree in value and gradient.
 
@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
+
+from diffax.models import winograd
 
 Dtype = Any
 Initializer = Any
@@ -105,9 +107,19 @@ def conv(
     strides: int = 1,
     padding: str | Sequence[tuple[int, int]] = "SAME",
     kernel_init: Initializer = XAVIER,
+    impl: str = "xla",
     name: str | None = None,
 ) -> nn.Conv:
-    """A square NHWC ``nn.Conv``; the kernel's channel dimensions carry logical axes ``axes``."""
+    """A square NHWC ``nn.Conv``; the kernel's channel dimensions carry logical axes ``axes``.
+
+    ``impl``: ``"xla"``: ``lax.conv_general_dilated``. ``"cpu"``: 3x3 stride-1 "SAME" float32 (or
+    float64) convolutions of maps at least ``winograd.MIN_SPATIAL`` wide as Winograd F(4x4, 3x3)
+    (``winograd.conv3x3``; same values up to rounding, same gradients), every other one as
+    ``"xla"``. ``"auto"``: ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
+    """
+    impl = resolve_impl(impl)
+    if impl not in ("xla", "cpu"):
+        raise ValueError(f"conv: impl={impl!r}; use one of {IMPLS}.")
     return nn.Conv(
         features,
         (kernel_size, kernel_size),
@@ -117,6 +129,7 @@ def conv(
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, *axes)),
         bias_init=nn.with_logical_partitioning(ZEROS, axes[1:]),
+        conv_general_dilated=winograd.conv_general_dilated if impl == "cpu" else None,
         name=name,
     )
 

@@ -47,6 +47,7 @@ class ResBlock(nn.Module):
     scale_shift: bool
     resample: str | None = None
     norm_impl: str = "xla"
+    conv_impl: str = "xla"
     materialize_input_cotangent: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -55,13 +56,14 @@ class ResBlock(nn.Module):
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(num_groups=self.norm_groups, epsilon=self.norm_eps, impl=self.norm_impl, **kw)
+        conv_kw = dict(impl=self.conv_impl, **kw)
         out = self.out_channels
         if self.materialize_input_cotangent:
             x = layers.materialized_cotangent(x)
         h = layers.GroupNorm(**norm)(x)
         if self.resample is not None:
             h, x = _resample(h, self.resample), _resample(x, self.resample)
-        h = layers.conv(out, 3, **kw)(h)
+        h = layers.conv(out, 3, **conv_kw)(h)
         e = layers.dense(out * (2 if self.scale_shift else 1), ("embed", "conv_out"), **kw)(nn.silu(emb))
         if self.scale_shift:
             scale, shift = jnp.split(e, 2, axis=-1)
@@ -69,9 +71,9 @@ class ResBlock(nn.Module):
         else:
             h = layers.GroupNorm(**norm)(h + e[:, None, None, :])
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        h = layers.conv(out, 3, kernel_init=layers.ZEROS, **kw)(h)
+        h = layers.conv(out, 3, kernel_init=layers.ZEROS, **conv_kw)(h)
         if x.shape[-1] != out:
-            x = layers.conv(out, 1, **kw)(x)
+            x = layers.conv(out, 1, **conv_kw)(x)
         return x + h
 
 
@@ -133,7 +135,12 @@ class UNet(nn.Module):
       norm_impl: "xla" or "cpu" (see ``layers.group_norm``).
       resblock_impl: "xla", or "cpu": each residual block materialises its input's cotangent
         (``layers.materialized_cotangent``), which XLA's CPU backend otherwise recomputes in every
-        consumer. "auto" (here and in the two above): "cpu" on the CPU backend, else "xla".
+        consumer.
+      conv_impl: "xla", or "cpu": with ``train=False`` (sampling, evaluation), 3x3 convolutions of
+        maps 16 wide or more as Winograd F(4x4, 3x3) (see ``layers.conv``); training keeps XLA's
+        convolutions, whose weight gradients read operands the forward convolution materialised
+        (under Winograd XLA recomputes them inside its operand relayouts: the train step ran
+        slower). "auto" (here and in the three above): "cpu" on the CPU backend, else "xla".
 
     References:
       Ho et al., "Denoising Diffusion Probabilistic Models", 2020, App. B; Nichol & Dhariwal,
@@ -166,6 +173,7 @@ class UNet(nn.Module):
     attention_impl: str = "xla"
     norm_impl: str = "xla"
     resblock_impl: str = "xla"
+    conv_impl: str = "xla"
 
     def __post_init__(self) -> None:
         self._validate()
@@ -182,7 +190,7 @@ class UNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        for field in ("norm_impl", "resblock_impl"):
+        for field in ("norm_impl", "resblock_impl", "conv_impl"):
             if getattr(self, field) not in layers.IMPLS:
                 raise ValueError(f"{name}: {field}={getattr(self, field)!r}; use one of {layers.IMPLS}.")
         if self.time_injection not in TIME_INJECTIONS:
@@ -276,6 +284,8 @@ class UNet(nn.Module):
             norm_impl=self.norm_impl,
             **kw,
         )
+        # Training convolutions stay XLA's: see the conv_impl field.
+        conv_kw = dict(impl="xla" if train else self.conv_impl, **kw)
 
         # Explicit names keep the parameter tree the same with and without remat.
         def res_block(h: jax.Array, channels: int, name: str, resample: str | None = None) -> jax.Array:
@@ -284,6 +294,7 @@ class UNet(nn.Module):
                 dropout=self.dropout,
                 scale_shift=self.time_injection == "scale_shift",
                 resample=resample,
+                conv_impl=conv_kw["impl"],
                 materialize_input_cotangent=layers.resolve_impl(self.resblock_impl) == "cpu",
                 name=name,
                 **block_kw,
@@ -303,10 +314,10 @@ class UNet(nn.Module):
             if self.resblock_updown:
                 return res_block(h, h.shape[-1], name, direction)
             if direction == "up":
-                return layers.conv(h.shape[-1], 3, name=name, **kw)(_resample(h, "up"))
-            return layers.conv(h.shape[-1], 3, strides=2, padding=((1, 1), (1, 1)), name=name, **kw)(h)
+                return layers.conv(h.shape[-1], 3, name=name, **conv_kw)(_resample(h, "up"))
+            return layers.conv(h.shape[-1], 3, strides=2, padding=((1, 1), (1, 1)), name=name, **conv_kw)(h)
 
-        h = layers.conv(self.base_channels, 3, ("channels", "conv_out"), name="conv_in", **kw)(
+        h = layers.conv(self.base_channels, 3, ("channels", "conv_out"), name="conv_in", **conv_kw)(
             x.astype(self.dtype)
         )
         skips = [h]
@@ -331,6 +342,6 @@ class UNet(nn.Module):
         h = layers.GroupNorm(self.norm_groups, self.norm_eps, impl=self.norm_impl, name="norm_out", **kw)(h)
         out_channels = x.shape[-1] * (2 if self.learned_variance else 1)
         out = layers.conv(
-            out_channels, 3, ("conv_in", "channels"), kernel_init=layers.ZEROS, name="conv_out", **kw
+            out_channels, 3, ("conv_in", "channels"), kernel_init=layers.ZEROS, name="conv_out", **conv_kw
         )(h)
         return out.astype(x.dtype)

@@ -88,6 +88,7 @@ def test_from_config_applies_overrides():
         ("unet_ddpm_cifar10", dict(time_injection="film"), "time_injection='film'"),
         ("unet_ddpm_cifar10", dict(norm_impl="fast"), "norm_impl='fast'"),
         ("unet_ddpm_cifar10", dict(resblock_impl="fast"), "resblock_impl='fast'"),
+        ("unet_ddpm_cifar10", dict(conv_impl="fast"), "conv_impl='fast'"),
         ("unet_ddpm_cifar10", dict(label_dropout=0.1), "label_dropout=0.1 needs num_classes"),
         ("unet_ddpm_cifar10", dict(dropout=1.0), r"dropout=1.0; use a rate in \[0, 1\)"),
         ("dit_s_2", dict(num_heads=5), "hidden_size=384 is not divisible by num_heads=5"),
