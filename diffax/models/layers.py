@@ -114,12 +114,10 @@ def conv(
 
     ``impl``: ``"xla"``: ``lax.conv_general_dilated``. ``"cpu"``: 3x3 stride-1 "SAME" float32 (or
     float64) convolutions of maps at least ``winograd.MIN_SPATIAL`` wide as Winograd F(4x4, 3x3)
-    (``winograd.conv3x3``; same values up to rounding, same gradients), every other one as
+    (``winograd.conv3x3``; values and gradients equal up to rounding), every other one as
     ``"xla"``. ``"auto"``: ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
     """
-    impl = resolve_impl(impl)
-    if impl not in ("xla", "cpu"):
-        raise ValueError(f"conv: impl={impl!r}; use one of {IMPLS}.")
+    impl = resolve_impl(impl, owner="conv")
     return nn.Conv(
         features,
         (kernel_size, kernel_size),
@@ -134,8 +132,13 @@ def conv(
     )
 
 
-def resolve_impl(impl: str) -> str:
-    """The formulation ``impl`` stands for: ``"auto"`` is ``"cpu"`` on the CPU backend, else ``"xla"``."""
+def resolve_impl(impl: str, owner: str = "resolve_impl") -> str:
+    """The formulation ``impl`` stands for: ``"auto"`` is ``"cpu"`` on the CPU backend, else ``"xla"``.
+
+    Raises a ValueError naming ``owner`` for a value outside ``IMPLS``.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{owner}: impl={impl!r}; use one of {IMPLS}.")
     if impl == "auto":
         return "cpu" if jax.default_backend() == "cpu" else "xla"
     return impl
@@ -183,9 +186,7 @@ def group_norm(
       Wu & He, "Group Normalization", 2018, Eq. (1)-(3); Dhariwal & Nichol, "Diffusion Models Beat
       GANs on Image Synthesis", 2021, Sec. 3 (AdaGN: ``y_s * GroupNorm(h) + y_b``).
     """
-    impl = resolve_impl(impl)
-    if impl not in ("xla", "cpu"):
-        raise ValueError(f"group_norm: impl={impl!r}; use one of {IMPLS}.")
+    impl = resolve_impl(impl, owner="group_norm")
     xf = jnp.asarray(x, jnp.float32)
     b, c, nd = xf.shape[0], xf.shape[-1], xf.ndim
     g = num_groups
@@ -404,11 +405,8 @@ def dot_product_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, impl: str
       Alg. 1-2 (blockwise forward; backward from the logsumexp with ``D = rowsum(dO * O)``).
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    impl = resolve_impl(impl)
-    if impl == "xla":
+    if resolve_impl(impl, owner="dot_product_attention") == "xla":
         return jax.nn.dot_product_attention(q, k, v)
-    if impl != "cpu":
-        raise ValueError(f"dot_product_attention: impl={impl!r}; use one of {IMPLS}.")
     b, t, n, _ = q.shape
 
     def heads_first(x: jax.Array) -> jax.Array:

@@ -284,8 +284,8 @@ class UNet(nn.Module):
             norm_impl=self.norm_impl,
             **kw,
         )
-        # Training convolutions stay XLA's: see the conv_impl field.
-        conv_kw = dict(impl="xla" if train else self.conv_impl, **kw)
+        conv_impl = "xla" if train else self.conv_impl  # training keeps XLA's: see the conv_impl field
+        conv_kw = dict(impl=conv_impl, **kw)
 
         # Explicit names keep the parameter tree the same with and without remat.
         def res_block(h: jax.Array, channels: int, name: str, resample: str | None = None) -> jax.Array:
@@ -294,7 +294,7 @@ class UNet(nn.Module):
                 dropout=self.dropout,
                 scale_shift=self.time_injection == "scale_shift",
                 resample=resample,
-                conv_impl=conv_kw["impl"],
+                conv_impl=conv_impl,
                 materialize_input_cotangent=layers.resolve_impl(self.resblock_impl) == "cpu",
                 name=name,
                 **block_kw,

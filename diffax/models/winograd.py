@@ -8,7 +8,7 @@ the direct convolution (2.25x for m = 2, 4x for m = 4). On this project's 2-core
 near the matmul peak and the ``ddpm-cifar10`` U-Net's forward pass ran 1.5x faster than with XLA's
 direct convolutions (``benchmarks/results/2026-12-01-winograd.md``). Gradients come from
 differentiating the same linear maps. The result equals the direct convolution in exact arithmetic;
-in float32 its error is ~4x the direct one's (``tests/perf/test_cpu_formulations.py``).
+in float32 its error is ~4x the direct one's (``tests/perf/test_winograd.py``).
 """
 
 import functools
