@@ -8,6 +8,7 @@ Every parameter carries logical axis names (Flax partitioning metadata); ``LOGIC
 maps them onto a ``("data", "fsdp")`` device mesh.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,14 +109,17 @@ def conv(
     padding: str | Sequence[tuple[int, int]] = "SAME",
     kernel_init: Initializer = XAVIER,
     impl: str = "xla",
+    train: bool = False,
     name: str | None = None,
 ) -> nn.Conv:
     """A square NHWC ``nn.Conv``; the kernel's channel dimensions carry logical axes ``axes``.
 
     ``impl``: ``"xla"``: ``lax.conv_general_dilated``. ``"cpu"``: 3x3 stride-1 "SAME" float32 (or
     float64) convolutions of maps at least ``winograd.MIN_SPATIAL`` wide as Winograd F(4x4, 3x3)
-    (``winograd.conv3x3``; values and gradients equal up to rounding), every other one as
-    ``"xla"``. ``"auto"``: ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
+    (values and gradients equal up to rounding), every other one as ``"xla"``: ``winograd.conv3x3``
+    (derivatives of every order, forward mode included), or with ``train=True``
+    ``winograd.conv3x3_train`` (a Winograd backward pass too; reverse mode only). ``"auto"``:
+    ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
     """
     impl = resolve_impl(impl, owner="conv")
     return nn.Conv(
@@ -127,7 +131,9 @@ def conv(
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, *axes)),
         bias_init=nn.with_logical_partitioning(ZEROS, axes[1:]),
-        conv_general_dilated=winograd.conv_general_dilated if impl == "cpu" else None,
+        conv_general_dilated=(
+            functools.partial(winograd.conv_general_dilated, train=train) if impl == "cpu" else None
+        ),
         name=name,
     )
 

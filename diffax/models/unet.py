@@ -56,7 +56,7 @@ class ResBlock(nn.Module):
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(num_groups=self.norm_groups, epsilon=self.norm_eps, impl=self.norm_impl, **kw)
-        conv_kw = dict(impl=self.conv_impl, **kw)
+        conv_kw = dict(impl=self.conv_impl, train=train, **kw)
         out = self.out_channels
         if self.materialize_input_cotangent:
             x = layers.materialized_cotangent(x)
@@ -136,11 +136,10 @@ class UNet(nn.Module):
       resblock_impl: "xla", or "cpu": each residual block materialises its input's cotangent
         (``layers.materialized_cotangent``), which XLA's CPU backend otherwise recomputes in every
         consumer.
-      conv_impl: "xla", or "cpu": with ``train=False`` (sampling, evaluation), 3x3 convolutions of
-        maps 16 wide or more as Winograd F(4x4, 3x3) (see ``layers.conv``); training keeps XLA's
-        convolutions, whose weight gradients read operands the forward convolution materialised
-        (under Winograd XLA recomputes them inside its operand relayouts: the train step ran
-        slower). "auto" (here and in the three above): "cpu" on the CPU backend, else "xla".
+      conv_impl: "xla", or "cpu": 3x3 convolutions of maps 16 wide or more as Winograd F(4x4, 3x3)
+        (see ``layers.conv``): with ``train=True`` their backward pass too (reverse mode only),
+        with ``train=False`` (sampling, evaluation, exact likelihood) differentiable in every mode.
+        "auto" (here and in the three above): "cpu" on the CPU backend, else "xla".
 
     References:
       Ho et al., "Denoising Diffusion Probabilistic Models", 2020, App. B; Nichol & Dhariwal,
@@ -284,8 +283,7 @@ class UNet(nn.Module):
             norm_impl=self.norm_impl,
             **kw,
         )
-        conv_impl = "xla" if train else self.conv_impl  # training keeps XLA's: see the conv_impl field
-        conv_kw = dict(impl=conv_impl, **kw)
+        conv_kw = dict(impl=self.conv_impl, train=train, **kw)
 
         # Explicit names keep the parameter tree the same with and without remat.
         def res_block(h: jax.Array, channels: int, name: str, resample: str | None = None) -> jax.Array:
@@ -294,7 +292,7 @@ class UNet(nn.Module):
                 dropout=self.dropout,
                 scale_shift=self.time_injection == "scale_shift",
                 resample=resample,
-                conv_impl=conv_impl,
+                conv_impl=self.conv_impl,
                 materialize_input_cotangent=layers.resolve_impl(self.resblock_impl) == "cpu",
                 name=name,
                 **block_kw,

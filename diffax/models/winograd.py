@@ -79,6 +79,40 @@ def _combine(coefficients: np.ndarray, terms: Sequence[jax.Array]) -> jax.Array:
     return total
 
 
+def _transformed_tiles(arr: jax.Array, matrix: np.ndarray, tile: int, grid: tuple[int, int]) -> jax.Array:
+    """``matrix @ window @ matrix^T`` of each window of ``arr`` (B, H', W', C) on a ``grid`` of tiles.
+
+    The window of tile (i, j) starts at (i * tile, j * tile) and has ``matrix.shape[1]`` rows and
+    columns; windows overlap when that exceeds ``tile``. Rows are transformed first, then columns.
+    Returns (a * a, B * th * tw, C) for an (a, n) ``matrix`` and ``grid = (th, tw)``.
+    """
+    a, n = matrix.shape
+    b, c = arr.shape[0], arr.shape[-1]
+
+    def windows(arr: jax.Array, axis: int, offset: int) -> jax.Array:
+        """Row (or column) ``offset`` of every tile's window, one per tile along ``axis``."""
+        count = grid[0] if axis == 1 else grid[1]
+        return jax.lax.slice_in_dim(arr, offset, offset + (count - 1) * tile + 1, tile, axis)
+
+    rows = [windows(arr, 1, u) for u in range(n)]
+    by_rows = jnp.stack([_combine(matrix[i], rows) for i in range(a)])  # (a, B, th, W', C)
+    cols = [windows(by_rows, 3, v) for v in range(n)]
+    out = jnp.stack([_combine(matrix[j], cols) for j in range(a)], axis=1)  # (a, a, B, th, tw, C)
+    return out.reshape(a * a, b * grid[0] * grid[1], c)
+
+
+def _input_tiles(x: jax.Array, tile: int) -> tuple[jax.Array, tuple[int, int]]:
+    """``B^T d B`` of every (m + 2) x (m + 2) input tile of the "SAME"-padded (B, H, W, C) ``x``.
+
+    Returns the (a * a, tiles, C) transformed tiles and the tile grid (th, tw) covering H x W.
+    """
+    bt = transforms(tile)[2]
+    h, w = x.shape[1:3]
+    grid = (-(-h // tile), -(-w // tile))
+    padded = jnp.pad(x, ((0, 0), (1, grid[0] * tile + 1 - h), (1, grid[1] * tile + 1 - w), (0, 0)))
+    return _transformed_tiles(padded, bt, tile, grid), grid
+
+
 def conv3x3(x: jax.Array, kernel: jax.Array, tile: int = 4) -> jax.Array:
     """A 3x3, stride-1, "SAME"-padded convolution of (B, H, W, C) ``x`` with (3, 3, C, O) ``kernel``.
 
@@ -88,31 +122,67 @@ def conv3x3(x: jax.Array, kernel: jax.Array, tile: int = 4) -> jax.Array:
     transform point, columns then rows of each output tile. H and W need not divide by ``tile``.
     Derivatives of every order come from differentiating these linear maps.
     """
-    at, g, bt = transforms(tile)
+    at, g, _ = transforms(tile)
     b, h, w, c = x.shape
     o, a = kernel.shape[-1], tile + 2
-    th, tw = -(-h // tile), -(-w // tile)
-    padded = jnp.pad(x, ((0, 0), (1, th * tile + 1 - h), (1, tw * tile + 1 - w), (0, 0)))
-
-    def tiles(arr: jax.Array, axis: int, offset: int) -> jax.Array:
-        """Rows (or columns) ``offset, offset + tile, ...`` of ``arr`` along ``axis``, one per tile."""
-        count = th if axis == 1 else tw
-        return jax.lax.slice_in_dim(arr, offset, offset + (count - 1) * tile + 1, tile, axis)
-
-    rows = [tiles(padded, 1, u) for u in range(a)]
-    by_rows = jnp.stack([_combine(bt[i], rows) for i in range(a)])  # (a, B, th, W', C)
-    cols = [tiles(by_rows, 3, v) for v in range(a)]
-    inputs = jnp.stack([_combine(bt[j], cols) for j in range(a)], axis=1)  # (a, a, B, th, tw, C)
+    inputs, (th, tw) = _input_tiles(x, tile)
 
     kernel_rows = [_combine(g[i], list(kernel)) for i in range(a)]  # (3, C, O) each
     filters = jnp.stack([jnp.stack([_combine(g[j], list(kr)) for j in range(a)]) for kr in kernel_rows])
 
-    products = jnp.einsum(
-        "ftc,fco->fto", inputs.reshape(a * a, b * th * tw, c), filters.reshape(a * a, c, o).astype(x.dtype)
-    ).reshape(a, a, b, th, tw, o)
+    products = jnp.einsum("ftc,fco->fto", inputs, filters.reshape(a * a, c, o).astype(x.dtype))
+    products = products.reshape(a, a, b, th, tw, o)
     out_cols = jnp.stack([_combine(at[q], list(jnp.moveaxis(products, 1, 0))) for q in range(tile)], axis=4)
     out = jnp.stack([_combine(at[p], list(out_cols)) for p in range(tile)], axis=2)  # (B, th, m, tw, m, O)
     return out.reshape(b, th * tile, tw * tile, o)[:, :h, :w]
+
+
+def conv3x3_kernel_grad(x: jax.Array, dy: jax.Array, tile: int = 4) -> jax.Array:
+    """The (3, 3, C, O) gradient of ``sum(dy * conv3x3(x, kernel))`` with respect to ``kernel``.
+
+    Each output tile contributes the correlation of its (m + 2)^2 input window with its m^2 output
+    gradient, a 3 x 3 result: F(3 x 3, m x m) Winograd, whose matrices are those of F(m x m, 3 x 3)
+    with the roles of ``A`` and ``G`` exchanged (the transposition principle: both compute the
+    trilinear form ``sum_p (A u)_p (G g)_p (B^T d)_p``). The contraction over batch and
+    tiles becomes one (C x tiles) @ (tiles x O) product per transform point; the fixed 3 x 3
+    output transform is applied once, after the sum.
+    """
+    at, g, _ = transforms(tile)
+    b, h, w, o = dy.shape
+    a = tile + 2
+    inputs, grid = _input_tiles(x, tile)
+    padded = jnp.pad(dy, ((0, 0), (0, grid[0] * tile - h), (0, grid[1] * tile - w), (0, 0)))
+    grads = _transformed_tiles(padded, at.T, tile, grid)  # A dy A^T per tile: (a * a, tiles, O)
+    products = jnp.einsum("ftc,fto->fco", inputs, grads).reshape(a, a, x.shape[-1], o)
+    return jnp.einsum("pk,ql,pqco->klco", g.astype(x.dtype), g.astype(x.dtype), products)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3_train(x: jax.Array, kernel: jax.Array, tile: int = 4) -> jax.Array:
+    """``conv3x3`` whose reverse-mode derivative keeps only ``x`` and ``kernel`` and is Winograd too.
+
+    The input gradient is ``conv3x3`` of the output gradient with the kernel flipped and its
+    channels swapped, the kernel gradient ``conv3x3_kernel_grad``. Differentiating ``conv3x3``
+    instead would keep the transformed input tiles (2.25x the input) for the backward pass, and XLA's
+    CPU fusion then recomputes their producers inside its relayouts: a ``small`` train step ran
+    slower than with XLA's convolutions; with this one it runs faster (see
+    ``benchmarks/results/2026-12-01-winograd-train.md``). Reverse mode only (``jax.grad`` of any
+    order); forward mode (``jax.jvp``) raises, so inference uses ``conv3x3``.
+    """
+    return conv3x3(x, kernel, tile)
+
+
+def _conv3x3_train_fwd(x: jax.Array, kernel: jax.Array, tile: int) -> tuple[jax.Array, tuple]:
+    return conv3x3(x, kernel, tile), (x, kernel)
+
+
+def _conv3x3_train_bwd(tile: int, residuals: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = residuals
+    flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+    return conv3x3(dy, flipped, tile), conv3x3_kernel_grad(x, dy, tile)
+
+
+conv3x3_train.defvjp(_conv3x3_train_fwd, _conv3x3_train_bwd)
 
 
 def applies(
@@ -159,17 +229,21 @@ def conv_general_dilated(
     batch_group_count: int = 1,
     precision=None,
     preferred_element_type=None,
+    *,
+    train: bool = False,
 ) -> jax.Array:
-    """``lax.conv_general_dilated``, with the convolutions ``applies`` accepts computed by ``conv3x3``.
+    """``lax.conv_general_dilated``, with the convolutions ``applies`` accepts computed by ``conv3x3``
+    (``conv3x3_train`` with ``train=True``: reverse mode only, faster to differentiate).
 
-    Drop-in for ``flax.linen.Conv(conv_general_dilated=...)``; every other call goes to lax unchanged.
+    Drop-in for ``flax.linen.Conv(conv_general_dilated=...)`` (bind ``train`` with
+    ``functools.partial``); every other call goes to lax unchanged.
     """
     dtype = jnp.result_type(lhs, rhs)
     if preferred_element_type is None and applies(
         lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
         dimension_numbers, feature_group_count, batch_group_count, dtype,
     ):  # fmt: skip
-        return conv3x3(lhs.astype(dtype), rhs.astype(dtype))
+        return (conv3x3_train if train else conv3x3)(lhs.astype(dtype), rhs.astype(dtype))
     return jax.lax.conv_general_dilated(
         lhs,
         rhs,

@@ -1,7 +1,8 @@
 """Winograd F(m x m, 3 x 3) convolution equals the direct convolution: exactly in float64, to a few
-rounding errors in float32, in value, reverse- and forward-mode derivatives, jitted or not; the
+rounding errors in float32, in value, reverse- and forward-mode derivatives, jitted or not; so do the
+F(3 x 3, m x m) kernel gradient and the training form's custom backward pass, to second order; the
 ``lax.conv_general_dilated`` drop-in routes only the convolutions it computes; the U-Net's
-``conv_impl="cpu"`` changes inference and leaves the training program alone."""
+``conv_impl="cpu"`` computes the same network in inference and in training."""
 
 import chex
 import jax
@@ -83,6 +84,81 @@ def test_derivatives_equal_the_direct_convolutions_in_float64(tile):
         )
 
 
+def _kernel_grad64(x, dy):
+    """d/dkernel of sum(dy * conv(x, kernel)) in float64 numpy: each tap's window against dy."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    h, w = x.shape[1:3]
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return np.stack(
+        [
+            np.stack([np.einsum("bhwc,bhwo->co", padded[:, i : i + h, j : j + w], dy) for j in range(3)])
+            for i in range(3)
+        ]
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("tile", sorted(winograd.POINTS))
+def test_kernel_grad_equals_the_direct_one_in_float64(seed, tile):
+    rng = np.random.default_rng(10 + seed)
+    b, h, w, c, o = (int(n) for n in rng.integers(1, [3, 14, 14, 5, 5], endpoint=True))
+    with jax.enable_x64(True):
+        x, dy = jnp.asarray(rng.normal(size=(b, h, w, c))), jnp.asarray(rng.normal(size=(b, h, w, o)))
+        grad = jax.jit(winograd.conv3x3_kernel_grad, static_argnums=2)(x, dy, tile)
+        chex.assert_shape(grad, (3, 3, c, o))
+        np.testing.assert_allclose(grad, _kernel_grad64(x, dy), rtol=1e-11, atol=1e-11)
+
+
+def _normal64(seed, *shapes):
+    """Standard normal float64 arrays of ``shapes`` (call inside ``jax.enable_x64``)."""
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.normal(size=shape)) for shape in shapes)
+
+
+class TestTrainForm(chex.TestCase):
+    """``conv3x3_train``: the same values, a custom backward pass equal to the direct one's."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_value_and_vjp_equal_the_direct_convolutions_in_float64(self):
+        with jax.enable_x64(True):
+            x, kernel, dy = _normal64(2, (2, 11, 6, 3), (3, 3, 3, 5), (2, 11, 6, 5))
+
+            def value_and_vjp(conv):
+                y, vjp = jax.vjp(conv, x, kernel)
+                return y, vjp(dy)
+
+            for tile in sorted(winograd.POINTS):
+                chex.assert_trees_all_close(
+                    self.variant(lambda: value_and_vjp(lambda x, k: winograd.conv3x3_train(x, k, tile)))(),
+                    value_and_vjp(_direct),
+                    rtol=1e-11,
+                    atol=1e-11,
+                )
+
+    def test_second_order_reverse_mode_equals_the_direct_convolutions(self):
+        """The backward pass is itself differentiable: the gradient of a function of the gradient."""
+        with jax.enable_x64(True):
+            x, kernel, target = _normal64(5, (2, 9, 7, 3), (3, 3, 3, 4), (2, 9, 7, 4))
+
+            def penalty(conv):
+                loss = lambda x, k: jnp.sum(jnp.tanh(conv(x, k)) * target)
+                return jax.jit(
+                    jax.grad(lambda x, k: jnp.sum(jax.grad(loss, argnums=(0, 1))(x, k)[0] ** 2), (0, 1))
+                )
+
+            chex.assert_trees_all_close(
+                penalty(winograd.conv3x3_train)(x, kernel),
+                penalty(_direct)(x, kernel),
+                rtol=1e-10,
+                atol=1e-10,
+            )
+
+    def test_forward_mode_is_refused(self):
+        x, kernel = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+        with pytest.raises(TypeError, match="custom_vjp"):
+            jax.jvp(winograd.conv3x3_train, (x, kernel), (x, kernel))
+
+
 class TestFloat32(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_error_is_a_few_times_the_direct_convolutions(self):
@@ -96,6 +172,21 @@ class TestFloat32(chex.TestCase):
 
         direct, wino = rms(_direct(x, kernel)), rms(self.variant(winograd.conv3x3)(x, kernel))
         assert wino < 8 * direct, (wino, direct)  # measured: ~4x
+        assert wino < 3e-6 * float(np.sqrt(np.mean(truth**2)))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_kernel_grad_error_is_a_few_times_the_direct_ones(self):
+        rng = np.random.default_rng(6)
+        x = jnp.asarray(rng.normal(size=(4, 20, 20, 16)), jnp.float32)
+        dy = jnp.asarray(rng.normal(size=(4, 20, 20, 8)), jnp.float32)
+        truth = _kernel_grad64(x, dy)
+        direct_grad = jax.vjp(lambda k: _direct(x, k), jnp.zeros((3, 3, 16, 8)))[1](dy)[0]
+
+        def rms(grad):
+            return float(np.sqrt(np.mean((np.asarray(grad, np.float64) - truth) ** 2)))
+
+        direct, wino = rms(direct_grad), rms(self.variant(winograd.conv3x3_kernel_grad)(x, dy))
+        assert wino < 8 * max(direct, 1e-7 * float(np.sqrt(np.mean(truth**2)))), (wino, direct)
         assert wino < 3e-6 * float(np.sqrt(np.mean(truth**2)))
 
 
@@ -139,8 +230,9 @@ def test_drop_in_leaves_every_other_convolution_to_lax(shape, kernel_shape, call
     )
 
 
-def test_unet_conv_impl_changes_inference_only():
-    """16x16 maps take Winograd at inference (values and input gradients agree); training is untouched."""
+def test_unet_conv_impl_computes_the_same_network():
+    """16x16 maps take Winograd: inference values, input gradients and forward-mode derivatives, and
+    the training loss's parameter gradients agree with the plain network's."""
     kw = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), dropout=0.0)
     plain = models.get("unet_ddpm_cifar10", norm_groups=4, head_channels=8, conv_impl="xla", **kw)
     wino = models.get("unet_ddpm_cifar10", norm_groups=4, head_channels=8, conv_impl="cpu", **kw)
@@ -151,18 +243,29 @@ def test_unet_conv_impl_changes_inference_only():
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
 
     def apply(net, train=False):
-        return jax.jit(lambda x: net.apply({"params": params}, x, t, train=train))
+        return jax.jit(lambda x, params=params: net.apply({"params": params}, x, t, train=train))
 
-    infer = str(jax.make_jaxpr(apply(wino))(x))
-    assert infer.count("conv_general_dilated") < str(jax.make_jaxpr(apply(plain))(x)).count(
-        "conv_general_dilated"
-    )
-    out_plain, out_wino = apply(plain)(x), apply(wino)(x)
-    scale = float(jnp.abs(out_plain).max())
-    np.testing.assert_allclose(out_wino, out_plain, atol=1e-5 * scale)
+    def close(got, want, rtol):
+        chex.assert_trees_all_close(
+            got, want, atol=rtol * max(float(jnp.abs(w).max()) for w in jax.tree.leaves(want))
+        )
+
+    for train in (False, True):
+        counts = [
+            str(jax.make_jaxpr(apply(net, train))(x)).count("conv_general_dilated") for net in (wino, plain)
+        ]
+        assert counts[0] < counts[1], counts
+    close(apply(wino)(x), apply(plain)(x), 1e-5)
     grads = [jax.grad(lambda x, net=net: jnp.sum(apply(net)(x) ** 2))(x) for net in (plain, wino)]
-    chex.assert_trees_all_close(grads[1], grads[0], atol=1e-4 * float(jnp.abs(grads[0]).max()))
-    chex.assert_trees_all_equal(apply(wino, train=True)(x), apply(plain, train=True)(x))
+    close(grads[1], grads[0], 1e-4)
+    tangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    jvps = [jax.jvp(apply(net), (x,), (tangent,)) for net in (plain, wino)]
+    close(jvps[1], jvps[0], 1e-4)
+    loss_grads = [
+        jax.grad(lambda p, net=net: jnp.mean((apply(net, train=True)(x, p) - x) ** 2))(params)
+        for net in (plain, wino)
+    ]
+    close(loss_grads[1], loss_grads[0], 1e-4)
 
 
 def test_conv_rejects_an_unknown_impl():
