@@ -6,9 +6,11 @@ Networks", 2016, Eq. (8)): the transforms are fixed linear combinations, and the
 becomes (m + 2)^2 independent matrix products, with 9 m^2 / (m + 2)^2 times fewer multiplications than
 the direct convolution (2.25x for m = 2, 4x for m = 4). On this project's 2-core CPU the products run
 near the matmul peak and the ``ddpm-cifar10`` U-Net's forward pass ran 1.5x faster than with XLA's
-direct convolutions (``benchmarks/results/2026-12-01-winograd.md``). Gradients come from
-differentiating the same linear maps. The result equals the direct convolution in exact arithmetic;
-in float32 its error is ~4x the direct one's (``tests/perf/test_winograd.py``).
+direct convolutions (``benchmarks/results/2026-12-01-winograd.md``). ``conv3x3`` is differentiable in
+every mode through the same linear maps; ``conv3x3_train`` has a Winograd backward pass of its own
+(the kernel gradient as F(3 x 3, m x m)), which made the U-Net's train step 1.1-1.5x faster
+(``benchmarks/results/2026-12-01-winograd-train.md``). The results equal the direct convolution's in
+exact arithmetic; in float32 their error is ~4x the direct one's (``tests/perf/test_winograd.py``).
 """
 
 import functools
