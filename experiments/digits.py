@@ -10,8 +10,9 @@ sampled by ``python -m diffax.evaluate --workdir=runs/digits --sampler=ddpm --st
 90.6% confident, p = 0.68.
 
 On Linux with jaxlib 0.10.2, ``--config.cpu.eigen_conv=True --config.cpu.retain_host_memory=True`` (see
-``diffax.perf``) trains 1.3x faster: 3.48-3.58 against 2.70-2.75 steps/s over the first 400 steps on a
-2-core AMD EPYC, alternating runs. They stay off by default: the XLA flag belongs to one jaxlib and the
+``diffax.perf``) trains faster: 3.48-3.58 against 2.70-2.75 steps/s over the first 400 steps on a
+2-core AMD EPYC, alternating runs, with XLA's convolutions; since training moved to Winograd
+(``conv_impl``, 1.2x on this step), a train step of 321 against 381 ms. They stay off by default: the XLA flag belongs to one jaxlib and the
 allocator setting to glibc.
 """
 
