@@ -128,19 +128,18 @@ def build_task(
         "compute_dtype": compute_dtype,
     }
 
-    def forward(p, x, t):
-        return net.apply({"params": p}, x, t)
+    def forward_of(network: nn.Module):
+        def forward(p, x, t):
+            return network.apply({"params": p}, x, t)
 
+        return forward
+
+    forward = forward_of(net)
     t_mid = jnp.full((batch,), 0.501)  # DDPM step 500, as the peer's forward
     # The network's work (forward and train step), counted on direct convolutions: Winograd
     # (conv_impl) gets the same result with fewer multiplications, and counting those would lower
     # the fraction of peak it reaches.
     direct = net.clone(conv_impl="xla")
-    forward_flops = (
-        jax.jit(lambda p, x, t: direct.apply({"params": p}, x, t))
-        .lower(params, x0, t_mid)
-        .cost_analysis()["flops"]
-    )
 
     if what == "train":
         tx = optax.adamw(1e-4, weight_decay=0.01)
@@ -181,6 +180,7 @@ def build_task(
         info["steps_per_call"] = steps_per_call
         return Task(run, compile_s, flops, models.count_params(params), info, steps_per_call, compiled)
 
+    forward_flops = jax.jit(forward_of(direct)).lower(params, x0, t_mid).cost_analysis()["flops"]
     if what == "forward":
         compiled, compile_s = _compile(jax.jit(forward), params, x0, t_mid, options=compiler_options)
 

@@ -19,8 +19,8 @@ def model(name: str, **overrides) -> ml_collections.ConfigDict:
 def cpu_unet(preset: str = "unet_ddpm_cifar10", **overrides) -> ml_collections.ConfigDict:
     """A small U-Net (a U-Net preset, shrunk) that trains on a laptop CPU.
 
-    It uses the CPU-tuned attention, GroupNorm, residual-block and (at inference) convolution
-    formulations of ``diffax.models``.
+    It uses the CPU-tuned attention, GroupNorm, residual-block and convolution formulations of
+    ``diffax.models``.
     """
     small = dict(
         base_channels=32,

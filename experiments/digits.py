@@ -12,8 +12,8 @@ sampled by ``python -m diffax.evaluate --workdir=runs/digits --sampler=ddpm --st
 On Linux with jaxlib 0.10.2, ``--config.cpu.eigen_conv=True --config.cpu.retain_host_memory=True`` (see
 ``diffax.perf``) trains faster: 3.48-3.58 against 2.70-2.75 steps/s over the first 400 steps on a
 2-core AMD EPYC, alternating runs, with XLA's convolutions; since training moved to Winograd
-(``conv_impl``, 1.2x on this step), a train step of 321 against 381 ms. They stay off by default: the XLA flag belongs to one jaxlib and the
-allocator setting to glibc.
+(``conv_impl``, 1.2x on this step), a train step of 321 against 381 ms. They stay off by default:
+the XLA flag belongs to one jaxlib and the allocator setting to glibc.
 """
 
 from experiments import common

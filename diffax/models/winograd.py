@@ -150,7 +150,7 @@ def conv3x3_kernel_grad(x: jax.Array, dy: jax.Array, tile: int = 4) -> jax.Array
     output transform is applied once, after the sum.
     """
     at, g, _ = transforms(tile)
-    b, h, w, o = dy.shape
+    h, w, o = dy.shape[1:]
     a = tile + 2
     inputs, grid = _input_tiles(x, tile)
     padded = jnp.pad(dy, ((0, 0), (0, grid[0] * tile - h), (0, grid[1] * tile - w), (0, 0)))

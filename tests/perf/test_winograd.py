@@ -159,6 +159,10 @@ class TestTrainForm(chex.TestCase):
             jax.jvp(winograd.conv3x3_train, (x, kernel), (x, kernel))
 
 
+def _rms_error(got, truth):
+    return float(np.sqrt(np.mean((np.asarray(got, np.float64) - truth) ** 2)))
+
+
 class TestFloat32(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_error_is_a_few_times_the_direct_convolutions(self):
@@ -166,11 +170,8 @@ class TestFloat32(chex.TestCase):
         x = jnp.asarray(rng.normal(size=(2, 20, 20, 32)), jnp.float32)
         kernel = jnp.asarray(rng.normal(size=(3, 3, 32, 16)) / np.sqrt(9 * 32), jnp.float32)
         truth = _correlate64(x, kernel)
-
-        def rms(y):
-            return float(np.sqrt(np.mean((np.asarray(y, np.float64) - truth) ** 2)))
-
-        direct, wino = rms(_direct(x, kernel)), rms(self.variant(winograd.conv3x3)(x, kernel))
+        direct = _rms_error(_direct(x, kernel), truth)
+        wino = _rms_error(self.variant(winograd.conv3x3)(x, kernel), truth)
         assert wino < 8 * direct, (wino, direct)  # measured: ~4x
         assert wino < 3e-6 * float(np.sqrt(np.mean(truth**2)))
 
@@ -181,11 +182,8 @@ class TestFloat32(chex.TestCase):
         dy = jnp.asarray(rng.normal(size=(4, 20, 20, 8)), jnp.float32)
         truth = _kernel_grad64(x, dy)
         direct_grad = jax.vjp(lambda k: _direct(x, k), jnp.zeros((3, 3, 16, 8)))[1](dy)[0]
-
-        def rms(grad):
-            return float(np.sqrt(np.mean((np.asarray(grad, np.float64) - truth) ** 2)))
-
-        direct, wino = rms(direct_grad), rms(self.variant(winograd.conv3x3_kernel_grad)(x, dy))
+        direct = _rms_error(direct_grad, truth)
+        wino = _rms_error(self.variant(winograd.conv3x3_kernel_grad)(x, dy), truth)
         assert wino < 8 * max(direct, 1e-7 * float(np.sqrt(np.mean(truth**2)))), (wino, direct)
         assert wino < 3e-6 * float(np.sqrt(np.mean(truth**2)))
 
@@ -251,10 +249,11 @@ def test_unet_conv_impl_computes_the_same_network():
         )
 
     for train in (False, True):
-        counts = [
-            str(jax.make_jaxpr(apply(net, train))(x)).count("conv_general_dilated") for net in (wino, plain)
-        ]
+        jaxprs = [str(jax.make_jaxpr(apply(net, train))(x)) for net in (wino, plain)]
+        counts = [jaxpr.count("conv_general_dilated") for jaxpr in jaxprs]
         assert counts[0] < counts[1], counts
+        # Training takes the custom-VJP form; inference the plain one, which forward mode needs.
+        assert ("conv3x3_train" in jaxprs[0]) == train
     close(apply(wino)(x), apply(plain)(x), 1e-5)
     grads = [jax.grad(lambda x, net=net: jnp.sum(apply(net)(x) ** 2))(x) for net in (plain, wino)]
     close(grads[1], grads[0], 1e-4)
