@@ -326,18 +326,30 @@ class GroupNorm(nn.Module):
 # process, alternating): 4 MiB trains 3% (small) and 4-6% (ddpm-cifar10) faster than 1 MiB, forward even;
 # 2 MiB 6%, 8 MiB 1-3%, 16 MiB 11% slower than 4 MiB (benchmarks/results/2026-12-01-train.md).
 ATTENTION_BLOCK_BYTES = 4 << 20
+# Without a backward pass (sampling, evaluation) XLA's CPU backend hands a block's whole attention, both
+# products and the softmax, to one YNNPACK fusion, which does not keep the block's scores. There, larger
+# blocks ran faster while one head's float32 (T, S) scores took at most 256 KiB (T = S = 256: all heads
+# at once 1.2-1.6x faster than 4 MiB blocks; 1.0-1.2x at 64), slower from 1.3 MiB (T = S = 576 to 4096:
+# 1.1-1.45x). Such heads go in blocks of up to INFERENCE_BLOCK_BYTES, which bounds the memory where no
+# YNNPACK fusion takes the block (1 GiB of scores at batch 256 of `small` without the bound). The U-Net's
+# forward pass and samplers ran 1.02-1.14x faster (benchmarks/results/2026-12-01-inference-attention.md).
+INFERENCE_HEAD_BYTES = 512 << 10
+INFERENCE_BLOCK_BYTES = 256 << 20
 
 
-def _heads_per_block(groups: int, t: int, s: int) -> int:
-    """The largest divisor of ``groups`` whose (t, s) float32 score blocks fit ``ATTENTION_BLOCK_BYTES``."""
-    fit = max(1, ATTENTION_BLOCK_BYTES // (4 * t * s))
+def _heads_per_block(groups: int, t: int, s: int, block_bytes: int | None = None) -> int:
+    """The largest divisor of ``groups`` whose (t, s) float32 score blocks fit ``block_bytes``
+    (``ATTENTION_BLOCK_BYTES`` if None)."""
+    fit = max(1, (block_bytes or ATTENTION_BLOCK_BYTES) // (4 * t * s))
     return max(d for d in range(1, min(groups, fit) + 1) if groups % d == 0)
 
 
-def _blocked(fn, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+def _blocked(fn, *arrays: jax.Array, block_bytes: int | None = None) -> tuple[jax.Array, ...]:
     """Maps ``fn`` over blocks of the leading (batch x heads) axis, one block after the other."""
     groups, t = arrays[0].shape[:2]
-    block = _heads_per_block(groups, t, arrays[1].shape[1])
+    block = _heads_per_block(groups, t, arrays[1].shape[1], block_bytes)
+    if block == groups:
+        return fn(*arrays)
     split = tuple(a.reshape(groups // block, block, *a.shape[1:]) for a in arrays)
     return tuple(o.reshape(groups, *o.shape[2:]) for o in jax.lax.map(lambda a: fn(*a), split))
 
@@ -371,8 +383,13 @@ def _attention_block_grads(
 
 @jax.custom_vjp
 def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Attention of pre-scaled heads-first (G, T, H) float32 arrays, block by block over G."""
-    return _blocked(_attention_block, q, k, v)[0]
+    """Attention of pre-scaled heads-first (G, T, H) float32 arrays, block by block over G.
+
+    This primal runs only without a backward pass: heads whose scores fit ``INFERENCE_HEAD_BYTES``
+    then go in blocks of ``INFERENCE_BLOCK_BYTES``.
+    """
+    short = 4 * q.shape[1] * k.shape[1] <= INFERENCE_HEAD_BYTES
+    return _blocked(_attention_block, q, k, v, block_bytes=INFERENCE_BLOCK_BYTES if short else None)[0]
 
 
 def _blocked_attention_fwd(q, k, v):
@@ -400,7 +417,8 @@ def dot_product_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, impl: str
         one). ``"cpu"``: float32, heads first, q pre-scaled, computed in blocks of heads whose
         (T, S) scores fit in cache (``ATTENTION_BLOCK_BYTES``): ``exp(s - max s)`` times v, divided
         by the row sums after the PV product; the backward pass recomputes each block's
-        probabilities from the saved logsumexp instead of storing them (a custom VJP).
+        probabilities from the saved logsumexp instead of storing them (a custom VJP). Without a
+        backward pass, heads of short sequences (``INFERENCE_HEAD_BYTES``) go in larger blocks.
         ``"auto"``: ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
 
     Returns:

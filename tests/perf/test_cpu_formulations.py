@@ -55,6 +55,23 @@ def test_blocked_attention_values_and_grads_equal_plain(small_blocks, t, s):
     chex.assert_trees_all_close(grads["cpu"], grads["xla"], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "head_bytes,block_bytes,loops", [(0, 1 << 20, True), (256, 1 << 20, False), (256, 1024, True)]
+)
+def test_inference_attention_blocks_equal_float64(small_blocks, monkeypatch, head_bytes, block_bytes, loops):
+    """Without a backward pass, heads whose (8, 8) scores (256 B) fit ``INFERENCE_HEAD_BYTES`` go in
+    ``INFERENCE_BLOCK_BYTES`` blocks (all 12 in one, no loop, or 3 of 4), others in 2 KiB blocks."""
+    monkeypatch.setattr(layers, "INFERENCE_HEAD_BYTES", head_bytes)
+    monkeypatch.setattr(layers, "INFERENCE_BLOCK_BYTES", block_bytes)
+    q, k, v = _normal(4, (3, 8, 4, 5), (3, 8, 4, 5), (3, 8, 4, 5), scale=2.0)
+
+    def attend(*a):
+        return layers.dot_product_attention(*a, impl="cpu")
+
+    assert ("scan" in str(jax.make_jaxpr(attend)(q, k, v))) == loops
+    np.testing.assert_allclose(jax.jit(attend)(q, k, v), _attention64(q, k, v), atol=3e-6, rtol=1e-5)
+
+
 def test_blocked_attention_grads_match_float64_finite_differences():
     q, k, v = _normal(1, (1, 4, 2, 3), (1, 4, 2, 3), (1, 4, 2, 3))
     w = np.random.default_rng(2).normal(size=(1, 4, 2, 3))
