@@ -113,8 +113,8 @@ def test_single_measurement_prints_one_json_line(bench, capsys):
     assert record["gflop"] > 1 and 0 < record["fraction_of_peak"]
     assert {record[field] for field in bench.IMPL_FIELDS} == {"cpu"}  # "auto"
     assert "conv_impl" in bench.IMPL_FIELDS
-    # FLOPs are the direct convolutions' even though the forward ran Winograd ones.
-    impls = {field: "cpu" for field in bench.IMPL_FIELDS} | {"conv_impl": "xla"}
+    # FLOPs are the direct convolutions' and the unblocked attention's, whatever the forward ran.
+    impls = {field: "cpu" for field in bench.IMPL_FIELDS} | {"conv_impl": "xla", "attention_impl": "xla"}
     net = models.get("unet_ddpm_cifar10", **bench.CONFIGS["small"], **bench.PEER_LAYOUT, **impls)
     x, t = jnp.zeros((2, 32, 32, 3)), jnp.full((2,), 0.5)
     params = jax.eval_shape(lambda: net.init(jax.random.key(0), x, t)["params"])
