@@ -340,7 +340,7 @@ INFERENCE_BLOCK_BYTES = 256 << 20
 def _heads_per_block(groups: int, t: int, s: int, block_bytes: int | None = None) -> int:
     """The largest divisor of ``groups`` whose (t, s) float32 score blocks fit ``block_bytes``
     (``ATTENTION_BLOCK_BYTES`` if None)."""
-    fit = max(1, (block_bytes or ATTENTION_BLOCK_BYTES) // (4 * t * s))
+    fit = max(1, (ATTENTION_BLOCK_BYTES if block_bytes is None else block_bytes) // (4 * t * s))
     return max(d for d in range(1, min(groups, fit) + 1) if groups % d == 0)
 
 
