@@ -32,7 +32,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
 from diffax import config as config_lib
-from diffax import data, generate
+from diffax import data, generate, summaries
 
 Evaluate = Callable[..., dict[str, float]]
 
@@ -174,11 +174,10 @@ def main(argv: list[str]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)
-    from clu import metric_writers
-
-    writer = metric_writers.SummaryWriter(eval_dir)
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-    writer.close()
+    writer = summaries.scalar_writer(eval_dir)
+    summaries.write_scalars(writer, step, {f"eval/{k}": v for k, v in metrics.items()})
+    if writer is not None:
+        writer.close()
     logging.info("wrote %s", out)
     print(json.dumps(record, sort_keys=True))
 

@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffax import checkpoint, data, generate, nonfinite, sharding, train_state
+from diffax import checkpoint, data, generate, nonfinite, sharding, summaries, train_state
 from diffax import config as config_lib
 from diffax import evaluate as evaluate_lib
 
@@ -171,13 +171,8 @@ def train_and_evaluate(
     sampler = functools.partial(generate.sample_images, sample_fn, config=config)
     evaluate = evaluate_lib.make_evaluation(config, sample_fn)
 
-    # TensorBoard events from process 0; the console gets the progress line of _report. (clu loads
-    # TensorFlow, so it is imported only once the config has been accepted.)
-    from clu import metric_writers
-
-    writer = metric_writers.AsyncWriter(
-        metric_writers.SummaryWriter(workdir) if jax.process_index() == 0 else metric_writers.MultiWriter([])
-    )
+    # TensorBoard events from process 0; the console gets the progress line of _report.
+    writer = summaries.scalar_writer(workdir)
     preemption = _Preemption()
     start = int(state.step)
     total = config.total_steps
@@ -206,14 +201,14 @@ def train_and_evaluate(
                     time.perf_counter() - tick,
                     batch_size=config.input.batch_size,
                 )
-                writer.write_scalars(done, scalars)
+                summaries.write_scalars(writer, done, scalars)
                 tick, tick_step = time.perf_counter(), done
 
             if config.log.sample_every_steps and (done % config.log.sample_every_steps == 0 or done == total):
                 generate.write_sample_grid(sampler(state.sampling_params(), seed=done), workdir, done)
             if config.log.eval_every_steps and (done % config.log.eval_every_steps == 0 or done == total):
                 metrics = evaluate(state.sampling_params(), step=done)
-                writer.write_scalars(done, {f"eval/{k}": v for k, v in metrics.items()})
+                summaries.write_scalars(writer, done, {f"eval/{k}": v for k, v in metrics.items()})
 
             if preemption.agreed(done):
                 window.check()
@@ -228,7 +223,8 @@ def train_and_evaluate(
     finally:
         preemption.restore_handler()
         ckpt.close()
-        writer.flush()
+        if writer is not None:
+            writer.close()
     return state
 
 

@@ -100,9 +100,11 @@ def mixture_config():
 
 
 def subprocess_env(num_devices: int) -> dict[str, str]:
-    """Environment of a child `python -m diffax.main`: fake CPU devices, the shared compile cache."""
+    """Environment of a child `python -m diffax.main`: fake CPU devices, this process's other XLA flags, the
+    shared compile cache."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={num_devices}"])
     env["JAX_PLATFORMS"] = "cpu"
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
@@ -144,3 +146,14 @@ def restore_run(workdir):
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
     state, step = checkpoint.restore_latest(str(workdir), config, train_state.build(config), mesh=mesh)
     return jax.device_get(state), step
+
+
+def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """The TensorBoard scalars of the event files in ``logdir``: tag -> [(step, value), ...], as TensorBoard
+    reads them."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(logdir), size_guidance={event_accumulator.SCALARS: 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
