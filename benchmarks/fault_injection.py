@@ -49,9 +49,11 @@ _PARTIAL = ".orbax-checkpoint-tmp"  # Orbax's suffix for a checkpoint directory 
 
 
 def child_env(num_devices: int = 8) -> dict[str, str]:
-    """Environment of a child run: ``num_devices`` fake CPU devices, the test compile cache, the repo."""
+    """Environment of a child run: ``num_devices`` fake CPU devices, this process's other XLA flags, the
+    test compile cache, the repo."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={num_devices}"])
     env["JAX_PLATFORMS"] = "cpu"
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/diffax-test-jax"))

@@ -46,9 +46,10 @@ def _generator():
 def _kernel_env() -> dict[str, str]:
     """This process's environment for one real CPU device, a tiny run, and the shared compile cache."""
     env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    # The run is a few steps of each program, so compile time dominates: optimise less.
-    env["XLA_FLAGS"] = " ".join([*flags, "--xla_backend_optimization_level=0"])
+    # One real device; the other flags as in this process (tests/conftest.py: optimise less, compile faster).
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f
+    )
     env.pop("MPLBACKEND", None)  # the kernel's inline backend must make the figures
     env |= {
         "CI": "true",
