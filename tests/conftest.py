@@ -24,3 +24,10 @@ jax.config.update(
     os.environ.get("DIFFAX_TEST_CACHE", os.path.expanduser("~/.cache/diffax-test-jax")),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked slow run first (otherwise in collection order), so that under ``pytest -n 2`` no long
+    test starts last and runs alone while the other worker idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+

@@ -190,8 +190,12 @@ def test_unet_train_gradients_equal_across_formulations():
     )
     x, noise = _normal(9, (2, 8, 8, 3), (2, 8, 8, 3))
     t = jnp.array([0.3, 0.8])
-    params = plain.init(jax.random.key(0), x, t)["params"]
-    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+    params = jax.jit(  # jitted: run op by op, the initialisers compile one by one (~20 s)
+        lambda: jax.tree.map(
+            lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+            plain.init(jax.random.key(0), x, t)["params"],
+        )
+    )()
 
     def loss(net):
         return jax.jit(jax.value_and_grad(lambda p: jnp.mean((net.apply({"params": p}, x, t) - noise) ** 2)))

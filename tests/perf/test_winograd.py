@@ -228,6 +228,7 @@ def test_drop_in_leaves_every_other_convolution_to_lax(shape, kernel_shape, call
     )
 
 
+@pytest.mark.slow
 def test_unet_conv_impl_computes_the_same_network():
     """16x16 maps take Winograd: inference values, input gradients and forward-mode derivatives, and
     the training loss's parameter gradients agree with the plain network's."""
@@ -237,8 +238,12 @@ def test_unet_conv_impl_computes_the_same_network():
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
     t = jnp.array([0.3, 0.8])
-    params = plain.init(jax.random.key(0), x, t)["params"]
-    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+    params = jax.jit(  # jitted: run op by op, the initialisers compile one by one (~20 s)
+        lambda: jax.tree.map(
+            lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+            plain.init(jax.random.key(0), x, t)["params"],
+        )
+    )()
 
     def apply(net, train=False):
         return jax.jit(lambda x, params=params: net.apply({"params": params}, x, t, train=train))

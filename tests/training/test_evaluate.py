@@ -28,6 +28,7 @@ def _run(module, *args):
     )
 
 
+@pytest.mark.slow
 def test_digits_run_is_evaluated_by_the_loop_and_the_command(tmp_path):
     workdir = tmp_path / "digits"
     tiny = [
@@ -84,6 +85,7 @@ def inception_file(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow
 def test_inception_run_measures_fid_against_its_own_input(squares_dir, inception_file, mixture_config):
     config = mixture_config
     config.input.update(dict(dataset="diffax_test_squares", data_dir=squares_dir, image_size=8, batch_size=8))
