@@ -30,4 +30,3 @@ def pytest_collection_modifyitems(items):
     """Tests marked slow run first (otherwise in collection order), so that under ``pytest -n 2`` no long
     test starts last and runs alone while the other worker idles."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-

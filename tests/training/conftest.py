@@ -18,6 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks import fault_injection  # noqa: E402
 from diffax import checkpoint, data, sharding, train_state  # noqa: E402
 from diffax import config as config_lib  # noqa: E402
 from experiments import mixture  # noqa: E402
@@ -100,18 +101,10 @@ def mixture_config():
 
 
 def subprocess_env(num_devices: int) -> dict[str, str]:
-    """Environment of a child `python -m diffax.main`: fake CPU devices, this process's other XLA flags, the
-    shared compile cache."""
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={num_devices}"])
-    env["JAX_PLATFORMS"] = "cpu"
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
-        "DIFFAX_TEST_CACHE", os.path.expanduser("~/.cache/diffax-test-jax")
-    )
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
+    """Environment of a child `python -m diffax.main`: ``fault_injection.child_env``'s (fake CPU devices,
+    this process's other XLA flags, the repo), with this test session's compile cache."""
+    cache = os.environ.get("DIFFAX_TEST_CACHE", os.path.expanduser("~/.cache/diffax-test-jax"))
+    return fault_injection.child_env(num_devices) | {"JAX_COMPILATION_CACHE_DIR": cache}
 
 
 MIXTURE_EXPERIMENT = REPO / "experiments" / "mixture.py"
@@ -156,4 +149,3 @@ def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     events = event_accumulator.EventAccumulator(str(logdir), size_guidance={event_accumulator.SCALARS: 0})
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
