@@ -70,7 +70,8 @@ class ResBlock(nn.Module):
             h = layers.GroupNorm(**norm)(h, (scale, shift))
         else:
             h = layers.GroupNorm(**norm)(h + e[:, None, None, :])
-        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        if train and self.dropout > 0:
+            h = layers.dropout(h, self.dropout, self.make_rng("dropout"))
         h = layers.conv(out, 3, kernel_init=layers.ZEROS, **conv_kw)(h)
         if x.shape[-1] != out:
             x = layers.conv(out, 1, **conv_kw)(x)

@@ -30,9 +30,7 @@ def _group_norm_ref(x, gamma, beta, groups, eps, m_scale, m_shift, silu):
 
 def _qkv(seed, t=7, s=5):
     rng = np.random.default_rng(seed)
-    return tuple(
-        jnp.asarray(rng.normal(size=(2, n, 3, 4)) * 2, jnp.float32) for n in (t, s, s)
-    )
+    return tuple(jnp.asarray(rng.normal(size=(2, n, 3, 4)) * 2, jnp.float32) for n in (t, s, s))
 
 
 @pytest.mark.parametrize("impl", layers.IMPLS)
@@ -81,9 +79,7 @@ def test_group_norm_cpu_gradients_equal_xla():
 
     def grads(impl):
         def f(x, gamma, beta, m_scale, m_shift):
-            y = layers.group_norm(
-                x, gamma, beta, num_groups=4, modulation=(m_scale, m_shift), impl=impl
-            )
+            y = layers.group_norm(x, gamma, beta, num_groups=4, modulation=(m_scale, m_shift), impl=impl)
             return jnp.sum(y * w)
 
         return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))(x, gamma, beta, m_scale, m_shift)
@@ -134,3 +130,66 @@ def test_split_cond_null_label_default_and_errors():
         layers.split_cond(None, 3, num_classes=None, context_dim=6, owner="M")
     with pytest.raises(ValueError, match=r"\(3, L, 6\)"):
         layers.split_cond({"context": jnp.zeros((3, 2, 5))}, 3, num_classes=None, context_dim=6, owner="M")
+
+
+def _dropout_scale(rate):
+    levels = 1 << layers.DROPOUT_FIELD_BITS
+    return levels / (levels - round(rate * levels))
+
+
+@pytest.mark.parametrize("shape", [(20000, 64), (300, 7, 3), (40000, 1)])
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.37])
+def test_dropout_drops_each_half_word_at_the_rate_independently(shape, rate):
+    """Both 16-bit halves of a word (even and odd channels) drop at the rounded rate, independently."""
+    out = np.asarray(jax.jit(layers.dropout, static_argnums=1)(jnp.ones(shape), rate, jax.random.key(3)))
+    scale = _dropout_scale(rate)
+    assert set(np.unique(out)) <= {0.0, np.float32(scale)}
+    p = 1 - 1 / scale  # the rounded rate
+    dropped = out.reshape(-1, shape[-1]) == 0
+    for part in (dropped[:, 0::2], dropped[:, 1::2]):
+        if part.size:
+            assert abs(part.mean() - p) < 5 * np.sqrt(p * (1 - p) / part.size)
+    if shape[-1] > 1:
+        both = dropped[:, 0 : shape[-1] - 1 : 2] & dropped[:, 1::2]  # the two halves of one word
+        assert abs(both.mean() - p * p) < 5 * np.sqrt(p * p * (1 - p * p) / both.size)
+
+
+class TestDropout(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_values_and_gradient_are_the_mask_times_the_inverse_keep_rate(self):
+        x = jax.random.normal(jax.random.key(0), (4, 6, 6, 5))
+        key = jax.random.key(1)
+        out = self.variant(lambda x: layers.dropout(x, 0.25, key))(x)
+        kept = out != 0
+        assert 0.5 < kept.mean() < 0.95
+        chex.assert_trees_all_close(out, jnp.where(kept, x * _dropout_scale(0.25), 0.0), rtol=1e-6)
+        grad = self.variant(jax.grad(lambda x: jnp.sum(layers.dropout(x, 0.25, key) * 3.0)))(x)
+        chex.assert_trees_all_close(grad, jnp.where(kept, 3.0 * _dropout_scale(0.25), 0.0), rtol=1e-6)
+
+
+def test_dropout_keys_dtypes_and_bad_rates():
+    x = jnp.ones((8, 16), jnp.bfloat16)
+    a = layers.dropout(x, 0.3, jax.random.key(0))
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(a, layers.dropout(x, 0.3, jax.random.key(0)))
+    assert not np.array_equal(a, layers.dropout(x, 0.3, jax.random.key(1)))
+    np.testing.assert_array_equal(layers.dropout(x, 0.0, jax.random.key(0)), x)
+    for rate in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"dropout: rate=.*\[0, 1\)"):
+            layers.dropout(x, rate, jax.random.key(0))
+    with pytest.raises(ValueError, match="scalar"):
+        layers.dropout(jnp.ones(()), 0.1, jax.random.key(0))
+
+
+def test_dropout_shards_like_its_input():
+    """Batch-sharded activations get the same mask as unsharded ones, with no collective."""
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (jax.device_count() * 2, 4, 4, 6)), sharding)
+    fn = jax.jit(lambda x, key: layers.dropout(x, 0.2, key))
+    key = jax.random.key(5)
+    out = fn(x, key)
+    assert out.sharding.is_equivalent_to(sharding, out.ndim)
+    np.testing.assert_array_equal(out, fn(np.asarray(x), key))
+    hlo = fn.lower(x, key).compile().as_text()
+    assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce"))

@@ -136,3 +136,16 @@ def test_peer_worker_times_the_peers_own_task_on_request(bench):
         assert [worker.time_once() > 0 for _ in range(2)] == [True, True]
     finally:
         worker.close()
+
+
+def test_dropout_masks_bench_finds_every_resblock_dropout(bench):
+    spec = importlib.util.spec_from_file_location("dropout_masks", ROOT / "benchmarks" / "dropout_masks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = module.dropout_shapes("small", 2)
+    # two blocks per level down, three up, two in the middle; 64/128/128 channels at 32/16/8.
+    assert len(calls) == 3 * 2 + 3 * 3 + 2 and {rate for _, rate in calls} == {0.1}
+    assert sorted({shape for shape, _ in calls}) == [(2, 8, 8, 128), (2, 16, 16, 128), (2, 32, 32, 64)]
+    for method in ("bernoulli", "layers.dropout"):
+        masks = module.masks_program(calls, method)(jax.random.key(0))
+        assert 0.05 < sum(float((m == 0).mean()) for m in masks) / len(masks) < 0.15
