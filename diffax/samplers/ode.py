@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-import diffrax
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec
@@ -24,13 +23,15 @@ from diffax.schedules import Schedule
 
 __all__ = ["AdaptiveSampler", "ode", "probability_flow", "solve_adaptive", "SOLVERS"]
 
-# name -> (solver class, order, evaluations of the field per attempted step). Tsit5 and Dopri5 reuse
-# their last stage as the next first one (FSAL); Dopri8 does not. One more evaluation starts the
-# solve. These counts are checked against a counting vector field in tests/samplers/test_api.py.
+# name -> (diffrax solver class name, order, evaluations of the field per attempted step). Tsit5 and
+# Dopri5 reuse their last stage as the next first one (FSAL); Dopri8 does not. One more evaluation
+# starts the solve. These counts are checked against a counting vector field in
+# tests/samplers/test_api.py. diffrax itself (with equinox and optimistix, 0.6 s) is imported by the
+# first solve: every ``python -m diffax.*`` process imports this module, few integrate adaptively.
 SOLVERS = {
-    "tsit5": (diffrax.Tsit5, 5, 6),
-    "dopri5": (diffrax.Dopri5, 5, 6),
-    "dopri8": (diffrax.Dopri8, 8, 13),
+    "tsit5": ("Tsit5", 5, 6),
+    "dopri5": ("Dopri5", 5, 6),
+    "dopri8": ("Dopri8", 8, 13),
 }
 _SETUP_EVALUATIONS = 1
 
@@ -91,8 +92,11 @@ def solve_adaptive(
       ``num_rejected_steps`` and ``successful``. A failed solve (e.g. ``max_steps`` reached) returns NaN
       rather than raising through a host callback, which would pin the state to one device.
     """
+    import diffrax
+
     _check_solver(solver)
-    solver_cls, _, stages = SOLVERS[solver]
+    solver_name, _, stages = SOLVERS[solver]
+    solver_cls = getattr(diffrax, solver_name)
 
     def solve(y0, t0, t1):
         sol = diffrax.diffeqsolve(

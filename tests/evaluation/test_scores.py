@@ -15,6 +15,7 @@ from diffax.evaluation import (
     kernel_inception_distance,
     update_classifier_stats,
 )
+from diffax.evaluation._harness import uniform_chi2_pvalue
 
 
 def _reference_is(logits, splits):
@@ -123,3 +124,13 @@ def test_kid_known_cases():
     np.testing.assert_allclose((mean, std), ((c * c + 1) ** 3 - 1, 0.0), atol=1e-12)
     with pytest.raises(ValueError, match="subset_size"):
         kernel_inception_distance(x, y[:50], subset_size=100)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_class_balance_pvalue_is_scipys_chisquare(seed):
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(rng.integers(20, 2000), rng.dirichlet(np.full(10, 5.0)))
+    np.testing.assert_allclose(
+        uniform_chi2_pvalue(counts), scipy.stats.chisquare(counts).pvalue, rtol=1e-10, atol=1e-300
+    )
+    assert uniform_chi2_pvalue(np.full(10, 7)) == 1.0
