@@ -230,9 +230,11 @@ def test_drop_in_leaves_every_other_convolution_to_lax(shape, kernel_shape, call
 
 @pytest.mark.slow
 def test_unet_conv_impl_computes_the_same_network():
-    """16x16 maps take Winograd: inference values, input gradients and forward-mode derivatives, and
-    the training loss's parameter gradients agree with the plain network's."""
-    kw = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), dropout=0.0)
+    """16x16 maps take Winograd: inference values and forward-mode derivatives, and the training loss's
+    parameter gradients agree with the plain network's. One 16x16 level, no attention: every 3x3
+    convolution is a Winograd one, and the network compiles in half the time. (Reverse mode through
+    the inference form is the float64 tests' above.)"""
+    kw = dict(base_channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(), dropout=0.0)
     plain = models.get("unet_ddpm_cifar10", norm_groups=4, head_channels=8, conv_impl="xla", **kw)
     wino = models.get("unet_ddpm_cifar10", norm_groups=4, head_channels=8, conv_impl="cpu", **kw)
     rng = np.random.default_rng(4)
@@ -260,8 +262,6 @@ def test_unet_conv_impl_computes_the_same_network():
         # Training takes the custom-VJP form; inference the plain one, which forward mode needs.
         assert ("conv3x3_train" in jaxprs[0]) == train
     close(apply(wino)(x), apply(plain)(x), 1e-5)
-    grads = [jax.grad(lambda x, net=net: jnp.sum(apply(net)(x) ** 2))(x) for net in (plain, wino)]
-    close(grads[1], grads[0], 1e-4)
     tangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
     jvps = [jax.jvp(apply(net), (x,), (tangent,)) for net in (plain, wino)]
     close(jvps[1], jvps[0], 1e-4)
