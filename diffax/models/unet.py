@@ -117,7 +117,7 @@ class UNet(nn.Module):
       attention_resolutions: feature-map heights at which attention blocks are inserted.
       num_heads: attention heads (used when ``head_channels`` is None).
       head_channels: channels per head; overrides ``num_heads`` when set (ADM's num_head_channels).
-      dropout: dropout rate inside residual blocks.
+      dropout: dropout rate inside residual blocks (``layers.dropout``: rounded to a multiple of 2^-16).
       norm_groups: GroupNorm groups.
       norm_eps: GroupNorm epsilon.
       time_embedding: "sinusoidal" (of ``t * time_scale``) or "fourier" (Gaussian Fourier features).
