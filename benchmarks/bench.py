@@ -17,6 +17,11 @@ The suite runs every task for both configs, alternating repetition by repetition
 
   python benchmarks/bench.py --suite --eigen-conv
 
+Both forms also report the process CPU time of the work (``cpu_s``, all threads) and ``cores_busy``
+(CPU seconds per wall second): the suite's CPU ratio (peer CPU seconds over diffax's) separates doing
+less work from keeping the cores busy. ``--cores N`` runs both sides on the first N CPUs (the peer with
+N threads), e.g. ``--cores 1`` compares the two single-threaded.
+
 One formulation switch against its plain form, both built in one process and timed alternately (so a
 difference below the run-to-run noise shows), one JSON line:
 
@@ -242,25 +247,37 @@ def matmul_peak(*, n: int = 2048, repeats: int = 7, gap_s: float = 0.05) -> dict
     return gflops
 
 
-def time_once(task: Task) -> float:
-    """Seconds per unit of work (per train step when a call runs several) of one call of ``task.run``."""
-    start = time.perf_counter()
+def time_once(task: Task) -> tuple[float, float]:
+    """Wall and process CPU seconds (all threads) per unit of work (per train step when a call runs
+    several) of one call of ``task.run``; CPU over wall is how many cores the work kept busy."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     task.run()
-    return (time.perf_counter() - start) / task.steps_per_call
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return wall / task.steps_per_call, cpu / task.steps_per_call
 
 
 def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def summary(task: Task, times: list[float], batch: int, peak: dict[str, float]) -> dict[str, Any]:
-    """The JSON record of one measured task."""
+def cores_busy(timings: list[tuple[float, float]]) -> float:
+    """The median over repetitions of CPU seconds per wall second."""
+    return statistics.median(cpu / wall for wall, cpu in timings)
+
+
+def summary(
+    task: Task, timings: list[tuple[float, float]], batch: int, peak: dict[str, float]
+) -> dict[str, Any]:
+    """The JSON record of one measured task, from its (wall, CPU) seconds per repetition."""
+    times = [wall for wall, _ in timings]
     median = statistics.median(times)
     achieved = task.flops / median / 1e9
     return {
         "median_s": round(median, 4),
         "min_s": round(min(times), 4),
         "images_per_s": round(batch / median, 3),
+        "cpu_s": round(statistics.median(cpu for _, cpu in timings), 4),
+        "cores_busy": round(cores_busy(timings), 2),
         "compile_s": round(task.compile_s, 2),
         "gflop": round(task.flops / 1e9, 2),
         "gflops_per_s": round(achieved, 1),
@@ -304,11 +321,22 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def pin_cores(count: int) -> None:
+    """Restricts this process's threads (numpy's BLAS pool included), and the workers it starts later,
+    to the first ``count`` CPUs it may use (Linux).
+
+    Call it before JAX starts a backend: XLA sizes its CPU thread pool from the CPUs allowed then.
+    """
+    cpus = sorted(os.sched_getaffinity(0))[:count]
+    for thread in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(thread), cpus)
+
+
 def _settings() -> dict[str, Any]:
     return {
         **perf.settings_in_force(),
         "cpu": _cpu_name(),
-        "cores": os.cpu_count(),
+        "cores": len(os.sched_getaffinity(0)),
     }
 
 
@@ -317,12 +345,12 @@ def measure_one(args: argparse.Namespace) -> dict[str, Any]:
     task = build_task(args.config, args.what, args.batch, **_task_kwargs(args))
     for _ in range(args.warmup):
         task.run()
-    times = []
+    timings = []
     for _ in range(args.repeats):
         time.sleep(args.gap)
-        times.append(time_once(task))
+        timings.append(time_once(task))
     record = {"impl": "diffax", "config": args.config, "what": args.what, "batch": args.batch}
-    record.update(summary(task, times, args.batch, matmul_peak()))
+    record.update(summary(task, timings, args.batch, matmul_peak()))
     record.update(_settings(), load_average=load_average())
     return record
 
@@ -347,7 +375,7 @@ def compare_impl(args: argparse.Namespace) -> dict[str, Any]:
     for round_ in range(args.repeats):
         for value in ("xla", "cpu") if round_ % 2 == 0 else ("cpu", "xla"):
             time.sleep(args.gap)
-            times[value].append(time_once(tasks[value]))
+            times[value].append(time_once(tasks[value])[0])
     median = {value: statistics.median(t) for value, t in times.items()}
     return {
         "config": args.config,
@@ -373,7 +401,8 @@ def serve(args: argparse.Namespace) -> None:
     for line in sys.stdin:
         if line.strip() != "run":
             break
-        print(json.dumps({"seconds": time_once(task)}), flush=True)
+        seconds, cpu_seconds = time_once(task)
+        print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds}), flush=True)
 
 
 class Worker:
@@ -391,10 +420,12 @@ class Worker:
             raise RuntimeError(f"benchmark worker {self.proc.args} exited with {self.proc.wait()}.")
         return json.loads(line)
 
-    def time_once(self) -> float:
+    def time_once(self) -> tuple[float, float]:
+        """Wall and CPU seconds of one repetition, timed in the worker."""
         self.proc.stdin.write("run\n")
         self.proc.stdin.flush()
-        return self._read()["seconds"]
+        reply = self._read()
+        return reply["seconds"], reply["cpu_seconds"]
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -433,7 +464,7 @@ def run_suite(args: argparse.Namespace) -> str:
                 str(PEER_WORKER),
                 str(PEER_RUNNER),
                 *common,
-                f"--threads={args.peer_threads}",
+                f"--threads={args.peer_threads or args.cores or 0}",
             ]
             theirs = Worker(peer_cmd) if peer else None
             peer_info = theirs.info if theirs is not None else peer_info
@@ -441,42 +472,40 @@ def run_suite(args: argparse.Namespace) -> str:
                 raise RuntimeError(
                     f"{config}: diffax has {mine.info['params']} parameters, peer {theirs.info['params']}."
                 )
-            times: dict[str, list[float]] = {"diffax": [], "peer": []}
+            timings: dict[str, list[tuple[float, float]]] = {"diffax": [], "peer": []}
             loads = []
             for r in range(args.repeats):
                 order = [("diffax", mine), ("peer", theirs)]
                 for name, worker in order[:: 1 if r % 2 == 0 else -1]:
                     if worker is not None:
                         time.sleep(args.gap)
-                        times[name].append(worker.time_once())
+                        timings[name].append(worker.time_once())
                 loads.append(load_average())
             for worker in (mine, theirs):
                 if worker is not None:
                     worker.close()
-            rows.append(_row(config, what, batch, mine.info, times, loads))
+            rows.append(_row(config, what, batch, mine.info, timings, loads))
             print(json.dumps(rows[-1]), flush=True)
     peak_after = matmul_peak()
     return _markdown(args, rows, peak_before, peak_after, peer_info)
 
 
-def _row(config, what, batch, info, times, loads) -> dict[str, Any]:
-    mine = statistics.median(times["diffax"])
-    row = {
-        "config": config,
-        "what": what,
-        "batch": batch,
-        "diffax_s": mine,
-        "diffax_min_s": min(times["diffax"]),
-        "compile_s": info["compile_s"],
-        "gflop": info["flops"] / 1e9,
-        "load": statistics.median(loads),
-        "diffax_times": times["diffax"],
-    }
-    if times["peer"]:
-        theirs = statistics.median(times["peer"])
-        row.update(
-            peer_s=theirs, peer_min_s=min(times["peer"]), ratio=theirs / mine, peer_times=times["peer"]
-        )
+def _row(config, what, batch, info, timings, loads) -> dict[str, Any]:
+    """One table row from each side's (wall, CPU) seconds per repetition."""
+    row = {"config": config, "what": what, "batch": batch}
+    for side, side_timings in timings.items():
+        if side_timings:
+            walls = [wall for wall, _ in side_timings]
+            row.update({
+                f"{side}_s": statistics.median(walls),
+                f"{side}_min_s": min(walls),
+                f"{side}_cpu_s": statistics.median(cpu for _, cpu in side_timings),
+                f"{side}_cores_busy": cores_busy(side_timings),
+                f"{side}_times": walls,
+            })  # fmt: skip
+    row.update(compile_s=info["compile_s"], gflop=info["flops"] / 1e9, load=statistics.median(loads))
+    if "peer_s" in row:
+        row.update(ratio=row["peer_s"] / row["diffax_s"], cpu_ratio=row["peer_cpu_s"] / row["diffax_cpu_s"])
     return row
 
 
@@ -498,19 +527,24 @@ def _markdown(args, rows, peak_before, peak_after, peer_info) -> str:
         f" {peak_after['xla_gflops']}; % peak below uses {peak}.",
         f"Peer: {peer_info['versions']}, {peer_info['threads']} threads." if peer_info else "Peer: not run.",
         f"Repetitions: {args.repeats} per side, alternating with the peer, {args.gap} s idle before each;"
-        " medians (min in parentheses). Speed ratio = peer time / diffax time (> 1: diffax faster).",
+        " medians (min in parentheses). Speed ratio = peer time / diffax time (> 1: diffax faster)."
+        " CPU ratio = peer CPU seconds / diffax CPU seconds (all threads; > 1: diffax does the work in"
+        " less CPU time); cores busy = CPU seconds per wall second, diffax / peer.",
         "",
-        "| config | task | batch | diffax s | peer s | speed ratio | diffax img/s | GFLOP (XLA) | GFLOP/s |"
-        " % peak | compile s | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | task | batch | diffax s | peer s | speed ratio | CPU ratio | cores busy | diffax img/s |"
+        " GFLOP (XLA) | GFLOP/s | % peak | compile s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         achieved = r["gflop"] / r["diffax_s"]
         peer_s = f"{r['peer_s']:.3f} ({r['peer_min_s']:.3f})" if "peer_s" in r else "-"
         ratio = f"{r['ratio']:.2f}×" if "ratio" in r else "-"
+        cpu_ratio = f"{r['cpu_ratio']:.2f}×" if "cpu_ratio" in r else "-"
+        busy = f"{r['diffax_cores_busy']:.2f}" + (f" / {r['peer_cores_busy']:.2f}" if "peer_s" in r else "")
         lines.append(
             f"| {r['config']} | {r['what']} | {r['batch']} | {r['diffax_s']:.3f} ({r['diffax_min_s']:.3f}) |"
-            f" {peer_s} | {ratio} | {r['batch'] / r['diffax_s']:.2f} | {r['gflop']:.1f} | {achieved:.0f} |"
+            f" {peer_s} | {ratio} | {cpu_ratio} | {busy} | {r['batch'] / r['diffax_s']:.2f} |"
+            f" {r['gflop']:.1f} | {achieved:.0f} |"
             f" {100 * achieved / peak:.0f}% | {r['compile_s']:.1f} | {r['load']:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -548,12 +582,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS, reverse=True))
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS, help="suite: the tasks to run")
     p.add_argument("--no-peer", action="store_true", help="suite without the peer")
-    p.add_argument("--peer-threads", type=int, default=0, help="suite: torch threads (0: torch's default)")
+    p.add_argument(
+        "--peer-threads", type=int, default=0, help="suite: torch threads (0: --cores, else torch's default)"
+    )
+    p.add_argument(
+        "--cores",
+        type=int,
+        default=0,
+        help="run on the first N CPUs this process may use (the peer's worker too, with N threads); 0: all",
+    )
     p.add_argument("--out", type=pathlib.Path, help="suite: markdown file (default results/<date>.md)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batch < 1 or args.repeats < 1 or args.steps_per_call < 1:
         p.error("--batch, --repeats and --steps-per-call must be positive.")
+    if not 0 <= args.cores <= len(os.sched_getaffinity(0)):
+        p.error(
+            f"--cores {args.cores}: this process may use {len(os.sched_getaffinity(0))} CPUs; pass 1 to that."
+        )
     if any("=" not in option for option in args.xla_option):
         p.error("--xla-option takes KEY=VALUE.")
     if args.suite and args.xla_option:
@@ -565,7 +611,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # Before anything starts a JAX backend.
+    # Before anything starts a JAX backend (XLA sizes its thread pool from the CPUs it may use).
+    if args.cores:
+        pin_cores(args.cores)
     perf.configure_cpu(eigen_conv=args.eigen_conv, retain_host_memory=args.retain_host_memory)
     if args.serve:
         serve(args)

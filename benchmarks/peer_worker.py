@@ -6,7 +6,8 @@ Runs in the peer's virtualenv (torch + diffusers), never in diffax's:
       --config small --what train --batch 32
 
 It imports ``make_task`` from the runner (so the work is exactly the runner's), warms up once, prints
-``{"ready": {...}}``, then answers each ``run`` line on stdin with ``{"seconds": ...}``.
+``{"ready": {...}}``, then answers each ``run`` line on stdin with ``{"seconds": ..., "cpu_seconds": ...}``
+(wall and process CPU seconds, all threads, of one repetition).
 """
 
 import argparse
@@ -45,9 +46,10 @@ def main() -> None:
     for line in sys.stdin:
         if line.strip() != "run":
             break
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         run()
-        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds}), flush=True)
 
 
 if __name__ == "__main__":

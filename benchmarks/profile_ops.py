@@ -1,6 +1,6 @@
 """Where a benchmark task spends its time, by op class, from a ``jax.profiler`` trace of XLA's CPU thunks.
 
-  python benchmarks/profile_ops.py --config small --what train --batch 32 --eigen-conv
+  python benchmarks/profile_ops.py --config small --what train --batch 32 --eigen-conv [--cores 1]
 
 Builds the task exactly as ``bench.py`` does, traces a few calls, and sums the thunk events by class:
 each event is an instruction of the optimized HLO, classified through its ``op_name`` metadata (which
@@ -100,9 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_impl_args(p)
     p.add_argument("--eigen-conv", action="store_true")
     p.add_argument("--retain-host-memory", action="store_true")
+    p.add_argument("--cores", type=int, default=0, help="run on the first N CPUs (bench.pin_cores); 0: all")
     p.add_argument("--top", type=int, default=0, help="also list the N slowest instructions")
     p.add_argument("--dump", type=pathlib.Path, help="also write the optimized HLO here")
     args = p.parse_args(argv)
+    if args.cores:
+        bench.pin_cores(args.cores)
     perf.configure_cpu(eigen_conv=args.eigen_conv, retain_host_memory=args.retain_host_memory)
     task = bench.build_task(args.config, args.what, args.batch, impls=bench.impls_of(args))
     hlo_text = task.executable.as_text()

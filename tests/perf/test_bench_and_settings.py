@@ -89,6 +89,43 @@ def test_bench_rejects_bad_arguments(bench):
         bench.build_task("small", "forward", 1, steps_per_call=2)
 
 
+def test_suite_row_and_table_report_cpu_time_and_cores_busy(bench):
+    """A row from each side's (wall, CPU) seconds: speed ratio from wall, CPU ratio from CPU time."""
+    timings = {"diffax": [(2.0, 3.0), (4.0, 5.0), (3.0, 4.5)], "peer": [(3.0, 6.0), (3.5, 7.0), (4.0, 7.6)]}
+    info = {"compile_s": 10.0, "flops": 3e11}
+    row = bench._row("small", "train", 32, info, timings, [1.0, 1.2, 1.1])
+    assert (row["diffax_s"], row["diffax_min_s"], row["peer_s"]) == (3.0, 2.0, 3.5)
+    assert (row["diffax_cpu_s"], row["peer_cpu_s"]) == (4.5, 7.0)
+    assert row["ratio"] == pytest.approx(3.5 / 3.0) and row["cpu_ratio"] == pytest.approx(7.0 / 4.5)
+    assert row["diffax_cores_busy"] == pytest.approx(1.5) and row["peer_cores_busy"] == pytest.approx(2.0)
+    alone = bench._row("small", "train", 32, info, {"diffax": timings["diffax"], "peer": []}, [1.0])
+    assert "ratio" not in alone and "peer_cores_busy" not in alone
+    args = bench.parse_args(["--suite"])
+    peak = {"numpy_gflops": 150.0, "xla_gflops": 100.0, "peak_gflops": 150.0}
+    table = bench._markdown(args, [row, alone], peak, peak, {}).splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("| config |"))
+    assert "| CPU ratio | cores busy |" in table[header]
+    assert table[header + 2].split(" | ")[5:8] == ["1.17×", "1.56×", "1.50 / 2.00"]
+    assert table[header + 3].split(" | ")[4:8] == ["-", "-", "-", "1.50"]
+
+
+def test_cores_pins_this_process_and_the_workers_it_starts(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cores", str(len(os.sched_getaffinity(0)) + 1)])
+    child = "import os; print(sorted(os.sched_getaffinity(0)))"
+    script = (  # a thread started before pin_cores (as numpy's BLAS pool is) is pinned too
+        f"import os, subprocess, sys, threading; sys.path.insert(0, {str(ROOT / 'benchmarks')!r});"
+        " import bench; go = threading.Event(); seen = [];"
+        " t = threading.Thread(target=lambda: (go.wait(), seen.append(sorted(os.sched_getaffinity(0)))));"
+        " t.start(); bench.pin_cores(1); go.set(); t.join(); print(seen[0]);"
+        " print(sorted(os.sched_getaffinity(0)));"
+        f" subprocess.run([sys.executable, '-c', {child!r}], check=True)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    first = str(sorted(os.sched_getaffinity(0))[:1])
+    assert out.splitlines() == [first, first, first]
+
+
 def test_compare_impl_times_both_forms_in_one_process(bench, capsys):
     # XLA's convolutions: Winograd's would double the compile time, and norm_impl is what is compared.
     argv = "--config small --what forward --batch 1 --repeats 3 --gap 0 --conv-impl xla".split()
@@ -111,6 +148,7 @@ def test_single_measurement_prints_one_json_line(bench, capsys):
     record = json.loads(lines[0])
     assert record["params"] == 6_472_195
     assert record["images_per_s"] == pytest.approx(2 / record["median_s"], rel=1e-2)
+    assert record["cpu_s"] > 0 and record["cores_busy"] > 0
     assert record["gflop"] > 1 and 0 < record["fraction_of_peak"]
     assert {record[field] for field in bench.IMPL_FIELDS} == {"cpu"}  # "auto"
     assert "conv_impl" in bench.IMPL_FIELDS
@@ -133,7 +171,9 @@ def test_peer_worker_times_the_peers_own_task_on_request(bench):
     worker = bench.Worker([*cmd, "--config", "small", "--what", "forward", "--batch", "1", "--threads", "1"])
     try:
         assert worker.info["params"] == 6_472_195 and worker.info["threads"] == 1
-        assert [worker.time_once() > 0 for _ in range(2)] == [True, True]
+        for _ in range(2):
+            seconds, cpu_seconds = worker.time_once()
+            assert seconds > 0 and cpu_seconds > 0
     finally:
         worker.close()
 
