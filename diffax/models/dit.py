@@ -57,17 +57,15 @@ class DiTBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, c: jax.Array, train: bool) -> jax.Array:
         d = self.hidden_size
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        mod = layers.dense(6 * d, ("embed", "mlp"), kernel_init=layers.ZEROS, name="adaln", **kw)(
-            nn.silu(c)
-        )
+        mod = layers.dense(6 * d, ("embed", "mlp"), kernel_init=layers.ZEROS, name="adaln", **kw)(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         attn = layers.Attention(
             self.num_heads, d // self.num_heads, impl=self.attention_impl, name="attn", **kw
         )
-        h = attn(_modulate(_layer_norm(self.dtype)(x), shift_msa, scale_msa))
+        h = attn(_modulate(_layer_norm(self.dtype)(x), shift_msa, scale_msa), train=train)
         x = x + gate_msa[:, None, :] * h
         h = _modulate(_layer_norm(self.dtype)(x), shift_mlp, scale_mlp)
         h = layers.dense(int(d * self.mlp_ratio), ("embed", "mlp"), name="mlp_in", **kw)(h)
@@ -145,9 +143,7 @@ class DiT(nn.Module):
             raise ValueError(f"DiT: freq_dim={self.freq_dim} must be even.")
 
     @nn.compact
-    def __call__(
-        self, x: ArrayLike, t: ArrayLike, cond: Any = None, train: bool = False
-    ) -> jax.Array:
+    def __call__(self, x: ArrayLike, t: ArrayLike, cond: Any = None, train: bool = False) -> jax.Array:
         """Predicts from noisy latents.
 
         Args:
@@ -168,9 +164,7 @@ class DiT(nn.Module):
                 f"DiT: image size {height}x{width} is not divisible by patch_size={p}; "
                 "change the image size or patch_size."
             )
-        labels, _ = layers.split_cond(
-            cond, b, num_classes=self.num_classes, context_dim=None, owner="DiT"
-        )
+        labels, _ = layers.split_cond(cond, b, num_classes=self.num_classes, context_dim=None, owner="DiT")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         gh, gw = height // p, width // p
         h = layers.conv(d, p, ("channels", "embed"), strides=p, padding="VALID", name="patch", **kw)(
@@ -192,15 +186,13 @@ class DiT(nn.Module):
         if labels is not None:
             c = c + layers.LabelEmbedding(
                 self.num_classes, d, dropout=self.label_dropout, name="label_embed", **kw
-            )(
-                labels, train
-            )
+            )(labels, train)
 
-        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+        block_cls = nn.remat(DiTBlock, static_argnums=(3,)) if self.remat else DiTBlock
         for i in range(self.depth):
-            h = block_cls(
-                d, self.num_heads, self.mlp_ratio, self.attention_impl, name=f"block_{i}", **kw
-            )(h, c)
+            h = block_cls(d, self.num_heads, self.mlp_ratio, self.attention_impl, name=f"block_{i}", **kw)(
+                h, c, train
+            )
 
         shift, scale = jnp.split(
             layers.dense(2 * d, ("embed", "mlp"), kernel_init=layers.ZEROS, name="final_adaln", **kw)(

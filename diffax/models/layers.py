@@ -165,6 +165,7 @@ def group_norm(
     modulation: tuple[ArrayLike, ArrayLike] | None = None,
     silu: bool = True,
     impl: str = "xla",
+    train: bool = False,
 ) -> jax.Array:
     """Group normalisation with affine, optional FiLM modulation, optional SiLU, in float32.
 
@@ -182,8 +183,10 @@ def group_norm(
       impl: ``"xla"``: mean and variance over a (B, *spatial, G, C/G) view. ``"cpu"``: per-channel
         sums first (one pass, see ``_group_scale_shift``), combined within each group and folded with
         the affine and modulation into one per-channel scale and shift, applied with the SiLU in a
-        single pass whose backward recomputes the pre-activation (a custom VJP). ``"auto"``:
-        ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
+        single pass; with ``train=True`` that pass's backward recomputes the pre-activation (a custom
+        VJP: reverse mode only). ``"auto"``: ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
+      train: the form to differentiate in reverse mode only (a train step). With ``False`` every
+        form is differentiable in every mode, forward mode included (the exact likelihood's JVPs).
 
     Returns:
       float32 array of x's shape.
@@ -212,7 +215,7 @@ def group_norm(
     if modulation is not None:
         m_scale, m_shift = (jnp.asarray(m, jnp.float32) for m in modulation)
         a, shift = a * (1.0 + m_scale), shift * (1.0 + m_scale) + m_shift
-    if silu and impl == "cpu":
+    if silu and impl == "cpu" and train:
         return _scale_shift_silu(y, a, shift)
     y = y * _channelwise(a, nd) + _channelwise(shift, nd)
     return nn.silu(y) if silu else y
@@ -303,7 +306,9 @@ class GroupNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: ArrayLike, modulation: tuple[ArrayLike, ArrayLike] | None = None) -> jax.Array:
+    def __call__(
+        self, x: ArrayLike, modulation: tuple[ArrayLike, ArrayLike] | None = None, train: bool = False
+    ) -> jax.Array:
         c = jnp.shape(x)[-1]
         init = nn.initializers.ones_init()
         scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (c,), self.param_dtype)
@@ -317,6 +322,7 @@ class GroupNorm(nn.Module):
             modulation=modulation,
             silu=self.silu,
             impl=self.impl,
+            train=train,
         )
         return y.astype(self.dtype)
 
@@ -381,15 +387,17 @@ def _attention_block_grads(
     return dq, dk, dv
 
 
-@jax.custom_vjp
-def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Attention of pre-scaled heads-first (G, T, H) float32 arrays, block by block over G.
-
-    This primal runs only without a backward pass: heads whose scores fit ``INFERENCE_HEAD_BYTES``
-    then go in blocks of ``INFERENCE_BLOCK_BYTES``.
-    """
+def _inference_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Attention of pre-scaled heads-first (G, T, H) float32 arrays, block by block over G, for a
+    forward pass (differentiable in every mode): heads whose scores fit ``INFERENCE_HEAD_BYTES`` go
+    in blocks of ``INFERENCE_BLOCK_BYTES``."""
     short = 4 * q.shape[1] * k.shape[1] <= INFERENCE_HEAD_BYTES
     return _blocked(_attention_block, q, k, v, block_bytes=INFERENCE_BLOCK_BYTES if short else None)[0]
+
+
+# ``_inference_attention`` with a blockwise backward pass recomputing the probabilities (reverse mode
+# only); its primal runs only without a backward pass.
+_blocked_attention = jax.custom_vjp(_inference_attention)
 
 
 def _blocked_attention_fwd(q, k, v):
@@ -406,7 +414,9 @@ def _blocked_attention_bwd(residuals, d_out):
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
-def dot_product_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, impl: str = "xla") -> jax.Array:
+def dot_product_attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, impl: str = "xla", train: bool = False
+) -> jax.Array:
     """Multi-head scaled dot-product attention ``softmax(q k^T / sqrt(H)) v``.
 
     Args:
@@ -416,10 +426,13 @@ def dot_product_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, impl: str
       impl: ``"xla"``: ``jax.nn.dot_product_attention`` (the backend's fused kernel where it has
         one). ``"cpu"``: float32, heads first, q pre-scaled, computed in blocks of heads whose
         (T, S) scores fit in cache (``ATTENTION_BLOCK_BYTES``): ``exp(s - max s)`` times v, divided
-        by the row sums after the PV product; the backward pass recomputes each block's
-        probabilities from the saved logsumexp instead of storing them (a custom VJP). Without a
-        backward pass, heads of short sequences (``INFERENCE_HEAD_BYTES``) go in larger blocks.
-        ``"auto"``: ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
+        by the row sums after the PV product. With ``train=True`` the backward pass recomputes each
+        block's probabilities from the saved logsumexp instead of storing them (a custom VJP: reverse
+        mode only), and heads of short sequences (``INFERENCE_HEAD_BYTES``) go in larger blocks when
+        no backward pass runs; with ``train=False`` they always do, and plain autodiff differentiates
+        the blocks in every mode. ``"auto"``: ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
+      train: the form to differentiate in reverse mode only (a train step); ``False`` keeps forward
+        mode (the exact likelihood's JVPs).
 
     Returns:
       (B, T, N, H) array in q's dtype.
@@ -437,7 +450,8 @@ def dot_product_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, impl: str
         return jnp.transpose(x.astype(jnp.float32), (0, 2, 1, 3)).reshape(b * n, x.shape[1], x.shape[3])
 
     q_scaled = q.astype(jnp.float32) * q.shape[-1] ** -0.5
-    out = _blocked_attention(heads_first(q_scaled), heads_first(k), heads_first(v))
+    blocked = _blocked_attention if train else _inference_attention
+    out = blocked(heads_first(q_scaled), heads_first(k), heads_first(v))
     return jnp.transpose(out.reshape(b, n, t, v.shape[-1]), (0, 2, 1, 3)).astype(q.dtype)
 
 
@@ -456,7 +470,7 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: ArrayLike, context: ArrayLike | None = None) -> jax.Array:
+    def __call__(self, x: ArrayLike, context: ArrayLike | None = None, train: bool = False) -> jax.Array:
         x = jnp.asarray(x)
         b, t, c = x.shape
         n, h = self.num_heads, self.head_dim
@@ -470,7 +484,7 @@ class Attention(nn.Module):
             kv = dense(2 * n * h, ("context", "heads"), name="kv", **kw)(context)
             kv = kv.reshape(b, context.shape[1], 2, n, h)
             k, v = kv[:, :, 0], kv[:, :, 1]
-        o = dot_product_attention(q, k, v, impl=self.impl).reshape(b, t, n * h)
+        o = dot_product_attention(q, k, v, impl=self.impl, train=train).reshape(b, t, n * h)
         out_init = ZEROS if self.zero_init_out else XAVIER
         return dense(c, ("heads", "embed"), kernel_init=out_init, name="out", **kw)(o)
 

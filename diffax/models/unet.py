@@ -58,18 +58,18 @@ class ResBlock(nn.Module):
         norm = dict(num_groups=self.norm_groups, epsilon=self.norm_eps, impl=self.norm_impl, **kw)
         conv_kw = dict(impl=self.conv_impl, train=train, **kw)
         out = self.out_channels
-        if self.materialize_input_cotangent:
+        if self.materialize_input_cotangent and train:  # a reverse-mode device (a custom VJP)
             x = layers.materialized_cotangent(x)
-        h = layers.GroupNorm(**norm)(x)
+        h = layers.GroupNorm(**norm)(x, train=train)
         if self.resample is not None:
             h, x = _resample(h, self.resample), _resample(x, self.resample)
         h = layers.conv(out, 3, **conv_kw)(h)
         e = layers.dense(out * (2 if self.scale_shift else 1), ("embed", "conv_out"), **kw)(nn.silu(emb))
         if self.scale_shift:
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = layers.GroupNorm(**norm)(h, (scale, shift))
+            h = layers.GroupNorm(**norm)(h, (scale, shift), train)
         else:
-            h = layers.GroupNorm(**norm)(h + e[:, None, None, :])
+            h = layers.GroupNorm(**norm)(h + e[:, None, None, :], train=train)
         if train and self.dropout > 0:
             h = layers.dropout(h, self.dropout, self.make_rng("dropout"))
         h = layers.conv(out, 3, kernel_init=layers.ZEROS, **conv_kw)(h)
@@ -94,7 +94,7 @@ class AttentionBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None, train: bool) -> jax.Array:
         b, h, w, c = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(num_groups=self.norm_groups, epsilon=self.norm_eps, impl=self.norm_impl, silu=False)
@@ -102,8 +102,8 @@ class AttentionBlock(nn.Module):
             num_heads=self.num_heads, head_dim=self.head_dim, impl=self.attention_impl, zero_init_out=True
         )
         for ctx, name in ((None, "self"), (context, "cross"))[: 1 if context is None else 2]:
-            y = layers.GroupNorm(**norm, name=f"{name}_norm", **kw)(x).reshape(b, h * w, c)
-            x = x + layers.Attention(**attn, name=f"{name}_attn", **kw)(y, ctx).reshape(b, h, w, c)
+            y = layers.GroupNorm(**norm, name=f"{name}_norm", **kw)(x, train=train).reshape(b, h * w, c)
+            x = x + layers.Attention(**attn, name=f"{name}_attn", **kw)(y, ctx, train).reshape(b, h, w, c)
         return x
 
 
@@ -134,13 +134,15 @@ class UNet(nn.Module):
       param_dtype: parameter dtype.
       attention_impl: "xla" or "cpu" (see ``layers.dot_product_attention``).
       norm_impl: "xla" or "cpu" (see ``layers.group_norm``).
-      resblock_impl: "xla", or "cpu": each residual block materialises its input's cotangent
-        (``layers.materialized_cotangent``), which XLA's CPU backend otherwise recomputes in every
-        consumer.
+      resblock_impl: "xla", or "cpu": with ``train=True`` each residual block materialises its
+        input's cotangent (``layers.materialized_cotangent``), which XLA's CPU backend otherwise
+        recomputes in every consumer.
       conv_impl: "xla", or "cpu": 3x3 convolutions of maps 16 wide or more as Winograd F(4x4, 3x3)
-        (see ``layers.conv``): with ``train=True`` their backward pass too (reverse mode only),
-        with ``train=False`` (sampling, evaluation, exact likelihood) differentiable in every mode.
-        "auto" (here and in the three above): "cpu" on the CPU backend, else "xla".
+        (see ``layers.conv``).
+        "auto" (here and in the three above): "cpu" on the CPU backend, else "xla". With
+        ``train=True`` the "cpu" forms have backward passes of their own (custom VJPs: reverse mode
+        only); with ``train=False`` (sampling, evaluation, the exact likelihood) every form is
+        differentiable in every mode.
 
     References:
       Ho et al., "Denoising Diffusion Probabilistic Models", 2020, App. B; Nichol & Dhariwal,
@@ -277,7 +279,7 @@ class UNet(nn.Module):
             )(labels, train)
 
         res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-        attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        attn_cls = nn.remat(AttentionBlock, static_argnums=(3,)) if self.remat else AttentionBlock
         block_kw = dict(
             norm_groups=self.norm_groups,
             norm_eps=self.norm_eps,
@@ -302,7 +304,7 @@ class UNet(nn.Module):
         def attend(h: jax.Array, name: str) -> jax.Array:
             heads, head_dim = self._heads(h.shape[-1])
             return attn_cls(heads, head_dim, attention_impl=self.attention_impl, name=name, **block_kw)(
-                h, context
+                h, context, train
             )
 
         def block(h: jax.Array, channels: int, name: str) -> jax.Array:
@@ -338,7 +340,9 @@ class UNet(nn.Module):
             if level != 0:
                 h = resample(h, "up", f"up{level}_resample")
 
-        h = layers.GroupNorm(self.norm_groups, self.norm_eps, impl=self.norm_impl, name="norm_out", **kw)(h)
+        h = layers.GroupNorm(self.norm_groups, self.norm_eps, impl=self.norm_impl, name="norm_out", **kw)(
+            h, train=train
+        )
         out_channels = x.shape[-1] * (2 if self.learned_variance else 1)
         out = layers.conv(
             out_channels, 3, ("conv_in", "channels"), kernel_init=layers.ZEROS, name="conv_out", **conv_kw

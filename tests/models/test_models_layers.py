@@ -46,7 +46,7 @@ def test_attention_cpu_gradients_equal_xla():
     w = jnp.asarray(np.random.default_rng(2).normal(size=(2, 7, 3, 4)), jnp.float32)
 
     def grads(impl):
-        f = lambda *a: jnp.sum(layers.dot_product_attention(*a, impl=impl) * w)
+        f = lambda *a: jnp.sum(layers.dot_product_attention(*a, impl=impl, train=True) * w)
         return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
 
     chex.assert_trees_all_close(grads("cpu"), grads("xla"), atol=2e-5, rtol=1e-5)
@@ -79,7 +79,8 @@ def test_group_norm_cpu_gradients_equal_xla():
 
     def grads(impl):
         def f(x, gamma, beta, m_scale, m_shift):
-            y = layers.group_norm(x, gamma, beta, num_groups=4, modulation=(m_scale, m_shift), impl=impl)
+            mod = (m_scale, m_shift)
+            y = layers.group_norm(x, gamma, beta, num_groups=4, modulation=mod, impl=impl, train=True)
             return jnp.sum(y * w)
 
         return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))(x, gamma, beta, m_scale, m_shift)

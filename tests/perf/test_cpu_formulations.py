@@ -5,6 +5,7 @@ that exercise several attention blocks, cross-attention, bfloat16 inputs and bad
 """
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,16 +41,17 @@ def test_heads_per_block_is_the_largest_fitting_divisor(small_blocks):
     assert layers._heads_per_block(5, 32, 32) == 1  # one head is over the budget: still one at a time
 
 
+@pytest.mark.parametrize("train", [True, False])  # the custom VJP, and autodiff of the blocks
 @pytest.mark.parametrize("t,s", [(8, 8), (9, 5)])  # self- and cross-attention lengths
-def test_blocked_attention_values_and_grads_equal_plain(small_blocks, t, s):
+def test_blocked_attention_values_and_grads_equal_plain(small_blocks, t, s, train):
     b, n, h = 3, 4, 5  # 12 (batch x head) groups in blocks
     q, k, v, w = _normal(0, (b, t, n, h), (b, s, n, h), (b, s, n, h), (b, t, n, h), scale=2.0)
     assert layers._heads_per_block(b * n, t, s) < b * n
 
     def loss(impl):
-        return lambda q, k, v: jnp.sum(layers.dot_product_attention(q, k, v, impl=impl) * w)
+        return lambda q, k, v: jnp.sum(layers.dot_product_attention(q, k, v, impl=impl, train=train) * w)
 
-    out = jax.jit(lambda *a: layers.dot_product_attention(*a, impl="cpu"))(q, k, v)
+    out = jax.jit(lambda *a: layers.dot_product_attention(*a, impl="cpu", train=train))(q, k, v)
     np.testing.assert_allclose(out, _attention64(q, k, v), atol=3e-6, rtol=1e-5)
     grads = {impl: jax.jit(jax.grad(loss(impl), argnums=(0, 1, 2)))(q, k, v) for impl in ("cpu", "xla")}
     chex.assert_trees_all_close(grads["cpu"], grads["xla"], atol=2e-5, rtol=1e-5)
@@ -79,7 +81,7 @@ def test_blocked_attention_grads_match_float64_finite_differences():
     def loss64(q):
         return np.sum(_attention64(q, k, v) * w)
 
-    g = jax.grad(lambda q: jnp.sum(layers.dot_product_attention(q, k, v, impl="cpu") * w))(q)
+    g = jax.grad(lambda q: jnp.sum(layers.dot_product_attention(q, k, v, impl="cpu", train=True) * w))(q)
     q64, eps = np.asarray(q, np.float64), 1e-6
     fd = np.zeros(q.shape)
     for idx in np.ndindex(q.shape):
@@ -102,16 +104,19 @@ def _norm_args(seed, mean):
     return x * 0.5 + mean, gamma, beta, m_scale * 0.3, m_shift
 
 
+@pytest.mark.parametrize("train", [True, False])  # the SiLU's custom VJP, and plain autodiff
 @pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("modulated", [True, False])
-def test_group_norm_cpu_values_and_grads_equal_plain(silu, modulated):
+def test_group_norm_cpu_values_and_grads_equal_plain(silu, modulated, train):
     x, gamma, beta, m_scale, m_shift = _norm_args(4, mean=1.0)
     w = _normal(5, x.shape)[0]
 
     def loss(impl):
         def f(x, gamma, beta, m_scale, m_shift):
             mod = (m_scale, m_shift) if modulated else None
-            y = layers.group_norm(x, gamma, beta, num_groups=4, modulation=mod, silu=silu, impl=impl)
+            y = layers.group_norm(
+                x, gamma, beta, num_groups=4, modulation=mod, silu=silu, impl=impl, train=train
+            )
             return jnp.sum(y * w)
 
         return f
@@ -175,20 +180,13 @@ def test_auto_is_cpu_on_the_cpu_backend():
         layers.group_norm(q, jnp.ones(2), jnp.zeros(2), num_groups=1, impl="fast")
 
 
-def test_unet_train_gradients_equal_across_formulations():
-    """A small U-Net (attention at 4x4 with 1 and 2 heads): loss and parameter gradients agree."""
+def _small_unets() -> tuple[nn.Module, nn.Module, jax.Array, jax.Array, dict]:
+    """A small U-Net (attention at 4x4 with 1 and 2 heads) in its plain and CPU formulations, inputs,
+    and perturbed parameters (the zero-initialised output convolution would make every output 0)."""
     kw = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0)
     plain = models.get("unet_ddpm_cifar10", norm_groups=4, head_channels=8, **kw)
-    fast = models.get(
-        "unet_ddpm_cifar10",
-        norm_groups=4,
-        head_channels=8,
-        attention_impl="cpu",
-        norm_impl="cpu",
-        resblock_impl="cpu",
-        **kw,
-    )
-    x, noise = _normal(9, (2, 8, 8, 3), (2, 8, 8, 3))
+    fast = plain.clone(attention_impl="cpu", norm_impl="cpu", resblock_impl="cpu")
+    x = _normal(9, (2, 8, 8, 3))[0]
     t = jnp.array([0.3, 0.8])
     params = jax.jit(  # jitted: run op by op, the initialisers compile one by one (~20 s)
         lambda: jax.tree.map(
@@ -196,11 +194,37 @@ def test_unet_train_gradients_equal_across_formulations():
             plain.init(jax.random.key(0), x, t)["params"],
         )
     )()
+    return plain, fast, x, t, params
+
+
+def test_unet_train_gradients_equal_across_formulations():
+    """train=True (the custom VJPs): loss and parameter gradients agree with the plain formulation."""
+    plain, fast, x, t, params = _small_unets()
+    noise = _normal(10, x.shape)[0]
 
     def loss(net):
-        return jax.jit(jax.value_and_grad(lambda p: jnp.mean((net.apply({"params": p}, x, t) - noise) ** 2)))
+        apply = lambda p: net.apply({"params": p}, x, t, train=True)
+        return jax.jit(jax.value_and_grad(lambda p: jnp.mean((apply(p) - noise) ** 2)))
 
     (l_plain, g_plain), (l_fast, g_fast) = loss(plain)(params), loss(fast)(params)
     np.testing.assert_allclose(l_fast, l_plain, rtol=1e-5)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_plain))
     chex.assert_trees_all_close(g_fast, g_plain, atol=1e-4 * scale)
+
+
+def test_unet_forward_mode_through_cpu_formulations_with_train_false():
+    """train=False keeps the CPU formulations differentiable in forward mode (the exact likelihood's
+    JVPs, ``diffax.log_likelihood``) and equal to the plain one; train=True's are reverse mode only."""
+    plain, fast, x, t, params = _small_unets()
+    direction = _normal(11, x.shape)[0]
+
+    def jvp(net, train=False):
+        return jax.jit(
+            lambda p: jax.jvp(lambda y: net.apply({"params": p}, y, t, train=train), (x,), (direction,))
+        )
+
+    (out_plain, tangent_plain), (out_fast, tangent_fast) = jvp(plain)(params), jvp(fast)(params)
+    assert float(jnp.abs(tangent_plain).max()) > 1e-3  # a real directional derivative
+    chex.assert_trees_all_close((out_fast, tangent_fast), (out_plain, tangent_plain), atol=2e-5, rtol=1e-4)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jvp(fast, train=True)(params)
