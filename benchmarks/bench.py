@@ -260,31 +260,39 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def cores_busy(timings: list[tuple[float, float]]) -> float:
-    """The median over repetitions of CPU seconds per wall second."""
-    return statistics.median(cpu / wall for wall, cpu in timings)
+def timing_stats(timings: list[tuple[float, float]]) -> dict[str, Any]:
+    """Of (wall, CPU) seconds per repetition: the median (``s``) and least wall seconds, the median CPU
+    seconds, the median CPU seconds per wall second (``cores_busy``), and the wall ``times``."""
+    walls = [wall for wall, _ in timings]
+    return {
+        "s": statistics.median(walls),
+        "min_s": min(walls),
+        "cpu_s": statistics.median(cpu for _, cpu in timings),
+        "cores_busy": statistics.median(cpu / wall for wall, cpu in timings),
+        "times": walls,
+    }
 
 
 def summary(
     task: Task, timings: list[tuple[float, float]], batch: int, peak: dict[str, float]
 ) -> dict[str, Any]:
     """The JSON record of one measured task, from its (wall, CPU) seconds per repetition."""
-    times = [wall for wall, _ in timings]
-    median = statistics.median(times)
+    stats = timing_stats(timings)
+    median = stats["s"]
     achieved = task.flops / median / 1e9
     return {
         "median_s": round(median, 4),
-        "min_s": round(min(times), 4),
+        "min_s": round(stats["min_s"], 4),
         "images_per_s": round(batch / median, 3),
-        "cpu_s": round(statistics.median(cpu for _, cpu in timings), 4),
-        "cores_busy": round(cores_busy(timings), 2),
+        "cpu_s": round(stats["cpu_s"], 4),
+        "cores_busy": round(stats["cores_busy"], 2),
         "compile_s": round(task.compile_s, 2),
         "gflop": round(task.flops / 1e9, 2),
         "gflops_per_s": round(achieved, 1),
         "fraction_of_peak": round(achieved / peak["peak_gflops"], 3),
         **peak,
         "params": task.params,
-        "times_s": [round(t, 4) for t in times],
+        "times_s": [round(t, 4) for t in stats["times"]],
         **task.info,
     }
 
@@ -495,14 +503,7 @@ def _row(config, what, batch, info, timings, loads) -> dict[str, Any]:
     row = {"config": config, "what": what, "batch": batch}
     for side, side_timings in timings.items():
         if side_timings:
-            walls = [wall for wall, _ in side_timings]
-            row.update({
-                f"{side}_s": statistics.median(walls),
-                f"{side}_min_s": min(walls),
-                f"{side}_cpu_s": statistics.median(cpu for _, cpu in side_timings),
-                f"{side}_cores_busy": cores_busy(side_timings),
-                f"{side}_times": walls,
-            })  # fmt: skip
+            row.update({f"{side}_{key}": value for key, value in timing_stats(side_timings).items()})
     row.update(compile_s=info["compile_s"], gflop=info["flops"] / 1e9, load=statistics.median(loads))
     if "peer_s" in row:
         row.update(ratio=row["peer_s"] / row["diffax_s"], cpu_ratio=row["peer_cpu_s"] / row["diffax_cpu_s"])
@@ -596,9 +597,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch < 1 or args.repeats < 1 or args.steps_per_call < 1:
         p.error("--batch, --repeats and --steps-per-call must be positive.")
-    if not 0 <= args.cores <= len(os.sched_getaffinity(0)):
+    allowed = len(os.sched_getaffinity(0))
+    if not 0 <= args.cores <= allowed:
         p.error(
-            f"--cores {args.cores}: this process may use {len(os.sched_getaffinity(0))} CPUs; pass 1 to that."
+            f"--cores {args.cores}: this process may use {allowed} CPUs; pass 1 to {allowed}, or 0 for all."
         )
     if any("=" not in option for option in args.xla_option):
         p.error("--xla-option takes KEY=VALUE.")

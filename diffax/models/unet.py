@@ -67,7 +67,7 @@ class ResBlock(nn.Module):
         e = layers.dense(out * (2 if self.scale_shift else 1), ("embed", "conv_out"), **kw)(nn.silu(emb))
         if self.scale_shift:
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = layers.GroupNorm(**norm)(h, (scale, shift), train)
+            h = layers.GroupNorm(**norm)(h, (scale, shift), train=train)
         else:
             h = layers.GroupNorm(**norm)(h + e[:, None, None, :], train=train)
         if train and self.dropout > 0:
