@@ -27,6 +27,13 @@ difference below the run-to-run noise shows), one JSON line:
 
   python benchmarks/bench.py --config small --what train --batch 32 --repeats 10 --compare-impl resblock_impl
 
+and, the same way, the train or forward program compiled without and with one XLA option (how a
+``diffax.perf`` setting is measured; options take XLA's full enum spellings):
+
+  python benchmarks/bench.py --config small --what train --batch 32 --repeats 16 --eigen-conv \
+    --compare-xla-option \
+    xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE
+
 The network is the peer's ``UNet2DModel`` layout exactly (same parameter count, checked): the
 ``unet_ddpm_cifar10`` preset with 8-channel attention heads and GroupNorm eps 1e-5, as diffusers has.
 The work is the peer's: train = noise a fixed batch at random DDPM steps, MSE to the noise, backward,
@@ -309,6 +316,18 @@ def impls_of(args: argparse.Namespace) -> dict[str, str]:
     return {field: getattr(args, field) for field in IMPL_FIELDS}
 
 
+def add_cpu_settings_args(parser: argparse.ArgumentParser) -> None:
+    """Adds one switch per ``diffax.perf`` setting: ``--eigen-conv``, ``--ynn-dot-fusion`` (XLA flags),
+    ``--retain-host-memory`` (glibc malloc keeps freed buffers)."""
+    for name in (*perf.CPU_SETTINGS, "retain_host_memory"):
+        parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=f"diffax.perf: {name}")
+
+
+def cpu_settings_of(args: argparse.Namespace) -> dict[str, bool]:
+    """The ``perf.configure_cpu`` keywords of parsed arguments."""
+    return {name: getattr(args, name) for name in (*perf.CPU_SETTINGS, "retain_host_memory")}
+
+
 def _task_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         impls=impls_of(args),
@@ -363,40 +382,58 @@ def measure_one(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def compare_impl(args: argparse.Namespace) -> dict[str, Any]:
-    """``--compare-impl FIELD``: the task with FIELD ``"xla"`` and ``"cpu"`` in one process, alternating
-    (the order flips every round); ``speedup`` is the xla median over the cpu median."""
-    field = args.compare_impl
-    tasks = {
-        value: build_task(
-            args.config,
-            args.what,
-            args.batch,
-            **(_task_kwargs(args) | {"impls": impls_of(args) | {field: value}}),
-        )
-        for value in ("xla", "cpu")
-    }
+def _alternate(args: argparse.Namespace, tasks: dict[str, Task]) -> dict[str, Any]:
+    """Times ``tasks`` (two forms of one task) alternately, the order flipping every round; returns
+    each form's median and times and ``speedup``, the first form's median over the second's."""
     for task in tasks.values():
         for _ in range(args.warmup):
             task.run()
-    times: dict[str, list[float]] = {value: [] for value in tasks}
+    first, second = tasks
+    times: dict[str, list[float]] = {name: [] for name in tasks}
     for round_ in range(args.repeats):
-        for value in ("xla", "cpu") if round_ % 2 == 0 else ("cpu", "xla"):
+        for name in (first, second) if round_ % 2 == 0 else (second, first):
             time.sleep(args.gap)
-            times[value].append(time_once(tasks[value])[0])
-    median = {value: statistics.median(t) for value, t in times.items()}
+            times[name].append(time_once(tasks[name])[0])
+    median = {name: statistics.median(t) for name, t in times.items()}
     return {
         "config": args.config,
         "what": args.what,
         "batch": args.batch,
-        "field": field,
-        "xla_median_s": round(median["xla"], 4),
-        "cpu_median_s": round(median["cpu"], 4),
-        "speedup": round(median["xla"] / median["cpu"], 3),
-        "times_s": {value: [round(x, 4) for x in t] for value, t in times.items()},
+        **{f"{name}_median_s": round(m, 4) for name, m in median.items()},
+        "speedup": round(median[first] / median[second], 3),
+        "times_s": {name: [round(x, 4) for x in t] for name, t in times.items()},
         **_settings(),
         "load_average": load_average(),
     }
+
+
+def compare_impl(args: argparse.Namespace) -> dict[str, Any]:
+    """``--compare-impl FIELD``: the task with FIELD ``"xla"`` and ``"cpu"`` in one process, alternating;
+    ``speedup`` is the xla median over the cpu median."""
+    field = args.compare_impl
+    kwargs = _task_kwargs(args)
+    tasks = {
+        value: build_task(
+            args.config, args.what, args.batch, **(kwargs | {"impls": impls_of(args) | {field: value}})
+        )
+        for value in ("xla", "cpu")
+    }
+    return {"field": field, **_alternate(args, tasks)}
+
+
+def compare_xla_option(args: argparse.Namespace) -> dict[str, Any]:
+    """``--compare-xla-option KEY=VALUE``: the task compiled without and with that XLA option in one
+    process, alternating; ``speedup`` is the median without over the median with."""
+    key, value = args.compare_xla_option.split("=", 1)
+    kwargs = _task_kwargs(args)
+    base = kwargs["compiler_options"] or {}
+    tasks = {
+        name: build_task(
+            args.config, args.what, args.batch, **(kwargs | {"compiler_options": options or None})
+        )
+        for name, options in (("without", base), ("with", base | {key: value}))
+    }
+    return {"option": args.compare_xla_option, **_alternate(args, tasks)}
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -446,11 +483,7 @@ def _flag_args(args: argparse.Namespace) -> list[str]:
         f"--compute-dtype={args.compute_dtype}",
         f"--warmup={args.warmup}",
     ]
-    return (
-        out
-        + (["--eigen-conv"] if args.eigen_conv else [])
-        + (["--retain-host-memory"] if args.retain_host_memory else [])
-    )
+    return out + [f"--{name.replace('_', '-')}" for name, on in cpu_settings_of(args).items() if on]
 
 
 def run_suite(args: argparse.Namespace) -> str:
@@ -563,14 +596,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--compare-impl", choices=IMPL_FIELDS, help="time this switch's xla and cpu forms alternately"
     )
+    p.add_argument(
+        "--compare-xla-option",
+        metavar="KEY=VALUE",
+        help="time the train or forward program compiled without and with this XLA option alternately",
+    )
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--steps-per-call", type=int, default=1, help="train steps per jitted call (lax.scan)")
-    p.add_argument("--eigen-conv", action="store_true", help="diffax.perf setting eigen_conv (XLA flag)")
-    p.add_argument(
-        "--retain-host-memory",
-        action="store_true",
-        help="diffax.perf setting retain_host_memory (glibc malloc keeps freed buffers)",
-    )
+    add_cpu_settings_args(p)
     p.add_argument(
         "--xla-option",
         action="append",
@@ -606,8 +639,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--xla-option takes KEY=VALUE.")
     if args.suite and args.xla_option:
         p.error("--xla-option is for single measurements of train or forward, not --suite.")
-    if args.suite and args.compare_impl:
-        p.error("--compare-impl is a single measurement, not --suite.")
+    if args.suite and (args.compare_impl or args.compare_xla_option):
+        p.error("--compare-impl and --compare-xla-option are single measurements, not --suite.")
+    if args.compare_impl and args.compare_xla_option:
+        p.error("--compare-impl and --compare-xla-option: pass one of them.")
+    if args.compare_xla_option and "=" not in args.compare_xla_option:
+        p.error("--compare-xla-option takes KEY=VALUE.")
     return args
 
 
@@ -616,7 +653,7 @@ def main(argv: list[str] | None = None) -> None:
     # Before anything starts a JAX backend (XLA sizes its thread pool from the CPUs it may use).
     if args.cores:
         pin_cores(args.cores)
-    perf.configure_cpu(eigen_conv=args.eigen_conv, retain_host_memory=args.retain_host_memory)
+    perf.configure_cpu(**cpu_settings_of(args))
     if args.serve:
         serve(args)
     elif args.suite:
@@ -627,6 +664,8 @@ def main(argv: list[str] | None = None) -> None:
         print(table)
     elif args.compare_impl:
         print(json.dumps(compare_impl(args)))
+    elif args.compare_xla_option:
+        print(json.dumps(compare_xla_option(args)))
     else:
         print(json.dumps(measure_one(args)))
 

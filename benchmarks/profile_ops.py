@@ -98,15 +98,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--calls", type=int, default=3)
     bench.add_impl_args(p)
-    p.add_argument("--eigen-conv", action="store_true")
-    p.add_argument("--retain-host-memory", action="store_true")
+    bench.add_cpu_settings_args(p)
     p.add_argument("--cores", type=int, default=0, help="run on the first N CPUs (bench.pin_cores); 0: all")
     p.add_argument("--top", type=int, default=0, help="also list the N slowest instructions")
     p.add_argument("--dump", type=pathlib.Path, help="also write the optimized HLO here")
     args = p.parse_args(argv)
     if args.cores:
         bench.pin_cores(args.cores)
-    perf.configure_cpu(eigen_conv=args.eigen_conv, retain_host_memory=args.retain_host_memory)
+    perf.configure_cpu(**bench.cpu_settings_of(args))
     task = bench.build_task(args.config, args.what, args.batch, impls=bench.impls_of(args))
     hlo_text = task.executable.as_text()
     if args.dump:
