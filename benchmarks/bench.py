@@ -27,8 +27,8 @@ difference below the run-to-run noise shows), one JSON line:
 
   python benchmarks/bench.py --config small --what train --batch 32 --repeats 10 --compare-impl resblock_impl
 
-and, the same way, the train or forward program compiled without and with one XLA option (how a
-``diffax.perf`` setting is measured; options take XLA's full enum spellings):
+and, the same way, the train or forward program compiled without and with one XLA option (how an XLA
+flag is weighed before it becomes a ``diffax.perf`` setting; options take XLA's full enum spellings):
 
   python benchmarks/bench.py --config small --what train --batch 32 --repeats 16 --eigen-conv \
     --compare-xla-option \
@@ -317,7 +317,7 @@ def impls_of(args: argparse.Namespace) -> dict[str, str]:
 
 
 def add_cpu_settings_args(parser: argparse.ArgumentParser) -> None:
-    """Adds one switch per ``diffax.perf`` setting: ``--eigen-conv``, ``--ynn-dot-fusion`` (XLA flags),
+    """Adds one switch per ``diffax.perf`` setting: ``--eigen-conv`` (an XLA flag) and
     ``--retain-host-memory`` (glibc malloc keeps freed buffers)."""
     for name in (*perf.CPU_SETTINGS, "retain_host_memory"):
         parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=f"diffax.perf: {name}")

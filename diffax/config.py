@@ -105,9 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     c.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
     # CPU speed settings that `python -m diffax.main` applies before JAX starts (diffax.perf.configure_cpu):
-    # convolutions through Eigen, products fused with their elementwise neighbours in YNNPACK, and glibc
-    # malloc keeping freed buffers (no per-step page faults).
-    c.cpu = ml_collections.ConfigDict(dict(eigen_conv=False, ynn_dot_fusion=False, retain_host_memory=False))
+    # convolutions through Eigen, and glibc malloc keeping freed buffers (no per-step page faults).
+    c.cpu = ml_collections.ConfigDict(dict(eigen_conv=False, retain_host_memory=False))
     c.log = ml_collections.ConfigDict(
         dict(every_steps=100, sample_every_steps=0, num_samples=64, eval_every_steps=0)
     )

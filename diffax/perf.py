@@ -10,23 +10,16 @@ experimental flags tied to one jaxlib: re-measure them at each jaxlib upgrade
 import ctypes
 import ctypes.util
 import os
-from collections.abc import Sequence
 
 import jax
 import jaxlib
 from jax._src import xla_bridge  # backends_are_initialized has no public spelling in jax 0.10.
 
-# XLA's CPU flag choosing which operations YNNPACK takes; the settings below edit its default set.
-YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-# name -> its edits of YNN_FUSION_FLAG's default set (jaxlib 0.10.2; re-measure at each upgrade).
-CPU_SETTINGS: dict[str, tuple[str, ...]] = {
-    # Convolutions through Eigen instead of YNNPACK's individual-convolution fusion (a 3x3 64->64
-    # convolution at 32x32 is ~1.6x faster; see benchmarks/README.md).
-    "eigen_conv": ("-individual_convolution",),
-    # Each product as a YNNPACK fusion with its elementwise producers and consumers (bias adds,
-    # reshapes, the attention's exp(s - logsumexp)) instead of the product alone: fewer passes over
-    # memory; the train step of `small` 1.0x-1.06x faster (benchmarks/results/2026-12-02-dot-fusion.md).
-    "ynn_dot_fusion": ("+dot", "-individual_dot"),
+# name -> the XLA flag it sets.
+CPU_SETTINGS: dict[str, str] = {
+    # Convolutions through Eigen instead of YNNPACK's individual-convolution fusion (jaxlib 0.10.2: a
+    # 3x3 64->64 convolution at 32x32 is ~1.6x faster; see benchmarks/README.md).
+    "eigen_conv": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
 }
 
 
@@ -35,14 +28,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _retained_host_memory = False
 
 
-def configure_cpu(
-    *, eigen_conv: bool = False, ynn_dot_fusion: bool = False, retain_host_memory: bool = False
-) -> tuple[str, ...]:
+def configure_cpu(*, eigen_conv: bool = False, retain_host_memory: bool = False) -> tuple[str, ...]:
     """Applies the chosen CPU settings before JAX starts its backends.
 
     Args:
       eigen_conv: run convolutions through Eigen (``CPU_SETTINGS["eigen_conv"]``).
-      ynn_dot_fusion: fuse products with their elementwise neighbours (``CPU_SETTINGS["ynn_dot_fusion"]``).
       retain_host_memory: keep freed host memory in the process for reuse (``retain_host_memory``).
 
     Returns:
@@ -51,32 +41,17 @@ def configure_cpu(
     Raises:
       RuntimeError: if a JAX backend is already initialised (the settings would have no effect).
     """
-    edits = [e for name, on in (("eigen_conv", eigen_conv), ("ynn_dot_fusion", ynn_dot_fusion)) if on
-             for e in CPU_SETTINGS[name]]  # fmt: skip
-    if (edits or retain_host_memory) and xla_bridge.backends_are_initialized():
+    chosen = [CPU_SETTINGS["eigen_conv"]] if eigen_conv else []
+    if (chosen or retain_host_memory) and xla_bridge.backends_are_initialized():
         raise RuntimeError(
             "configure_cpu: a JAX backend is already initialised, so XLA flags and allocator settings no "
             "longer apply; call it at program start, before any JAX computation."
         )
     if retain_host_memory:
         _retain_host_memory()
-    if edits:
-        os.environ["XLA_FLAGS"] = " ".join(with_ynn_edits(xla_flags(), edits))
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    os.environ["XLA_FLAGS"] = " ".join([*flags, *(f for f in chosen if f not in flags)])
     return xla_flags()
-
-
-def _ynn_values(flags: Sequence[str]) -> list[str]:
-    """The comma-separated values of every ``YNN_FUSION_FLAG`` in ``flags``, in order (XLA applies the
-    edits of repeated flags in turn)."""
-    return [v for f in flags if f.startswith(YNN_FUSION_FLAG + "=") for v in f.split("=", 1)[1].split(",")]
-
-
-def with_ynn_edits(flags: Sequence[str], edits: Sequence[str]) -> list[str]:
-    """``flags`` with ``edits`` appended to its ``YNN_FUSION_FLAG`` (added if absent), as one flag."""
-    values = _ynn_values(flags)
-    values += [e for e in edits if e not in values]
-    others = [f for f in flags if not f.startswith(YNN_FUSION_FLAG + "=")]
-    return [*others, f"{YNN_FUSION_FLAG}={','.join(values)}"]
 
 
 def _retain_host_memory() -> None:
@@ -109,14 +84,13 @@ def xla_flags() -> tuple[str, ...]:
 def settings_in_force() -> dict[str, object]:
     """What a benchmark should record: jax/jaxlib versions, the backend, XLA flags, named settings on."""
     flags = xla_flags()
-    ynn_edits = set(_ynn_values(flags))
     return {
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
         "backend": jax.default_backend(),
         "xla_flags": list(flags),
         "cpu_settings": sorted(
-            [name for name, edits in CPU_SETTINGS.items() if set(edits) <= ynn_edits]
+            [name for name, flag in CPU_SETTINGS.items() if flag in flags]
             + (["retain_host_memory"] if _retained_host_memory else [])
         ),
     }
