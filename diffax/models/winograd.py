@@ -134,7 +134,9 @@ def conv3x3(x: jax.Array, kernel: jax.Array, tile: int = 4) -> jax.Array:
 
     products = jnp.einsum("ftc,fco->fto", inputs, filters.reshape(a * a, c, o).astype(x.dtype))
     products = products.reshape(a, a, b, th, tw, o)
-    out_cols = jnp.stack([_combine(at[q], list(jnp.moveaxis(products, 1, 0))) for q in range(tile)], axis=4)
+    # Columns slice ``products`` directly: a moveaxis here was materialised as a transpose of the products.
+    columns = [products[:, j] for j in range(a)]
+    out_cols = jnp.stack([_combine(at[q], columns) for q in range(tile)], axis=4)
     out = jnp.stack([_combine(at[p], list(out_cols)) for p in range(tile)], axis=2)  # (B, th, m, tw, m, O)
     return out.reshape(b, th * tile, tw * tile, o)[:, :h, :w]
 
