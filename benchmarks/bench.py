@@ -316,16 +316,20 @@ def impls_of(args: argparse.Namespace) -> dict[str, str]:
     return {field: getattr(args, field) for field in IMPL_FIELDS}
 
 
+# ``perf.configure_cpu``'s keywords: its XLA flag settings and the allocator setting.
+CPU_SETTING_NAMES = (*perf.CPU_SETTINGS, "retain_host_memory")
+
+
 def add_cpu_settings_args(parser: argparse.ArgumentParser) -> None:
     """Adds one switch per ``diffax.perf`` setting: ``--eigen-conv`` (an XLA flag) and
     ``--retain-host-memory`` (glibc malloc keeps freed buffers)."""
-    for name in (*perf.CPU_SETTINGS, "retain_host_memory"):
+    for name in CPU_SETTING_NAMES:
         parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=f"diffax.perf: {name}")
 
 
 def cpu_settings_of(args: argparse.Namespace) -> dict[str, bool]:
     """The ``perf.configure_cpu`` keywords of parsed arguments."""
-    return {name: getattr(args, name) for name in (*perf.CPU_SETTINGS, "retain_host_memory")}
+    return {name: getattr(args, name) for name in CPU_SETTING_NAMES}
 
 
 def _task_kwargs(args: argparse.Namespace) -> dict[str, Any]:
