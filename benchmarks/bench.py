@@ -649,6 +649,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--compare-impl and --compare-xla-option: pass one of them.")
     if args.compare_xla_option and "=" not in args.compare_xla_option:
         p.error("--compare-xla-option takes KEY=VALUE.")
+    if (
+        (args.xla_option or args.compare_xla_option)
+        and not args.suite
+        and args.what not in ("train", "forward")
+    ):
+        p.error(
+            f"--xla-option and --compare-xla-option apply to --what train or forward, not {args.what} "
+            "(diffax.sample compiles its own program)."
+        )
     return args
 
 

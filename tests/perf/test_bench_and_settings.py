@@ -153,6 +153,8 @@ def test_compare_xla_option_times_the_program_without_and_with_it(bench, capsys)
     for bad in (
         ["--compare-xla-option", "no_value"],
         ["--compare-impl", "norm_impl", "--compare-xla-option", option],
+        ["--what", "sample-ddim50", "--compare-xla-option", option],
+        ["--what", "sample-dpmpp20", "--xla-option", option],
     ):
         with pytest.raises(SystemExit):
             bench.parse_args([*argv, *bad])
