@@ -368,6 +368,8 @@ def _settings() -> dict[str, Any]:
         **perf.settings_in_force(),
         "cpu": _cpu_name(),
         "cores": len(os.sched_getaffinity(0)),
+        "l2_cache_bytes": layers.l2_cache_bytes(),
+        "attention_block_bytes": layers.ATTENTION_BLOCK_BYTES,
     }
 
 
@@ -547,6 +549,10 @@ def _row(config, what, batch, info, timings, loads) -> dict[str, Any]:
     return row
 
 
+def _mib(size: int | None) -> str:
+    return "unknown" if size is None else f"{size / (1 << 20):g} MiB"
+
+
 def _markdown(args, rows, peak_before, peak_after, peer_info) -> str:
     peak = max(peak_before["peak_gflops"], peak_after["peak_gflops"])
     settings = _settings()
@@ -556,10 +562,12 @@ def _markdown(args, rows, peak_before, peak_after, peer_info) -> str:
         "",
         f"Command: `python benchmarks/bench.py {' '.join(sys.argv[1:])}`",
         "",
-        f"Machine: {settings['cpu']}, {settings['cores']} cores; jax {settings['jax']} / jaxlib"
+        f"Machine: {settings['cpu']}, {settings['cores']} cores, L2 {_mib(settings['l2_cache_bytes'])} per"
+        f" core; jax {settings['jax']} / jaxlib"
         f" {settings['jaxlib']}; XLA_FLAGS: `{' '.join(settings['xla_flags']) or '(none)'}`; diffax.perf"
         f" settings: {', '.join(settings['cpu_settings']) or 'none'}; impls: {impls}, compute dtype"
-        f" {args.compute_dtype}, train steps per call {args.steps_per_call}.",
+        f" {args.compute_dtype}, train steps per call {args.steps_per_call}, attention blocks"
+        f" {_mib(settings['attention_block_bytes'])} of scores.",
         f"float32 matmul peak (2048², median GFLOP/s) before: numpy {peak_before['numpy_gflops']}, XLA"
         f" {peak_before['xla_gflops']}; after: numpy {peak_after['numpy_gflops']}, XLA"
         f" {peak_after['xla_gflops']}; % peak below uses {peak}.",

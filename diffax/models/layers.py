@@ -9,6 +9,7 @@ maps them onto a ``("data", "fsdp")`` device mesh.
 """
 
 import functools
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -327,11 +328,41 @@ class GroupNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+def l2_cache_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """The size of CPU 0's level-2 cache from Linux's sysfs (``index*/level``, ``index*/size`` such as
+    ``2048K``), or None where sysfs does not list it."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    for index in sorted(pathlib.Path(cache_dir).glob("index*")):
+        try:
+            if (index / "level").read_text().strip() != "2":
+                continue
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if size[-1:] in units and size[:-1].isdigit():
+            return int(size[:-1]) * units[size[-1]]
+        if size.isdigit():
+            return int(size)
+    return None
+
+
+def attention_block_bytes(l2_bytes: int | None) -> int:
+    """Bytes of float32 scores per step of the blocked "cpu" attention with a backward pass, chosen by
+    the L2 cache per core: 8 MiB from 2 MiB of L2, 4 MiB below it or where the L2 is unknown.
+
+    Measured in one process, both variants alternating (speedup of the whole train step):
+    - 2-core AMD EPYC, 1 MiB L2: 4 MiB trains 3% (``small``) and 4-6% (``ddpm-cifar10``) faster than
+      1 MiB; 2 MiB 6%, 8 MiB 1-3%, 16 MiB 11% slower than 4 MiB
+      (``benchmarks/results/2026-12-01-train.md``).
+    - 2-core Intel Xeon (AVX-512, AMX), 2 MiB L2: 8 MiB 1.046 (``small`` b32), 1.062 (b16) and 1.045
+      (``ddpm-cifar10`` b32) over 4 MiB; 16 MiB 1.007 over 8 (``benchmarks/results/2026-12-02-intel.md``).
+    """
+    return 8 << 20 if l2_bytes is not None and l2_bytes >= 2 << 20 else 4 << 20
+
+
 # Bytes of float32 scores one step of the "cpu" attention keeps live between the QK^T product, the
-# exponential and the PV product. Measured on a 2-core AMD EPYC (1 MiB L2 per core, both variants in one
-# process, alternating): 4 MiB trains 3% (small) and 4-6% (ddpm-cifar10) faster than 1 MiB, forward even;
-# 2 MiB 6%, 8 MiB 1-3%, 16 MiB 11% slower than 4 MiB (benchmarks/results/2026-12-01-train.md).
-ATTENTION_BLOCK_BYTES = 4 << 20
+# exponential and the PV product, in a train step (see ``attention_block_bytes``).
+ATTENTION_BLOCK_BYTES = attention_block_bytes(l2_cache_bytes())
 # Without a backward pass (sampling, evaluation) XLA's CPU backend hands a block's whole attention, both
 # products and the softmax, to one YNNPACK fusion, which does not keep the block's scores. There, larger
 # blocks ran faster while one head's float32 (T, S) scores took at most 256 KiB (T = S = 256: all heads

@@ -41,6 +41,41 @@ def test_heads_per_block_is_the_largest_fitting_divisor(small_blocks):
     assert layers._heads_per_block(5, 32, 32) == 1  # one head is over the budget: still one at a time
 
 
+def _fake_sysfs(root, *caches):
+    for i, (level, size) in enumerate(caches):
+        index = root / f"index{i}"
+        index.mkdir()
+        (index / "level").write_text(f"{level}\n")
+        (index / "size").write_text(f"{size}\n")
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    "caches,l2",
+    [
+        ([(1, "48K"), (1, "32K"), (2, "2048K"), (3, "491520K")], 2 << 20),
+        ([(1, "32K"), (2, "1M")], 1 << 20),
+        ([(2, "524288")], 512 << 10),
+        ([(1, "32K"), (3, "32M")], None),  # no level 2 listed
+        ([(2, "big")], None),  # an unreadable size
+    ],
+)
+def test_l2_cache_bytes_reads_sysfs(tmp_path, caches, l2):
+    assert layers.l2_cache_bytes(_fake_sysfs(tmp_path, *caches)) == l2
+
+
+def test_l2_cache_bytes_is_none_without_sysfs(tmp_path):
+    assert layers.l2_cache_bytes(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize(
+    "l2,block",
+    [(None, 4 << 20), (512 << 10, 4 << 20), (1 << 20, 4 << 20), (2 << 20, 8 << 20), (4 << 20, 8 << 20)],
+)
+def test_attention_block_bytes_follows_the_l2_cache(l2, block):
+    assert layers.attention_block_bytes(l2) == block
+
+
 @pytest.mark.parametrize("train", [True, False])  # the custom VJP, and autodiff of the blocks
 @pytest.mark.parametrize("t,s", [(8, 8), (9, 5)])  # self- and cross-attention lengths
 def test_blocked_attention_values_and_grads_equal_plain(small_blocks, t, s, train):
