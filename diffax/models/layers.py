@@ -508,13 +508,16 @@ class Attention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if context is None:
             qkv = dense(3 * n * h, ("embed", "heads"), name="qkv", **kw)(x).reshape(b, t, 3, n, h)
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            # Split, not indexed: the cotangent of a split is one concatenation, that of three index
+            # slices three zero-padded copies summed (attention layer forward+backward at (32, 256, 128)
+            # on CPU 130 -> 112 ms; `small` train step 1.011-1.015).
+            q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
         else:
             context = jnp.asarray(context)
             q = dense(n * h, ("embed", "heads"), name="q", **kw)(x).reshape(b, t, n, h)
             kv = dense(2 * n * h, ("context", "heads"), name="kv", **kw)(context)
             kv = kv.reshape(b, context.shape[1], 2, n, h)
-            k, v = kv[:, :, 0], kv[:, :, 1]
+            k, v = (a[:, :, 0] for a in jnp.split(kv, 2, axis=2))
         o = dot_product_attention(q, k, v, impl=self.impl, train=train).reshape(b, t, n * h)
         out_init = ZEROS if self.zero_init_out else XAVIER
         return dense(c, ("heads", "embed"), kernel_init=out_init, name="out", **kw)(o)
