@@ -182,10 +182,11 @@ def group_norm(
       modulation: optional pair of (B, C) arrays (scale, shift).
       silu: apply SiLU at the end.
       impl: ``"xla"``: mean and variance over a (B, *spatial, G, C/G) view. ``"cpu"``: per-channel
-        sums first (one pass, see ``_group_scale_shift``), combined within each group and folded with
-        the affine and modulation into one per-channel scale and shift, applied with the SiLU in a
-        single pass; with ``train=True`` that pass's backward recomputes the pre-activation (a custom
-        VJP: reverse mode only). ``"auto"``: ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
+        sums first (the group means, then the squared deviations from them: ``_group_moments``),
+        folded with the affine and modulation into one per-channel scale and shift, applied with the
+        SiLU in a single pass; with ``train=True`` the moments' backward is one expression in x and
+        the SiLU pass's backward recomputes the pre-activation (custom VJPs: reverse mode only).
+        ``"auto"``: ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
       train: the form to differentiate in reverse mode only (a train step). With ``False`` every
         form is differentiable in every mode, forward mode included (the exact likelihood's JVPs).
 
@@ -212,7 +213,7 @@ def group_norm(
         shift = jnp.broadcast_to(beta, (b, c))
     else:
         y = xf
-        a, shift = _group_scale_shift(xf, gamma, beta, num_groups=g, epsilon=epsilon)
+        a, shift = _group_scale_shift(xf, gamma, beta, num_groups=g, epsilon=epsilon, train=train)
     if modulation is not None:
         m_scale, m_shift = (jnp.asarray(m, jnp.float32) for m in modulation)
         a, shift = a * (1.0 + m_scale), shift * (1.0 + m_scale) + m_shift
@@ -223,30 +224,52 @@ def group_norm(
 
 
 def _group_scale_shift(
-    x: jax.Array, gamma: jax.Array, beta: jax.Array, *, num_groups: int, epsilon: float
+    x: jax.Array, gamma: jax.Array, beta: jax.Array, *, num_groups: int, epsilon: float, train: bool
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-(example, channel) ``a``, ``shift`` with ``GroupNorm(x) * gamma + beta = x * a + shift``.
+    """Per-(example, channel) ``a``, ``shift`` with ``GroupNorm(x) * gamma + beta = x * a + shift``,
+    from ``_group_moments`` (with ``train``, its reverse-mode-only form ``_group_moments_train``)."""
+    per_group = x.shape[-1] // num_groups
+    mean, var = (_group_moments_train if train else _group_moments)(x, num_groups)
+    a = jnp.repeat(jax.lax.rsqrt(var + epsilon), per_group, axis=1) * gamma
+    return a, beta - jnp.repeat(mean, per_group, axis=1) * a
 
-    One pass over x sums ``x - r`` and ``(x - r)^2`` per channel, with r the channel's first pixel (a
-    shift that keeps ``E[d^2] - E[d]^2`` free of cancellation when the mean is large); the sums are then
-    combined within each group.
-    """
+
+def _group_moments(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
+    """(B, G) mean and biased variance of each example's channel groups of (B, *spatial, C) x, in two
+    exact passes: per-channel sums give the group means, then per-channel sums of squared deviations
+    from them the variances (no cancellation however large the mean)."""
     b, c, nd = x.shape[0], x.shape[-1], x.ndim
-    g, spatial = num_groups, tuple(range(1, nd - 1))
-    r = jax.lax.stop_gradient(x[(slice(None), *([0] * (nd - 2)))])  # (B, C)
-    d = x - _channelwise(r, nd)
-    n = np.prod(x.shape[1:-1])
-    mean_d = jnp.sum(d, axis=spatial) / n  # (B, C) per-channel moments of d
-    sq_d = jnp.sum(d * d, axis=spatial) / n
-    # Moments of x - r_c about each group's mean: combine per-channel means of d shifted back by r.
-    mean_c = mean_d + r
-    mean = mean_c.reshape(b, g, c // g).mean(-1)
-    centred = (mean_c.reshape(b, g, c // g) - mean[..., None]).reshape(b, c)
-    # E_group[(x - mean)^2] = mean over channels of (E[d^2] - E[d]^2) + (mean_c - mean)^2
-    var_c = jnp.maximum(sq_d - mean_d * mean_d, 0.0) + centred * centred
-    var = var_c.reshape(b, g, c // g).mean(-1)
-    a = jnp.repeat(jax.lax.rsqrt(var + epsilon), c // g, axis=1) * gamma
-    return a, beta - jnp.repeat(mean, c // g, axis=1) * a
+    spatial, per_group = tuple(range(1, nd - 1)), c // num_groups
+    n = np.prod(x.shape[1:-1]) * per_group
+    mean = jnp.sum(x, axis=spatial).reshape(b, num_groups, per_group).sum(-1) / n
+    deviation = x - _channelwise(jnp.repeat(mean, per_group, axis=1), nd)
+    var = jnp.sum(deviation * deviation, axis=spatial).reshape(b, num_groups, per_group).sum(-1) / n
+    return mean, var
+
+
+# ``_group_moments`` whose backward pass is one elementwise expression in x,
+# ``d_mean / n + 2 d_var (x - mean) / n``, instead of autodiff's saved deviations (reverse mode only).
+_group_moments_train = jax.custom_vjp(_group_moments, nondiff_argnums=(1,))
+
+
+def _group_moments_train_fwd(x, num_groups):
+    mean, var = _group_moments(x, num_groups)
+    return (mean, var), (x, mean)
+
+
+def _group_moments_train_bwd(num_groups, residuals, cotangents):
+    x, mean = residuals
+    d_mean, d_var = cotangents
+    per_group, nd = x.shape[-1] // num_groups, x.ndim
+    n = np.prod(x.shape[1:-1]) * per_group
+
+    def per_channel(v: jax.Array) -> jax.Array:
+        return _channelwise(jnp.repeat(v, per_group, axis=1), nd)
+
+    return (per_channel(d_mean / n) + per_channel(2 * d_var / n) * (x - per_channel(mean)),)
+
+
+_group_moments_train.defvjp(_group_moments_train_fwd, _group_moments_train_bwd)
 
 
 @jax.custom_vjp

@@ -164,7 +164,7 @@ def test_group_norm_cpu_values_and_grads_equal_plain(silu, modulated, train):
 
 
 def test_group_norm_cpu_survives_a_large_mean():
-    """Activations at mean 1e3 with spread 0.5: the one-pass variance stays accurate (shifted sums)."""
+    """Activations at mean 1e3 with spread 0.5: the variance stays accurate (deviations from the mean)."""
     x, gamma, beta, _, _ = _norm_args(6, mean=1e3)
     x64 = np.asarray(x, np.float64)
     g = x64.reshape(2, 6, 5, 4, 4)
@@ -172,6 +172,24 @@ def test_group_norm_cpu_survives_a_large_mean():
     ref = ref.reshape(x.shape) * np.asarray(gamma) + np.asarray(beta)
     out = layers.group_norm(x, gamma, beta, num_groups=4, silu=False, impl="cpu")
     np.testing.assert_allclose(out, ref, atol=2e-3)  # float32 x itself carries 6e-5 absolute error
+
+
+@pytest.mark.parametrize("mean", [0.0, 1e3])
+def test_group_moments_custom_vjp_matches_float64_autodiff(mean):
+    """The train form's backward (one expression in x) against autodiff of the same moments in float64."""
+    x, d_mean, d_var = _normal(11, (2, 3, 4, 6), (2, 3), (2, 3))
+    x = x + mean
+    got_moments, vjp = jax.vjp(lambda y: layers._group_moments_train(y, 3), x)
+    with jax.enable_x64():
+        x64 = jnp.asarray(np.asarray(x, np.float64))
+        want_moments, vjp64 = jax.vjp(lambda y: layers._group_moments(y, 3), x64)
+        (want,) = vjp64((jnp.asarray(d_mean, jnp.float64), jnp.asarray(d_var, jnp.float64)))
+        g = np.asarray(x64).reshape(2, 3, 4, 3, 2)
+        np.testing.assert_allclose(want_moments[0], g.mean((1, 2, 4)), rtol=1e-12)
+        np.testing.assert_allclose(want_moments[1], g.var((1, 2, 4)), rtol=1e-12)
+    chex.assert_trees_all_close(got_moments, tuple(np.asarray(m) for m in want_moments), atol=1e-4, rtol=1e-5)
+    (got,) = vjp((d_mean, d_var))
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-4, rtol=1e-4)
 
 
 def test_silu_custom_vjp_matches_autodiff_in_float64():
