@@ -96,9 +96,7 @@ def from_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> nn.Mod
     return get(items.pop("name"), **items)
 
 
-def abstract_params(
-    module: nn.Module, input_shape: Sequence[int], *, cond: Any = None
-) -> Any:
+def abstract_params(module: nn.Module, input_shape: Sequence[int], *, cond: Any = None) -> Any:
     """The module's parameter pytree as ``jax.ShapeDtypeStruct``s, via ``jax.eval_shape``.
 
     Nothing is materialised. Leaves stay wrapped in ``nn.LogicallyPartitioned`` so that

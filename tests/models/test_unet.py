@@ -36,9 +36,7 @@ def _inputs(shape=SHAPE, seed=0):
 
 @functools.cache
 def _apply(module, train=False):
-    return jax.jit(
-        lambda p, x, t, c, key: module.apply({"params": p}, x, t, c, train, rngs={"dropout": key})
-    )
+    return jax.jit(lambda p, x, t, c, key: module.apply({"params": p}, x, t, c, train, rngs={"dropout": key}))
 
 
 @pytest.mark.parametrize(
