@@ -238,13 +238,23 @@ def _group_moments(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]
     """(B, G) mean and biased variance of each example's channel groups of (B, *spatial, C) x, in two
     exact passes: per-channel sums give the group means, then per-channel sums of squared deviations
     from them the variances (no cancellation however large the mean)."""
-    b, c, nd = x.shape[0], x.shape[-1], x.ndim
-    spatial, per_group = tuple(range(1, nd - 1)), c // num_groups
-    n = np.prod(x.shape[1:-1]) * per_group
+    b, per_group, spatial = x.shape[0], x.shape[-1] // num_groups, tuple(range(1, x.ndim - 1))
+    n = _group_size(x, num_groups)
     mean = jnp.sum(x, axis=spatial).reshape(b, num_groups, per_group).sum(-1) / n
-    deviation = x - _channelwise(jnp.repeat(mean, per_group, axis=1), nd)
+    deviation = x - _group_to_channels(mean, x)
     var = jnp.sum(deviation * deviation, axis=spatial).reshape(b, num_groups, per_group).sum(-1) / n
     return mean, var
+
+
+def _group_size(x: jax.Array, num_groups: int) -> int:
+    """Elements per (example, group) of (B, *spatial, C) x."""
+    return int(np.prod(x.shape[1:-1])) * (x.shape[-1] // num_groups)
+
+
+def _group_to_channels(v: jax.Array, x: jax.Array) -> jax.Array:
+    """(B, G) per-group values broadcastable against (B, *spatial, C) x, each repeated over its group's
+    channels."""
+    return _channelwise(jnp.repeat(v, x.shape[-1] // v.shape[1], axis=1), x.ndim)
 
 
 # ``_group_moments`` whose backward pass is one elementwise expression in x,
@@ -260,13 +270,11 @@ def _group_moments_train_fwd(x, num_groups):
 def _group_moments_train_bwd(num_groups, residuals, cotangents):
     x, mean = residuals
     d_mean, d_var = cotangents
-    per_group, nd = x.shape[-1] // num_groups, x.ndim
-    n = np.prod(x.shape[1:-1]) * per_group
-
-    def per_channel(v: jax.Array) -> jax.Array:
-        return _channelwise(jnp.repeat(v, per_group, axis=1), nd)
-
-    return (per_channel(d_mean / n) + per_channel(2 * d_var / n) * (x - per_channel(mean)),)
+    n = _group_size(x, num_groups)
+    return (
+        _group_to_channels(d_mean / n, x)
+        + _group_to_channels(2 * d_var / n, x) * (x - _group_to_channels(mean, x)),
+    )
 
 
 _group_moments_train.defvjp(_group_moments_train_fwd, _group_moments_train_bwd)
