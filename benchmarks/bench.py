@@ -66,7 +66,7 @@ import optax
 
 import diffax
 from diffax import models, perf, samplers
-from diffax.models import layers
+from diffax.models import cpu_kernels, layers
 from diffax.train_state import TrainState, make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -370,6 +370,7 @@ def _settings() -> dict[str, Any]:
         "cores": len(os.sched_getaffinity(0)),
         "l2_cache_bytes": layers.l2_cache_bytes(),
         "attention_block_bytes": layers.ATTENTION_BLOCK_BYTES,
+        "cpu_attention_kernel": cpu_kernels.available(),
     }
 
 
@@ -566,8 +567,9 @@ def _markdown(args, rows, peak_before, peak_after, peer_info) -> str:
         f" core; jax {settings['jax']} / jaxlib"
         f" {settings['jaxlib']}; XLA_FLAGS: `{' '.join(settings['xla_flags']) or '(none)'}`; diffax.perf"
         f" settings: {', '.join(settings['cpu_settings']) or 'none'}; impls: {impls}, compute dtype"
-        f" {args.compute_dtype}, train steps per call {args.steps_per_call}, attention blocks"
-        f" {_mib(settings['attention_block_bytes'])} of scores.",
+        f" {args.compute_dtype}, train steps per call {args.steps_per_call}, fused CPU"
+        f" attention kernel {'built' if settings['cpu_attention_kernel'] else 'not built'}, XLA attention"
+        f" blocks {_mib(settings['attention_block_bytes'])} of scores.",
         f"float32 matmul peak (2048², median GFLOP/s) before: numpy {peak_before['numpy_gflops']}, XLA"
         f" {peak_before['xla_gflops']}; after: numpy {peak_after['numpy_gflops']}, XLA"
         f" {peak_after['xla_gflops']}; % peak below uses {peak}.",

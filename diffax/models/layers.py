@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from diffax.models import winograd
+from diffax.models import cpu_kernels, winograd
 
 Dtype = Any
 Initializer = Any
@@ -457,8 +457,8 @@ def _inference_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return _blocked(_attention_block, q, k, v, block_bytes=INFERENCE_BLOCK_BYTES if short else None)[0]
 
 
-# ``_inference_attention`` with a blockwise backward pass recomputing the probabilities (reverse mode
-# only); its primal runs only without a backward pass.
+# ``_inference_attention`` with a blockwise backward pass recomputing the probabilities from the saved
+# logsumexp (reverse mode only); its primal runs only without a backward pass.
 _blocked_attention = jax.custom_vjp(_inference_attention)
 
 
@@ -476,6 +476,46 @@ def _blocked_attention_bwd(residuals, d_out):
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, train: bool) -> jax.Array:
+    """impl="cpu" attention of float32 (B, T, N, H) arrays by XLA: heads first, q pre-scaled, blocks."""
+    b, t, n, _ = q.shape
+
+    def heads_first(x: jax.Array) -> jax.Array:
+        return jnp.transpose(x, (0, 2, 1, 3)).reshape(b * n, x.shape[1], x.shape[3])
+
+    attend = _blocked_attention if train else _inference_attention
+    out = attend(heads_first(q * q.shape[-1] ** -0.5), heads_first(k), heads_first(v))
+    return jnp.transpose(out.reshape(b, n, t, v.shape[-1]), (0, 2, 1, 3))
+
+
+@jax.custom_jvp
+def _kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The fused CPU kernel's attention, differentiable in every mode through ``_xla_attention``."""
+    return cpu_kernels.attention_forward(q, k, v)[0]
+
+
+@_kernel_attention.defjvp
+def _kernel_attention_jvp(primals, tangents):
+    return jax.jvp(functools.partial(_xla_attention, train=False), primals, tangents)
+
+
+# The fused CPU kernel's attention with its own backward pass (reverse mode only), which recomputes
+# the probabilities from the saved logsumexp; its primal runs only without a backward pass.
+_kernel_train_attention = jax.custom_vjp(lambda q, k, v: cpu_kernels.attention_forward(q, k, v)[0])
+
+
+def _kernel_train_attention_fwd(q, k, v):
+    out, lse = cpu_kernels.attention_forward(q, k, v)
+    return out, (q, k, v, out, lse)
+
+
+def _kernel_train_attention_bwd(residuals, d_out):
+    return cpu_kernels.attention_backward(*residuals, d_out)
+
+
+_kernel_train_attention.defvjp(_kernel_train_attention_fwd, _kernel_train_attention_bwd)
+
+
 def dot_product_attention(
     q: ArrayLike, k: ArrayLike, v: ArrayLike, *, impl: str = "xla", train: bool = False
 ) -> jax.Array:
@@ -486,13 +526,17 @@ def dot_product_attention(
       k: (B, S, N, H) keys.
       v: (B, S, N, H) values.
       impl: ``"xla"``: ``jax.nn.dot_product_attention`` (the backend's fused kernel where it has
-        one). ``"cpu"``: float32, heads first, q pre-scaled, computed in blocks of heads whose
-        (T, S) scores fit in cache (``ATTENTION_BLOCK_BYTES``): ``exp(s - max s)`` times v, divided
-        by the row sums after the PV product. With ``train=True`` the backward pass recomputes each
-        block's probabilities from the saved logsumexp instead of storing them (a custom VJP: reverse
-        mode only), and heads of short sequences (``INFERENCE_HEAD_BYTES``) go in larger blocks when
-        no backward pass runs; with ``train=False`` they always do, and plain autodiff differentiates
-        the blocks in every mode. ``"auto"``: ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
+        one). ``"cpu"``: float32. On the CPU backend, the fused C++ kernel ``cpu_attention.cc``
+        (``cpu_kernels``: nothing of the (T, S) scores leaves the cache, the backward recomputes them
+        from the saved logsumexp) wherever it builds; ``train=False`` differentiates it through the
+        XLA formulation (forward and reverse mode). Elsewhere, or without the kernel, the XLA
+        formulation: heads first, q pre-scaled, in blocks of heads whose (T, S) scores fit in cache
+        (``ATTENTION_BLOCK_BYTES``), ``exp(s - max s)`` times v divided by the row sums after the PV
+        product; with ``train=True`` a custom VJP (reverse mode only) recomputes each block's
+        probabilities from the saved logsumexp, and heads of short sequences
+        (``INFERENCE_HEAD_BYTES``) go in larger blocks when no backward pass runs; with
+        ``train=False`` they always do, and plain autodiff differentiates the blocks in every mode.
+        ``"auto"``: ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
       train: the form to differentiate in reverse mode only (a train step); ``False`` keeps forward
         mode (the exact likelihood's JVPs).
 
@@ -506,15 +550,12 @@ def dot_product_attention(
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     if resolve_impl(impl, owner="dot_product_attention") == "xla":
         return jax.nn.dot_product_attention(q, k, v)
-    b, t, n, _ = q.shape
-
-    def heads_first(x: jax.Array) -> jax.Array:
-        return jnp.transpose(x.astype(jnp.float32), (0, 2, 1, 3)).reshape(b * n, x.shape[1], x.shape[3])
-
-    q_scaled = q.astype(jnp.float32) * q.shape[-1] ** -0.5
-    blocked = _blocked_attention if train else _inference_attention
-    out = blocked(heads_first(q_scaled), heads_first(k), heads_first(v))
-    return jnp.transpose(out.reshape(b, n, t, v.shape[-1]), (0, 2, 1, 3)).astype(q.dtype)
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    if jax.default_backend() == "cpu" and cpu_kernels.available():
+        out = (_kernel_train_attention if train else _kernel_attention)(q32, k32, v32)
+    else:
+        out = _xla_attention(q32, k32, v32, train)
+    return out.astype(q.dtype)
 
 
 class Attention(nn.Module):

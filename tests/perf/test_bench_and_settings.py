@@ -106,7 +106,8 @@ def test_suite_row_and_table_report_cpu_time_and_cores_busy(bench):
     table = bench._markdown(args, [row, alone], peak, peak, {}).splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith("| config |"))
     machine = next(line for line in table if line.startswith("Machine:"))
-    assert f"attention blocks {layers.ATTENTION_BLOCK_BYTES / (1 << 20):g} MiB of scores" in machine
+    assert f"XLA attention blocks {layers.ATTENTION_BLOCK_BYTES / (1 << 20):g} MiB of scores" in machine
+    assert "fused CPU attention kernel built" in machine
     assert "| CPU ratio | cores busy |" in table[header]
     assert table[header + 2].split(" | ")[5:8] == ["1.17×", "1.56×", "1.50 / 2.00"]
     assert table[header + 3].split(" | ")[4:8] == ["-", "-", "-", "1.50"]
@@ -183,6 +184,7 @@ def test_single_measurement_prints_one_json_line(bench, capsys):
     assert record["gflop"] == pytest.approx(direct / 1e9, rel=2e-3)
     assert record["xla_flags"] == list(perf.xla_flags())
     assert record["attention_block_bytes"] == layers.ATTENTION_BLOCK_BYTES
+    assert record["cpu_attention_kernel"] is True
     assert record["l2_cache_bytes"] == layers.l2_cache_bytes()
 
 

@@ -1,5 +1,8 @@
 """The CPU formulations (blocked attention, one-pass GroupNorm, custom VJPs) equal the plain ones.
 
+impl="cpu" attention runs the fused kernel where it is built (``test_cpu_attention_kernel.py``); the
+tests of its XLA formulation here turn the kernel off.
+
 Values and gradients, against the plain ``"xla"`` formulation and float64 numpy references, on shapes
 that exercise several attention blocks, cross-attention, bfloat16 inputs and badly centred activations.
 """
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 
 from diffax import models
-from diffax.models import layers
+from diffax.models import cpu_kernels, layers
 
 
 def _attention64(q, k, v):
@@ -28,8 +31,22 @@ def _normal(seed, *shapes, scale=1.0, dtype=jnp.float32):
 
 
 @pytest.fixture
-def small_blocks(monkeypatch):
-    """A 2 KiB block budget: (8, 8) float32 scores take 256 B, so 8 heads fit and 12 run as 2 x 6."""
+def xla_attention(monkeypatch):
+    """impl="cpu" attention by its XLA formulation, as where the fused kernel is not built."""
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+
+
+@pytest.fixture(params=["kernel", "xla"])
+def cpu_attention(request):
+    """impl="cpu" attention by the fused kernel, then by its XLA formulation."""
+    if request.param == "xla":
+        request.getfixturevalue("xla_attention")
+
+
+@pytest.fixture
+def small_blocks(monkeypatch, xla_attention):
+    """The XLA formulation with a 2 KiB block budget: (8, 8) float32 scores take 256 B, so 8 heads fit
+    and 12 run as 2 x 6."""
     monkeypatch.setattr(layers, "ATTENTION_BLOCK_BYTES", 2048)
 
 
@@ -109,7 +126,7 @@ def test_inference_attention_blocks_equal_float64(small_blocks, monkeypatch, hea
     np.testing.assert_allclose(jax.jit(attend)(q, k, v), _attention64(q, k, v), atol=3e-6, rtol=1e-5)
 
 
-def test_blocked_attention_grads_match_float64_finite_differences():
+def test_cpu_attention_grads_match_float64_finite_differences(cpu_attention):
     q, k, v = _normal(1, (1, 4, 2, 3), (1, 4, 2, 3), (1, 4, 2, 3))
     w = np.random.default_rng(2).normal(size=(1, 4, 2, 3))
 
@@ -126,7 +143,7 @@ def test_blocked_attention_grads_match_float64_finite_differences():
     np.testing.assert_allclose(g, fd, atol=2e-5, rtol=1e-4)
 
 
-def test_attention_bfloat16_inputs_give_bfloat16_close_to_float32():
+def test_attention_bfloat16_inputs_give_bfloat16_close_to_float32(cpu_attention):
     q, k, v = _normal(3, (2, 16, 2, 8), (2, 16, 2, 8), (2, 16, 2, 8))
     out = layers.dot_product_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), impl="cpu")
     assert out.dtype == jnp.bfloat16

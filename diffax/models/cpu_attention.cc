@@ -1,0 +1,355 @@
+// Fused softmax attention for XLA's CPU backend, as two XLA FFI handlers (built and registered by
+// diffax/models/cpu_kernels.py; called from layers.dot_product_attention with impl="cpu").
+//
+// Arrays are float32, row-major, in the layers' own (B, T, N, H) layout, so nothing is transposed
+// around the calls: q (..., T, N, H), k and v (..., S, N, H); every leading index and head n is one
+// independent attention problem (a "group"). `scale` multiplies the scores (1/sqrt(H)).
+//
+//   diffax_attention_fwd(q, k, v) -> (out (..., T, N, H), lse (..., N, T))
+//     out = softmax(scale q k^T) v and lse = logsumexp(scale q k^T) per row; a group's (T, S) scores
+//     never leave the cache (FlashAttention, Dao et al. 2022, Alg. 1; one pass per row, since the S
+//     scores of 16 rows fit in L1).
+//   diffax_attention_bwd(q, k, v, out, lse, d_out) -> (dq, dk, dv)
+//     P = exp(scale q k^T - lse) recomputed, D = rowsum(d_out * out), dS = P * (d_out v^T - D),
+//     dq = scale dS k, dk = scale dS^T q, dv = P^T d_out (Dao et al. 2022, Alg. 2).
+//
+// Inner loops run over 16-lane vectors (GCC vector extensions: AVX-512 registers where the machine
+// has them, halves elsewhere). The forward puts 16 query rows in the lanes, so a row's max and sum
+// are lane-wise; the backward transposes a group's k and v to (H, S) once and puts keys in the lanes,
+// so dk and dv accumulate lane-wise, taking query rows four at a time. Groups (and the forward's
+// 16-row tiles) are shared among the threads of XLA's intra-op pool.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+constexpr int kRows = 4;  // query rows per tile
+typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline VecF Splat(float x) { return VecF{} + x; }
+
+inline VecF Load(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void Store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+
+inline float SumLanes(VecF v) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// exp(x) lane by lane: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact product),
+// exp(r) by its degree-6 Taylor polynomial (truncation below 1.2e-7 relative), 2^n from the exponent
+// bits. Inputs are clamped to [-87, 88], where 2^n stays a normal float; exp(-87) = 1.6e-38 stands in
+// for every smaller value (a probability, here, next to a row maximum of 1).
+inline VecF Exp(VecF x) {
+  const VecF lo = Splat(-87.0f), hi = Splat(88.0f);
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const VecF t = x * 1.44269504088896341f;
+  const VecI n = __builtin_convertvector(t + (t >= 0.0f ? Splat(0.5f) : Splat(-0.5f)), VecI);
+  const VecF nf = __builtin_convertvector(n, VecF);
+  const VecF r = (x - nf * 0.693145751953125f) - nf * 1.42860682030941723212e-6f;
+  VecF p = Splat(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  VecF scale;
+  const VecI bits = (n + 127) << 23;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Lane j of the vector starting at column `col` is a real column (col + j < s).
+inline VecI Valid(int64_t col, int64_t s) {
+  VecI lane;
+  for (int64_t j = 0; j < kLanes; ++j) lane[j] = static_cast<int32_t>(col + j);
+  return lane < static_cast<int32_t>(s);
+}
+
+// One group's S rows of width h, `stride` apart, into (h, s_pad) columns, zero past S.
+void Transpose(const float* src, int64_t s, int64_t h, int64_t stride, int64_t s_pad, float* dst) {
+  std::fill(dst, dst + h * s_pad, 0.0f);
+  for (int64_t j = 0; j < s; ++j)
+    for (int64_t c = 0; c < h; ++c) dst[c * s_pad + j] = src[j * stride + c];
+}
+
+// Runs body(begin, end) over chunks of [0, n) on the caller and the pool's other threads, and
+// returns when every chunk is done. A pool task that starts late finds no chunk left and touches
+// nothing but the shared counters it owns a reference to.
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks = std::min<int64_t>(n, threads * 4);
+  if (chunks <= 1) {
+    if (n > 0) body(0, n);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    int64_t done = 0;
+    std::mutex mu;
+    std::condition_variable all_done;
+  };
+  auto shared = std::make_shared<Shared>();
+  auto work = [shared, chunks, n, &body]() {
+    for (int64_t c; (c = shared->next.fetch_add(1)) < chunks;) {
+      body(n * c / chunks, n * (c + 1) / chunks);
+      std::lock_guard<std::mutex> lock(shared->mu);
+      if (++shared->done == chunks) shared->all_done.notify_all();
+    }
+  };
+  for (int64_t i = 1; i < threads; ++i) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->all_done.wait(lock, [&] { return shared->done == chunks; });
+}
+
+// Shapes of one call: batch (all leading axes), query rows T, key rows S, heads N, head width H.
+struct Dims {
+  int64_t batch, t, s, n, h;
+  int64_t groups() const { return batch * n; }
+  int64_t stride() const { return n * h; }  // between consecutive rows of one group
+  // Offset of row `row` of group g in a (..., rows, N, H) array.
+  int64_t at(int64_t g, int64_t row, int64_t rows) const { return ((g / n * rows + row) * n + g % n) * h; }
+};
+
+ffi::Error CheckShapes(const char* what, ffi::AnyBuffer::Dimensions q, ffi::AnyBuffer::Dimensions k,
+                       ffi::AnyBuffer::Dimensions v, Dims& d) {
+  const size_t rank = q.size();
+  if (rank < 3 || k.size() != rank || v.size() != rank)
+    return ffi::Error::InvalidArgument(std::string(what) + ": q, k, v need one rank >= 3, (..., T, N, H)");
+  d = Dims{1, q[rank - 3], k[rank - 3], q[rank - 2], q[rank - 1]};
+  for (size_t i = 0; i + 3 < rank; ++i) {
+    if (k[i] != q[i] || v[i] != q[i])
+      return ffi::Error::InvalidArgument(std::string(what) + ": q, k, v leading axes differ");
+    d.batch *= q[i];
+  }
+  for (auto x : {k, v})
+    if (x[rank - 3] != d.s || x[rank - 2] != d.n || x[rank - 1] != d.h)
+      return ffi::Error::InvalidArgument(std::string(what) + ": k and v need shape (..., S, N, H), N and H q's");
+  return ffi::Error::Success();
+}
+
+// Forward of one tile of up to 16 query rows of a group (rows in lanes): pass 1 keeps the scores of
+// every key, pass 2 turns them into exp(s - max) and sums them, pass 3 takes the weighted sum of v's
+// rows, eight columns at a time. q, k, v, out point at the tile's (or group's) first row.
+void ForwardTile(const Dims& d, float scale, const float* q, int64_t rows, const float* k, const float* v,
+                 float* q_t, float* probs, float* out, float* lse) {
+  constexpr int64_t kCols = 8;
+  const int64_t stride = d.stride();
+  std::fill(q_t, q_t + d.h * kLanes, 0.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < d.h; ++c) q_t[c * kLanes + r] = scale * q[r * stride + c];
+  VecF row_max = Splat(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < d.s; ++j) {
+    VecF acc = {};
+    for (int64_t c = 0; c < d.h; ++c) acc += Load(q_t + c * kLanes) * k[j * stride + c];
+    Store(probs + j * kLanes, acc);
+    row_max = acc > row_max ? acc : row_max;
+  }
+  VecF row_sum = {};
+  for (int64_t j = 0; j < d.s; ++j) {
+    const VecF p = Exp(Load(probs + j * kLanes) - row_max);
+    Store(probs + j * kLanes, p);
+    row_sum += p;
+  }
+  const VecF inv_sum = 1.0f / row_sum;
+  for (int64_t c0 = 0; c0 < d.h; c0 += kCols) {
+    const int64_t cols = std::min(kCols, d.h - c0);
+    VecF acc[kCols] = {};
+    for (int64_t j = 0; j < d.s; ++j) {
+      const VecF p = Load(probs + j * kLanes);
+      const float* vj = v + j * stride + c0;
+      if (cols == kCols) {
+        for (int64_t c = 0; c < kCols; ++c) acc[c] += p * vj[c];
+      } else {
+        for (int64_t c = 0; c < cols; ++c) acc[c] += p * vj[c];
+      }
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      const VecF o = acc[c] * inv_sum;
+      for (int64_t r = 0; r < rows; ++r) out[r * stride + c0 + c] = o[r];
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) lse[r] = row_max[r] + std::log(row_sum[r]);
+}
+
+ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, float scale, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> lse) {
+  Dims d;
+  if (ffi::Error e = CheckShapes("diffax_attention_fwd", q.dimensions(), k.dimensions(), v.dimensions(), d);
+      e.failure())
+    return e;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  float *op = out->typed_data(), *lp = lse->typed_data();
+  const int64_t tiles = (d.t + kLanes - 1) / kLanes;
+  ParallelFor(pool, d.groups() * tiles, [&](int64_t begin, int64_t end) {
+    std::vector<float> q_t(d.h * kLanes), probs(d.s * kLanes);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / tiles, i = item % tiles * kLanes;
+      const int64_t at = d.at(g, i, d.t);
+      ForwardTile(d, scale, qp + at, std::min(kLanes, d.t - i), kp + d.at(g, 0, d.s), vp + d.at(g, 0, d.s),
+                  q_t.data(), probs.data(), op + at, lp + g * d.t + i);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// Backward of R query rows of one group (keys in lanes): writes their dq rows and adds their terms to
+// dk_t, dv_t. q, out, d_out, dq point at the first of the R rows, gathered contiguous (d.h apart), lse
+// at its entry.
+template <int R>
+void BackwardRows(const Dims& d, float scale, int64_t s_pad, const float* q, const float* k_t, const float* v_t,
+                  const float* out, const float* lse, const float* d_out, float* probs, float* d_scores,
+                  float* dq, float* dk_t, float* dv_t) {
+  const int64_t vecs = s_pad / kLanes;
+  float delta[R];
+  for (int r = 0; r < R; ++r) {
+    delta[r] = 0.0f;
+    for (int64_t c = 0; c < d.h; ++c) delta[r] += d_out[r * d.h + c] * out[r * d.h + c];
+  }
+  for (int64_t jv = 0; jv < vecs; ++jv) {
+    VecF s[R] = {}, dp[R] = {};
+    for (int64_t c = 0; c < d.h; ++c) {
+      const VecF kv = Load(k_t + c * s_pad + jv * kLanes);
+      const VecF vv = Load(v_t + c * s_pad + jv * kLanes);
+      for (int r = 0; r < R; ++r) {
+        s[r] += (scale * q[r * d.h + c]) * kv;
+        dp[r] += d_out[r * d.h + c] * vv;
+      }
+    }
+    const VecI valid = Valid(jv * kLanes, d.s);
+    for (int r = 0; r < R; ++r) {
+      const VecF e = Exp(s[r] - lse[r]);
+      const VecF p = valid ? e : VecF{};
+      Store(probs + r * s_pad + jv * kLanes, p);
+      Store(d_scores + r * s_pad + jv * kLanes, p * (dp[r] - delta[r]));
+    }
+  }
+  for (int64_t c = 0; c < d.h; ++c) {
+    VecF acc[R] = {};
+    float* dk_c = dk_t + c * s_pad;
+    float* dv_c = dv_t + c * s_pad;
+    const float* k_c = k_t + c * s_pad;
+    for (int64_t jv = 0; jv < vecs; ++jv) {
+      const int64_t o = jv * kLanes;
+      const VecF kv = Load(k_c + o);
+      VecF dk = Load(dk_c + o), dv = Load(dv_c + o);
+      for (int r = 0; r < R; ++r) {
+        const VecF ds = Load(d_scores + r * s_pad + o);
+        acc[r] += ds * kv;
+        dk += ds * (scale * q[r * d.h + c]);
+        dv += Load(probs + r * s_pad + o) * d_out[r * d.h + c];
+      }
+      Store(dk_c + o, dk);
+      Store(dv_c + o, dv);
+    }
+    for (int r = 0; r < R; ++r) dq[r * d.h + c] = scale * SumLanes(acc[r]);
+  }
+}
+
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                             ffi::Buffer<ffi::F32> d_out, float scale, ffi::ResultBuffer<ffi::F32> dq,
+                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  Dims d;
+  if (ffi::Error e = CheckShapes("diffax_attention_bwd", q.dimensions(), k.dimensions(), v.dimensions(), d);
+      e.failure())
+    return e;
+  if (out.element_count() != q.element_count() || d_out.element_count() != q.element_count() ||
+      lse.element_count() * d.h != q.element_count())
+    return ffi::Error::InvalidArgument("diffax_attention_bwd: out and d_out need q's shape, lse (..., N, T)");
+  const int64_t s_pad = (d.s + kLanes - 1) / kLanes * kLanes, stride = d.stride();
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const float *op = out.typed_data(), *lp = lse.typed_data(), *gp = d_out.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  ParallelFor(pool, d.groups(), [&](int64_t begin, int64_t end) {
+    std::vector<float> k_t(d.h * s_pad), v_t(d.h * s_pad), dk_t(d.h * s_pad), dv_t(d.h * s_pad);
+    std::vector<float> probs(kRows * s_pad), d_scores(kRows * s_pad);
+    std::vector<float> q_g(d.t * d.h), o_g(d.t * d.h), do_g(d.t * d.h), dq_g(d.t * d.h);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t kv_at = d.at(g, 0, d.s);
+      Transpose(kp + kv_at, d.s, d.h, stride, s_pad, k_t.data());
+      Transpose(vp + kv_at, d.s, d.h, stride, s_pad, v_t.data());
+      std::fill(dk_t.begin(), dk_t.end(), 0.0f);
+      std::fill(dv_t.begin(), dv_t.end(), 0.0f);
+      for (int64_t i = 0; i < d.t; ++i) {  // the group's rows, contiguous
+        const int64_t at = d.at(g, i, d.t);
+        std::copy(qp + at, qp + at + d.h, q_g.data() + i * d.h);
+        std::copy(op + at, op + at + d.h, o_g.data() + i * d.h);
+        std::copy(gp + at, gp + at + d.h, do_g.data() + i * d.h);
+      }
+      auto rows = [&](auto tile, int64_t i) {
+        constexpr int R = decltype(tile)::value;
+        const int64_t at = i * d.h;
+        BackwardRows<R>(d, scale, s_pad, q_g.data() + at, k_t.data(), v_t.data(), o_g.data() + at,
+                        lp + g * d.t + i, do_g.data() + at, probs.data(), d_scores.data(), dq_g.data() + at,
+                        dk_t.data(), dv_t.data());
+      };
+      int64_t i = 0;
+      for (; i + kRows <= d.t; i += kRows) rows(std::integral_constant<int, kRows>{}, i);
+      for (; i < d.t; ++i) rows(std::integral_constant<int, 1>{}, i);
+      for (int64_t i = 0; i < d.t; ++i)
+        std::copy(dq_g.data() + i * d.h, dq_g.data() + (i + 1) * d.h, dqp + d.at(g, i, d.t));
+      for (int64_t j = 0; j < d.s; ++j)
+        for (int64_t c = 0; c < d.h; ++c) {
+          dkp[kv_at + j * stride + c] = dk_t[c * s_pad + j];
+          dvp[kv_at + j * stride + c] = dv_t[c * s_pad + j];
+        }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffaxAttentionForward, AttentionForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffaxAttentionBackward, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,187 @@
+"""The fused CPU attention kernel (``diffax/models/cpu_attention.cc`` via ``cpu_kernels``) against truth.
+
+Values, logsumexp and gradients against float64 numpy (the closed-form softmax gradients), over shapes
+with lengths off the kernel's 16-lane tiles, head widths 1 to 64 and huge logits; the layer's forward
+and reverse modes against the plain formulation; ``vmap`` and sharding over the 8 test devices; the
+build: its cache, a missing compiler, a broken source, and the switch that turns it off.
+"""
+
+import os
+import shutil
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from diffax.models import cpu_kernels, layers
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler: the kernel cannot be built"
+)
+
+# (B, T, S, N, H): self- and cross-attention, lengths on and off 16-row tiles, one row, wide heads.
+SHAPES = [(2, 9, 5, 3, 4), (1, 37, 45, 2, 5), (2, 16, 16, 1, 16), (1, 20, 33, 2, 64), (3, 1, 1, 1, 1)]
+
+
+def _normal(seed, *shapes, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.normal(size=s) * scale, jnp.float32) for s in shapes)
+
+
+def _reference64(q, k, v, d_out):
+    """Float64 (out, logsumexp, dq, dk, dv) from the closed forms: P = softmax(c q k^T), out = P v,
+    dv = P^T d_out, dP = d_out v^T, dS = P (dP - rowsum(dP P)), dq = c dS k, dk = c dS^T q."""
+    q, k, v, d_out = (np.asarray(a, np.float64) for a in (q, k, v, d_out))
+    c = q.shape[-1] ** -0.5
+    s = c * np.einsum("btnh,bsnh->bnts", q, k)
+    m = s.max(-1, keepdims=True)
+    lse = m + np.log(np.exp(s - m).sum(-1, keepdims=True))
+    p = np.exp(s - lse)
+    out = np.einsum("bnts,bsnh->btnh", p, v)
+    dp = np.einsum("btnh,bsnh->bnts", d_out, v)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dq = c * np.einsum("bnts,bsnh->btnh", ds, k)
+    dk = c * np.einsum("bnts,btnh->bsnh", ds, q)
+    dv = np.einsum("bnts,btnh->bsnh", p, d_out)
+    return out, lse[..., 0], dq, dk, dv
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cpu_kernels.available(), "the kernel did not build (see the warning)"
+
+
+@pytest.mark.parametrize("transform", [jax.jit, lambda fn: fn], ids=["jit", "eager"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kernel_equals_float64(transform, shape, seed):
+    b, t, s, n, h = shape
+    q, k, v, d_out = _normal(seed, (b, t, n, h), (b, s, n, h), (b, s, n, h), (b, t, n, h), scale=2.0)
+    out, lse, dq, dk, dv = _reference64(q, k, v, d_out)
+    got_out, got_lse = transform(cpu_kernels.attention_forward)(q, k, v)
+    chex.assert_shape(got_lse, (b, n, t))
+    np.testing.assert_allclose(got_out, out, atol=3e-6, rtol=1e-5)
+    np.testing.assert_allclose(got_lse, lse, atol=3e-6, rtol=1e-6)
+    grads = transform(cpu_kernels.attention_backward)(q, k, v, got_out, got_lse, d_out)
+    for got, want in zip(grads, (dq, dk, dv), strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_huge_logits_stay_finite_and_exact():
+    """Scores spread over thousands: most probabilities underflow, the row max must not overflow."""
+    q, k, v, d_out = _normal(5, (2, 19, 2, 8), (2, 23, 2, 8), (2, 23, 2, 8), (2, 19, 2, 8))
+    q = q * 300.0
+    out, lse, *grads = _reference64(q, k, v, d_out)
+    got_out, got_lse = jax.jit(cpu_kernels.attention_forward)(q, k, v)
+    np.testing.assert_allclose(got_out, out, atol=3e-5, rtol=1e-5)
+    np.testing.assert_allclose(got_lse, lse, rtol=1e-6)
+    got = jax.jit(cpu_kernels.attention_backward)(q, k, v, got_out, got_lse, d_out)
+    for g, want in zip(got, grads, strict=True):
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, want, atol=2e-3 * np.abs(want).max(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("train", [True, False])  # custom VJP with the kernel's backward; custom JVP
+def test_layer_reverse_mode_equals_plain(train):
+    q, k, v, w = _normal(6, (2, 21, 3, 8), (2, 17, 3, 8), (2, 17, 3, 8), (2, 21, 3, 8), scale=2.0)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(layers.dot_product_attention(q, k, v, impl=impl, train=train) * w)
+
+    grads = {impl: jax.jit(jax.grad(loss(impl), argnums=(0, 1, 2)))(q, k, v) for impl in ("cpu", "xla")}
+    chex.assert_trees_all_close(grads["cpu"], grads["xla"], atol=2e-5, rtol=1e-5)
+    # The kernel runs forward and backward in a train step; train=False differentiates the XLA
+    # formulation (its custom JVP), and runs the kernel only without differentiation.
+    assert str(jax.make_jaxpr(jax.grad(loss("cpu")))(q, k, v)).count("custom_vmap_call") == (
+        2 if train else 0
+    )
+    assert "custom_vmap_call" in str(jax.make_jaxpr(loss("cpu"))(q, k, v))
+
+
+def test_layer_forward_mode_equals_plain():
+    """train=False stays differentiable in forward mode (the exact likelihood's JVPs)."""
+    q, k, v, dq, dk, dv = _normal(7, *[(2, 12, 2, 4)] * 6)
+    attend = lambda impl: lambda q, k, v: layers.dot_product_attention(q, k, v, impl=impl)
+    got = jax.jit(lambda *a: jax.jvp(attend("cpu"), a[:3], a[3:]))(q, k, v, dq, dk, dv)
+    want = jax.jvp(attend("xla"), (q, k, v), (dq, dk, dv))
+    chex.assert_trees_all_close(got, want, atol=3e-6, rtol=1e-5)
+
+
+def test_vmap_folds_the_mapped_axis_into_the_batch():
+    q, k, v = _normal(8, (4, 2, 10, 2, 8), (2, 6, 2, 8), (4, 2, 6, 2, 8))
+    attend = lambda q, k, v: layers.dot_product_attention(q, k, v, impl="cpu", train=True)
+    got = jax.jit(jax.vmap(attend, in_axes=(0, None, 0)))(q, k, v)
+    want = jnp.stack([attend(q[i], k, v[i]) for i in range(4)])
+    chex.assert_trees_all_close(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_shape,batch_axes", [((8,), ("data",)), ((4, 2), ("data", "fsdp"))])
+def test_sharded_batch_runs_per_device_without_gathering(mesh_shape, batch_axes):
+    """Batch-sharded inputs: each device attends over its own batch slice (no all-gather), and the
+    values and gradients equal the unsharded ones."""
+    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp")[: len(mesh_shape)])
+    batch = NamedSharding(mesh, P(batch_axes))
+    q, k, v = _normal(9, *[(8, 16, 2, 8)] * 3)
+
+    def loss(q, k, v):
+        return jnp.sum(layers.dot_product_attention(q, k, v, impl="cpu", train=True) ** 2)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), in_shardings=batch, out_shardings=None)
+    placed = [jax.device_put(a, batch) for a in (q, k, v)]
+    hlo = step.lower(*placed).compile().as_text()
+    assert "diffax_attention_bwd" in hlo and "all-gather" not in hlo
+    chex.assert_trees_all_close(step(*placed), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v))
+
+
+def test_mismatched_shapes_are_a_clear_error():
+    q, k = _normal(10, (1, 4, 2, 8), (1, 4, 2, 4))
+    with pytest.raises(Exception, match="diffax_attention_fwd: k and v need shape"):
+        jax.block_until_ready(cpu_kernels.attention_forward(q, k, k))
+
+
+def test_build_is_cached_and_keyed_by_the_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFAX_CACHE_DIR", str(tmp_path / "cache"))
+    first = cpu_kernels.build()
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernels.build() == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    edited = tmp_path / "cpu_attention.cc"
+    edited.write_text(cpu_kernels.SOURCE.read_text() + "\n// edited\n")
+    assert cpu_kernels.build(edited) != first
+
+
+def test_build_failures_name_the_cause(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFAX_CACHE_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-c\\+\\+'"):
+        cpu_kernels.build(compiler="no-such-c++")
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++\n")
+    with pytest.raises(RuntimeError, match="broken.cc"):
+        cpu_kernels.build(broken)
+    assert not list(tmp_path.glob("*.so"))  # nothing half-built left behind
+
+
+@pytest.fixture
+def fresh_availability():
+    cpu_kernels.available.cache_clear()
+    yield
+    cpu_kernels.available.cache_clear()
+
+
+@pytest.mark.parametrize("env", [{"DIFFAX_CPU_KERNELS": "0"}, {"CXX": "no-such-c++"}])
+def test_without_the_kernel_the_xla_formulation_runs(monkeypatch, tmp_path, fresh_availability, env):
+    monkeypatch.setenv("DIFFAX_CACHE_DIR", str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    q, k, v = _normal(11, *[(1, 8, 2, 4)] * 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attend = lambda q: layers.dot_product_attention(q, k, v, impl="cpu", train=True)
+        jaxpr = str(jax.make_jaxpr(attend)(q))
+    assert "custom_vmap_call" not in jaxpr
+    assert ("CPU kernels not built" in " ".join(str(w.message) for w in caught)) == ("CXX" in env)
+    np.testing.assert_allclose(attend(q), _reference64(q, k, v, q)[0], atol=3e-6, rtol=1e-5)
