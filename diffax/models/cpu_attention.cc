@@ -13,57 +13,26 @@
 //     P = exp(scale q k^T - lse) recomputed, D = rowsum(d_out * out), dS = P * (d_out v^T - D),
 //     dq = scale dS k, dk = scale dS^T q, dv = P^T d_out (Dao et al. 2022, Alg. 2).
 //
-// Inner loops run over 16-lane vectors (GCC vector extensions: AVX-512 registers where the machine
-// has them, halves elsewhere). The forward puts 16 query rows in the lanes, so a row's max and sum
+// Inner loops run over 16-lane vectors (cpu_kernels.h). The forward puts 16 query rows in the lanes, so a row's max and sum
 // are lane-wise; the backward transposes a group's k and v to (H, S) once and puts keys in the lanes,
 // so dk and dv accumulate lane-wise, taking query rows four at a time. Groups (and the forward's
 // 16-row tiles) are shared among the threads of XLA's intra-op pool.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <limits>
-#include <memory>
-#include <mutex>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "cpu_kernels.h"
 
 namespace ffi = xla::ffi;
+using namespace diffax_cpu;  // NOLINT: the shared helpers
 
 namespace {
 
-constexpr int64_t kLanes = 16;
 constexpr int kRows = 4;  // query rows per tile
-typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline VecF Splat(float x) { return VecF{} + x; }
-
-inline VecF Load(const float* p) {
-  VecF v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void Store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
-
-// The sum of v's lanes, halving the vector each step (four adds, not fifteen).
-inline float SumLanes(VecF v) {
-  typedef float Half __attribute__((vector_size(kLanes * sizeof(float) / 2)));
-  typedef float Quarter __attribute__((vector_size(kLanes * sizeof(float) / 4)));
-  Half h[2];
-  std::memcpy(h, &v, sizeof v);
-  const Half h1 = h[0] + h[1];
-  Quarter q[2];
-  std::memcpy(q, &h1, sizeof h1);
-  const Quarter q1 = q[0] + q[1];
-  return (q1[0] + q1[2]) + (q1[1] + q1[3]);
-}
 
 // exp(x) lane by lane: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact product),
 // exp(r) by its degree-6 Taylor polynomial (truncation below 1.2e-7 relative), 2^n from the exponent
@@ -102,39 +71,6 @@ void Transpose(const float* src, int64_t s, int64_t h, int64_t stride, int64_t s
   std::fill(dst, dst + h * s_pad, 0.0f);
   for (int64_t j = 0; j < s; ++j)
     for (int64_t c = 0; c < h; ++c) dst[c * s_pad + j] = src[j * stride + c];
-}
-
-// Runs body(begin, end) over chunks of [0, n) on the caller and the pool's other threads, and
-// returns when every chunk is done. A pool task that starts late finds no chunk left and touches
-// nothing but the shared counters it owns a reference to.
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t, int64_t)>& body) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunks = std::min<int64_t>(n, threads * 4);
-  if (chunks <= 1) {
-    if (n > 0) body(0, n);
-    return;
-  }
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    int64_t done = 0;
-    std::mutex mu;
-    std::condition_variable all_done;
-  };
-  auto shared = std::make_shared<Shared>();
-  auto work = [shared, chunks, n, &body]() {
-    for (int64_t c; (c = shared->next.fetch_add(1)) < chunks;) {
-      body(n * c / chunks, n * (c + 1) / chunks);
-      std::lock_guard<std::mutex> lock(shared->mu);
-      if (++shared->done == chunks) shared->all_done.notify_all();
-    }
-  };
-  for (int64_t i = 1; i < threads; ++i) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->all_done.wait(lock, [&] { return shared->done == chunks; });
 }
 
 // Shapes of one call: batch (all leading axes), query rows T, key rows S, heads N, head width H.

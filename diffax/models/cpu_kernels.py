@@ -1,11 +1,12 @@
 """Hand-written CPU kernels behind XLA's foreign function interface, built from their C++ source.
 
-``cpu_attention.cc`` (next to this file) holds fused softmax attention, forward and backward. It is
-compiled on first use for the machine it runs on (``-march=native``) into a per-user cache, keyed by
-the source, the compiler, the flags, jaxlib and the CPU, then registered with XLA for the CPU
-platform. Without a C++17 compiler (``$CXX``, else ``c++``) or with ``DIFFAX_CPU_KERNELS=0`` nothing
-is built and ``available()`` is False: callers use their XLA formulation instead (a warning says why
-once, for a failed build).
+Next to this file: ``cpu_attention.cc`` (fused softmax attention, forward and backward),
+``cpu_winograd.cc`` (the tile transforms of Winograd convolution) and their shared ``cpu_kernels.h``.
+They are compiled on first use for the machine they run on (``-march=native``) into one library in a
+per-user cache, keyed by the sources, the compiler, the flags, jaxlib and the CPU, then registered with
+XLA for the CPU platform. Without a C++17 compiler (``$CXX``, else ``c++``) or with
+``DIFFAX_CPU_KERNELS=0`` nothing is built and ``available()`` is False: callers use their XLA
+formulation instead (a warning says why once, for a failed build).
 """
 
 import ctypes
@@ -28,12 +29,16 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
+HERE = pathlib.Path(__file__).parent
+SOURCES = (HERE / "cpu_attention.cc", HERE / "cpu_winograd.cc")
+HEADERS = (HERE / "cpu_kernels.h",)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-w")
 # The FFI targets: name -> the handler symbol the source exports.
 TARGETS = {
     "diffax_attention_fwd": "DiffaxAttentionForward",
     "diffax_attention_bwd": "DiffaxAttentionBackward",
+    "diffax_winograd_tiles": "DiffaxWinogradTiles",
+    "diffax_winograd_untile": "DiffaxWinogradUntile",
 }
 DISABLE_ENV = "DIFFAX_CPU_KERNELS"  # "0" keeps every caller on its XLA formulation
 
@@ -56,8 +61,8 @@ def _cpu_identity() -> str:
     return "\n".join(first[:2]) or platform.machine()
 
 
-def build(source: pathlib.Path = SOURCE, compiler: str | None = None) -> pathlib.Path:
-    """Compiles ``source`` into a shared library in ``cache_dir()`` unless it is there; returns its path.
+def build(sources: tuple[pathlib.Path, ...] = SOURCES, compiler: str | None = None) -> pathlib.Path:
+    """Compiles ``sources`` into one shared library in ``cache_dir()`` unless it is there; returns its path.
 
     Raises ``RuntimeError`` with the compiler's message when the build fails or no compiler is found.
     """
@@ -65,18 +70,25 @@ def build(source: pathlib.Path = SOURCE, compiler: str | None = None) -> pathlib
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    texts = [path.read_text() for path in (*sources, *HEADERS)]
     key = hashlib.sha256(
-        "\0".join(
-            [source.read_text(), version, " ".join(FLAGS), jaxlib.__version__, _cpu_identity()]
-        ).encode()
+        "\0".join([*texts, version, " ".join(FLAGS), jaxlib.__version__, _cpu_identity()]).encode()
     ).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}-{key}.so"
+    target = cache_dir() / f"diffax_cpu_kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = pathlib.Path(scratch) / target.name
-        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", str(built)]
+        cmd = [
+            compiler,
+            *FLAGS,
+            f"-I{jax.ffi.include_dir()}",
+            f"-I{HERE}",
+            *map(str, sources),
+            "-o",
+            str(built),
+        ]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}")
@@ -100,10 +112,11 @@ def available() -> bool:
 
 
 def _batch_parallel(call, rule: str):
-    """``call`` (an FFI call whose arrays all lead with the batch axis ``b`` and may hold a heads axis
-    ``n``) made shardable and batchable: under a mesh each device runs it on its own slice of ``b``
-    and ``n`` (every other axis replicated, no all-gather of the batch), and ``vmap`` folds the mapped
-    axis into ``b``. ``rule`` names every axis of the operands and results, einsum-like."""
+    """``call`` (an FFI call whose arrays hold a batch axis ``b``, and maybe a heads axis ``n``) made
+    shardable and batchable: under a mesh each device runs it on its own slice of ``b`` and ``n``
+    (every other axis replicated: no all-gather of the batch), and ``vmap`` folds the mapped axis into
+    ``b``. ``rule`` names every axis of the operands and results, einsum-like; the first operand
+    holds ``b``, an operand without it must not be mapped."""
     arrays = [spec.split() for spec in rule.replace("->", ",").split(",")]
     order = list(dict.fromkeys(f for axes in arrays for f in axes))
     kept = ("b", "n")
@@ -134,13 +147,25 @@ def _batch_parallel(call, rule: str):
 
     @batched.def_vmap
     def _(axis_size, in_batched, *args):
-        whole = [
-            a if mapped else jnp.broadcast_to(a, (axis_size, *a.shape))
-            for a, mapped in zip(args, in_batched, strict=True)
-        ]
-        folded = [a.reshape(-1, *a.shape[2:]) for a in whole]
+        folded = []
+        for a, mapped, axes in zip(args, in_batched, arrays, strict=False):
+            if "b" not in axes:
+                if mapped:
+                    raise NotImplementedError(f"{rule}: vmap over an operand without a batch axis")
+                folded.append(a)
+                continue
+            k = axes.index("b")
+            if mapped:  # the mapped axis next to (before) the batch axis
+                whole = jnp.moveaxis(a, 0, k)
+            else:
+                whole = jnp.broadcast_to(jnp.expand_dims(a, k), (*a.shape[:k], axis_size, *a.shape[k:]))
+            folded.append(whole.reshape(*whole.shape[:k], -1, *whole.shape[k + 2 :]))
         outs = batched(*folded)
-        return tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in outs), (True,) * len(outs)
+        split = []
+        for o, axes in zip(outs, arrays[len(args) :], strict=True):
+            k = axes.index("b")
+            split.append(jnp.moveaxis(o.reshape(*o.shape[:k], axis_size, -1, *o.shape[k + 1 :]), k, 0))
+        return tuple(split), (True,) * len(outs)
 
     return batched
 
@@ -175,3 +200,34 @@ def attention_backward(
     """(dq, dk, dv) of ``attention_forward``'s out for the cotangent ``d_out``, from its saved out and
     logsumexp (Dao et al., "FlashAttention", 2022, Alg. 2)."""
     return _backward(q, k, v, out, lse, d_out)
+
+
+def _tiles_call(x: jax.Array, matrix: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    a, tile = matrix.shape[0], matrix.shape[0] - 2
+    result = jax.ShapeDtypeStruct((a * a, b, -(-h // tile), -(-w // tile), c), jnp.float32)
+    return (jax.ffi.ffi_call("diffax_winograd_tiles", (result,))(x, matrix))[0]
+
+
+def _untile_call(t: jax.Array, matrix: jax.Array) -> jax.Array:
+    _, b, th, tw, c = t.shape
+    tile = matrix.shape[0]
+    result = jax.ShapeDtypeStruct((b, th * tile, tw * tile, c), jnp.float32)
+    return (jax.ffi.ffi_call("diffax_winograd_untile", (result,))(t, matrix))[0]
+
+
+_tiles = _batch_parallel(lambda x, m: (_tiles_call(x, m),), "b h w c, p u -> f b y z c")
+_untile = _batch_parallel(lambda t, m: (_untile_call(t, m),), "f b y z c, s p -> b h w c")
+
+
+def winograd_tiles(x: jax.Array, matrix: np.ndarray) -> jax.Array:
+    """``m d m^T`` of every window of float32 (B, H, W, C) ``x`` for an (a, n) ``matrix``: windows of
+    n x n at stride s = a - 2 from (-pad, -pad), pad = (n - s) / 2, zero outside ``x``, on the grid
+    (th, tw) = (ceil(H / s), ceil(W / s)); returns (a * a, B, th, tw, C)."""
+    return _tiles(x, jnp.asarray(matrix, jnp.float32))[0]
+
+
+def winograd_untile(t: jax.Array, matrix: np.ndarray) -> jax.Array:
+    """``m T m^T`` of every (a, a) tile of float32 (a * a, B, th, tw, C) ``t`` for an (s, a) ``matrix``,
+    placed at stride s: returns (B, th s, tw s, C)."""
+    return _untile(t, jnp.asarray(matrix, jnp.float32))[0]

@@ -11,6 +11,10 @@ every mode through the same linear maps; ``conv3x3_train`` has a Winograd backwa
 (the kernel gradient as F(3 x 3, m x m)), which made the U-Net's train step 1.1-1.5x faster
 (``benchmarks/results/2026-12-01-winograd-train.md``). The results equal the direct convolution's in
 exact arithmetic; in float32 their error is ~4x the direct one's (``tests/perf/test_winograd.py``).
+
+In float32 on the CPU backend the tile transforms run as C++ kernels (``cpu_winograd.cc`` via
+``cpu_kernels``: each reads its input and writes its output once), differentiated through the XLA
+formulation of the same linear maps; elsewhere, or without a compiler, XLA computes them.
 """
 
 import functools
@@ -20,6 +24,8 @@ from fractions import Fraction
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from diffax.models import cpu_kernels
 
 # Interpolation points of F(m, 3) besides the point at infinity. For m = 4, {0, 1, -1, 2, -1/2} (points
 # and their reciprocals, as Barabasz et al., "Error Analysis and Improving the Accuracy of Winograd
@@ -103,16 +109,68 @@ def _transformed_tiles(arr: jax.Array, matrix: np.ndarray, tile: int, grid: tupl
     return out.reshape(a * a, b * grid[0] * grid[1], c)
 
 
-def _input_tiles(x: jax.Array, tile: int) -> tuple[jax.Array, tuple[int, int]]:
-    """``B^T d B`` of every (m + 2) x (m + 2) input tile of the "SAME"-padded (B, H, W, C) ``x``.
+def _grid(x: jax.Array, tile: int) -> tuple[int, int]:
+    """The (th, tw) tiles of ``tile`` x ``tile`` covering the H x W of (B, H, W, C) ``x``."""
+    return -(-x.shape[1] // tile), -(-x.shape[2] // tile)
 
-    Returns the (a * a, tiles, C) transformed tiles and the tile grid (th, tw) covering H x W.
-    """
-    bt = transforms(tile)[2]
+
+def _input_tiles_xla(x: jax.Array, tile: int) -> jax.Array:
     h, w = x.shape[1:3]
-    grid = (-(-h // tile), -(-w // tile))
+    grid = _grid(x, tile)
     padded = jnp.pad(x, ((0, 0), (1, grid[0] * tile + 1 - h), (1, grid[1] * tile + 1 - w), (0, 0)))
-    return _transformed_tiles(padded, bt, tile, grid), grid
+    return _transformed_tiles(padded, transforms(tile)[2], tile, grid)
+
+
+def _grad_tiles_xla(dy: jax.Array, tile: int) -> jax.Array:
+    h, w = dy.shape[1:3]
+    grid = _grid(dy, tile)
+    padded = jnp.pad(dy, ((0, 0), (0, grid[0] * tile - h), (0, grid[1] * tile - w), (0, 0)))
+    return _transformed_tiles(padded, transforms(tile)[0].T, tile, grid)
+
+
+def _untile_xla(products: jax.Array, tile: int) -> jax.Array:
+    """(B, th m, tw m, O) of ``A^T M A`` of every (a, a) tile of (a * a, B, th, tw, O) ``products``."""
+    at = transforms(tile)[0]
+    a, (_, b, th, tw, o) = tile + 2, products.shape
+    products = products.reshape(a, a, b, th, tw, o)
+    # Columns slice ``products`` directly: a moveaxis here was materialised as a transpose of the products.
+    columns = [products[:, j] for j in range(a)]
+    out_cols = jnp.stack([_combine(at[q], columns) for q in range(tile)], axis=4)
+    out = jnp.stack([_combine(at[p], list(out_cols)) for p in range(tile)], axis=2)  # (B, th, m, tw, m, O)
+    return out.reshape(b, th * tile, tw * tile, o)
+
+
+def _by_kernel(kernel, xla):
+    """The linear map ``xla`` of one float32 array, computed by the CPU ``kernel``; its derivatives (of
+    every order and mode) are ``xla``'s."""
+    linear = jax.custom_jvp(kernel)
+    linear.defjvp(lambda primals, tangents: (kernel(*primals), xla(*tangents)))
+    return linear
+
+
+@functools.cache
+def _kernel_maps(tile: int) -> tuple:
+    """``cpu_kernels``' input-tile, gradient-tile and untile transforms for F(tile, 3)."""
+    at, _, bt = transforms(tile)
+
+    def flat(tiles: jax.Array) -> jax.Array:
+        return tiles.reshape(tiles.shape[0], -1, tiles.shape[-1])
+
+    return (
+        _by_kernel(lambda x: flat(cpu_kernels.winograd_tiles(x, bt)), lambda x: _input_tiles_xla(x, tile)),
+        _by_kernel(
+            lambda dy: flat(cpu_kernels.winograd_tiles(dy, at.T)), lambda dy: _grad_tiles_xla(dy, tile)
+        ),
+        _by_kernel(lambda p: cpu_kernels.winograd_untile(p, at), lambda p: _untile_xla(p, tile)),
+    )
+
+
+def _transform(which: int, x: jax.Array, tile: int) -> jax.Array:
+    """Transform ``which`` (0 input tiles, 1 gradient tiles, 2 untile) of ``x``: by the CPU kernels for
+    float32 on the CPU backend where they are built (``cpu_kernels``), else by XLA."""
+    if x.dtype == jnp.float32 and jax.default_backend() == "cpu" and cpu_kernels.available():
+        return _kernel_maps(tile)[which](x)
+    return (_input_tiles_xla, _grad_tiles_xla, _untile_xla)[which](x, tile)
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array, tile: int = 4) -> jax.Array:
@@ -124,21 +182,17 @@ def conv3x3(x: jax.Array, kernel: jax.Array, tile: int = 4) -> jax.Array:
     transform point, columns then rows of each output tile. H and W need not divide by ``tile``.
     Derivatives of every order come from differentiating these linear maps.
     """
-    at, g, _ = transforms(tile)
+    g = transforms(tile)[1]
     b, h, w, c = x.shape
     o, a = kernel.shape[-1], tile + 2
-    inputs, (th, tw) = _input_tiles(x, tile)
+    th, tw = _grid(x, tile)
+    inputs = _transform(0, x, tile)  # B^T d B per tile: (a * a, tiles, C)
 
     kernel_rows = [_combine(g[i], list(kernel)) for i in range(a)]  # (3, C, O) each
     filters = jnp.stack([jnp.stack([_combine(g[j], list(kr)) for j in range(a)]) for kr in kernel_rows])
 
     products = jnp.einsum("ftc,fco->fto", inputs, filters.reshape(a * a, c, o).astype(x.dtype))
-    products = products.reshape(a, a, b, th, tw, o)
-    # Columns slice ``products`` directly: a moveaxis here was materialised as a transpose of the products.
-    columns = [products[:, j] for j in range(a)]
-    out_cols = jnp.stack([_combine(at[q], columns) for q in range(tile)], axis=4)
-    out = jnp.stack([_combine(at[p], list(out_cols)) for p in range(tile)], axis=2)  # (B, th, m, tw, m, O)
-    return out.reshape(b, th * tile, tw * tile, o)[:, :h, :w]
+    return _transform(2, products.reshape(a * a, b, th, tw, o), tile)[:, :h, :w]
 
 
 def conv3x3_kernel_grad(x: jax.Array, dy: jax.Array, tile: int = 4) -> jax.Array:
@@ -151,12 +205,10 @@ def conv3x3_kernel_grad(x: jax.Array, dy: jax.Array, tile: int = 4) -> jax.Array
     tiles becomes one (C x tiles) @ (tiles x O) product per transform point; the fixed 3 x 3
     output transform is applied once, after the sum.
     """
-    at, g, _ = transforms(tile)
-    h, w, o = dy.shape[1:]
-    a = tile + 2
-    inputs, grid = _input_tiles(x, tile)
-    padded = jnp.pad(dy, ((0, 0), (0, grid[0] * tile - h), (0, grid[1] * tile - w), (0, 0)))
-    grads = _transformed_tiles(padded, at.T, tile, grid)  # A dy A^T per tile: (a * a, tiles, O)
+    g = transforms(tile)[1]
+    a, o = tile + 2, dy.shape[-1]
+    inputs = _transform(0, x, tile)  # B^T d B per tile: (a * a, tiles, C)
+    grads = _transform(1, dy, tile)  # A dy A^T per tile: (a * a, tiles, O)
     products = jnp.einsum("ftc,fto->fco", inputs, grads).reshape(a, a, x.shape[-1], o)
     return jnp.einsum("pk,ql,pqco->klco", g.astype(x.dtype), g.astype(x.dtype), products)
 

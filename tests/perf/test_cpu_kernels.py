@@ -1,9 +1,11 @@
-"""The fused CPU attention kernel (``diffax/models/cpu_attention.cc`` via ``cpu_kernels``) against truth.
+"""The C++ CPU kernels (``diffax/models/cpu_*.cc`` via ``cpu_kernels``) against truth.
 
-Values, logsumexp and gradients against float64 numpy (the closed-form softmax gradients), over shapes
-with lengths off the kernel's 16-lane tiles, head widths 1 to 64 and huge logits; the layer's forward
-and reverse modes against the plain formulation; ``vmap`` and sharding over the 8 test devices; the
-build: its cache, a missing compiler, a broken source, and the switch that turns it off.
+Attention: values, logsumexp and gradients against float64 numpy (the closed-form softmax gradients),
+over shapes with lengths off the kernel's 16-lane tiles, head widths 1 to 64 and huge logits; the
+layer's forward and reverse modes against the plain formulation. Winograd transforms: against XLA's
+formulation of the same linear maps, channels on and off 16-lane blocks; ``conv3x3`` and its training
+form differentiated through them in every mode. Both: ``vmap`` and sharding over the 8 test devices.
+The build: its cache, a missing compiler, a broken source, and the switch that turns it off.
 """
 
 import os
@@ -18,7 +20,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffax.models import cpu_kernels, layers
+from diffax.models import cpu_kernels, layers, winograd
 
 pytestmark = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler: the kernel cannot be built"
@@ -150,8 +152,8 @@ def test_build_is_cached_and_keyed_by_the_source(tmp_path, monkeypatch):
     stamp = first.stat().st_mtime_ns
     assert cpu_kernels.build() == first and first.stat().st_mtime_ns == stamp  # not rebuilt
     edited = tmp_path / "cpu_attention.cc"
-    edited.write_text(cpu_kernels.SOURCE.read_text() + "\n// edited\n")
-    assert cpu_kernels.build(edited) != first
+    edited.write_text(cpu_kernels.SOURCES[0].read_text() + "\n// edited\n")
+    assert cpu_kernels.build((edited, *cpu_kernels.SOURCES[1:])) != first
 
 
 def test_build_failures_name_the_cause(tmp_path, monkeypatch):
@@ -161,7 +163,7 @@ def test_build_failures_name_the_cause(tmp_path, monkeypatch):
     broken = tmp_path / "broken.cc"
     broken.write_text("this is not C++\n")
     with pytest.raises(RuntimeError, match="broken.cc"):
-        cpu_kernels.build(broken)
+        cpu_kernels.build((broken,))
     assert not list(tmp_path.glob("*.so"))  # nothing half-built left behind
 
 
@@ -185,3 +187,71 @@ def test_without_the_kernel_the_xla_formulation_runs(monkeypatch, tmp_path, fres
     assert "custom_vmap_call" not in jaxpr
     assert ("CPU kernels not built" in " ".join(str(w.message) for w in caught)) == ("CXX" in env)
     np.testing.assert_allclose(attend(q), _reference64(q, k, v, q)[0], atol=3e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tile", sorted(winograd.POINTS))
+@pytest.mark.parametrize("shape", [(2, 9, 7, 3), (1, 16, 16, 20), (2, 12, 20, 32)])
+def test_winograd_transforms_equal_xla(tile, shape):
+    x = _normal(12, shape, scale=3.0)[0]
+    a, (th, tw) = tile + 2, winograd._grid(x, tile)
+    products = _normal(13, (a * a, shape[0], th, tw, shape[-1]))[0]
+    xla = (winograd._input_tiles_xla, winograd._grad_tiles_xla, winograd._untile_xla)
+    for which, arg in enumerate((x, x, products)):
+        got = jax.jit(winograd._kernel_maps(tile)[which])(arg)
+        want = xla[which](arg, tile)
+        np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.max(jnp.abs(want))), rtol=1e-5)
+
+
+def _conv_args(seed):
+    x, kernel, dy = _normal(seed, (2, 16, 20, 6), (3, 3, 6, 5), (2, 16, 20, 5))
+    return x, kernel / 4.0, dy
+
+
+@pytest.fixture
+def without_kernels(monkeypatch):
+    def run(fn, *args):
+        with monkeypatch.context() as patch:
+            patch.setattr(cpu_kernels, "available", lambda: False)
+            return fn(*args)
+
+    return run
+
+
+def test_conv3x3_derivatives_through_the_kernels_equal_xlas(without_kernels):
+    """conv3x3 runs the transforms by the kernels and differentiates XLA's (custom JVP): forward and
+    reverse mode, and the training form's custom backward, equal the all-XLA ones."""
+    x, kernel, dy = _conv_args(14)
+    tangents = _normal(15, x.shape, kernel.shape)
+    cases = {
+        "value": lambda x, k: winograd.conv3x3(x, k),
+        "jvp": lambda x, k: jax.jvp(winograd.conv3x3, (x, k), tangents)[1],
+        "vjp": lambda x, k: jax.vjp(winograd.conv3x3, x, k)[1](dy),
+        "train vjp": lambda x, k: jax.vjp(winograd.conv3x3_train, x, k)[1](dy),
+    }
+    for name, fn in cases.items():
+        assert "custom_vmap_call" in str(jax.make_jaxpr(fn)(x, kernel)), name
+        got = jax.jit(fn)(x, kernel)
+        want = without_kernels(jax.jit(fn), x, kernel)
+        chex.assert_trees_all_close(got, want, atol=2e-5, rtol=1e-5, custom_message=name)
+
+
+def test_conv3x3_vmap_and_sharding_through_the_kernels():
+    x, kernel, dy = _conv_args(16)
+    stacked = jnp.stack([x, 2.0 * x, -x])
+    mapped = jax.jit(jax.vmap(winograd.conv3x3, in_axes=(0, None)))(stacked, kernel)
+    chex.assert_trees_all_close(mapped, jnp.stack([winograd.conv3x3(a, kernel) for a in stacked]), atol=1e-5)
+
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+    batch = NamedSharding(mesh, P("data"))
+    big = jnp.concatenate([x] * 4)  # batch 8
+
+    def loss(x, k):
+        return jnp.sum(winograd.conv3x3_train(x, k) ** 2)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)), in_shardings=(batch, None))
+    placed = jax.device_put(big, batch)
+    hlo = step.lower(placed, kernel).compile().as_text()
+    assert "diffax_winograd_tiles" in hlo and "all-gather" not in hlo
+    got, want = step(placed, kernel), jax.jit(jax.grad(loss, argnums=(0, 1)))(big, kernel)
+    for g, w in zip(got, want, strict=True):  # sums over the batch, in another order per device
+        np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.max(jnp.abs(w))), rtol=1e-5)

@@ -1,0 +1,93 @@
+// Helpers shared by diffax's CPU kernels (cpu_attention.cc, cpu_winograd.cc): 16-lane float vectors
+// (GCC vector extensions: one AVX-512 register where the machine has it, halves elsewhere) and a
+// parallel loop over XLA's intra-op thread pool.
+#ifndef DIFFAX_MODELS_CPU_KERNELS_H_
+#define DIFFAX_MODELS_CPU_KERNELS_H_
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace diffax_cpu {
+
+namespace ffi = xla::ffi;
+
+constexpr int64_t kLanes = 16;
+typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline VecF Splat(float x) { return VecF{} + x; }
+
+inline VecF Load(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void Store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+
+// The sum of v's lanes, halving the vector each step (four adds, not fifteen).
+inline float SumLanes(VecF v) {
+  typedef float Half __attribute__((vector_size(kLanes * sizeof(float) / 2)));
+  typedef float Quarter __attribute__((vector_size(kLanes * sizeof(float) / 4)));
+  Half h[2];
+  std::memcpy(h, &v, sizeof v);
+  const Half h1 = h[0] + h[1];
+  Quarter q[2];
+  std::memcpy(q, &h1, sizeof h1);
+  const Quarter q1 = q[0] + q[1];
+  return (q1[0] + q1[2]) + (q1[1] + q1[3]);
+}
+
+// The first w (<= kLanes) floats at p, zero beyond.
+inline VecF LoadPartial(const float* p, int64_t w) {
+  VecF v = {};
+  std::memcpy(&v, p, w * sizeof(float));
+  return v;
+}
+
+inline void StorePartial(float* p, VecF v, int64_t w) { std::memcpy(p, &v, w * sizeof(float)); }
+
+// Runs body(begin, end) over chunks of [0, n) on the caller and the pool's other threads, and
+// returns when every chunk is done. A pool task that starts late finds no chunk left and touches
+// nothing but the shared counters it owns a reference to.
+inline void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks = std::min<int64_t>(n, threads * 4);
+  if (chunks <= 1) {
+    if (n > 0) body(0, n);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    int64_t done = 0;
+    std::mutex mu;
+    std::condition_variable all_done;
+  };
+  auto shared = std::make_shared<Shared>();
+  auto work = [shared, chunks, n, &body]() {
+    for (int64_t c; (c = shared->next.fetch_add(1)) < chunks;) {
+      body(n * c / chunks, n * (c + 1) / chunks);
+      std::lock_guard<std::mutex> lock(shared->mu);
+      if (++shared->done == chunks) shared->all_done.notify_all();
+    }
+  };
+  for (int64_t i = 1; i < threads; ++i) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->all_done.wait(lock, [&] { return shared->done == chunks; });
+}
+
+}  // namespace diffax_cpu
+
+#endif  // DIFFAX_MODELS_CPU_KERNELS_H_
