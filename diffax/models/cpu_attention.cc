@@ -13,9 +13,9 @@
 //     P = exp(scale q k^T - lse) recomputed, D = rowsum(d_out * out), dS = P * (d_out v^T - D),
 //     dq = scale dS k, dk = scale dS^T q, dv = P^T d_out (Dao et al. 2022, Alg. 2).
 //
-// Inner loops run over 16-lane vectors (cpu_kernels.h). The forward puts 16 query rows in the lanes, so a row's max and sum
-// are lane-wise; the backward transposes a group's k and v to (H, S) once and puts keys in the lanes,
-// so dk and dv accumulate lane-wise, taking query rows four at a time. Groups (and the forward's
+// Inner loops run over 16-lane vectors (cpu_kernels.h). The forward puts 16 query rows in the lanes,
+// so a row's max and sum are lane-wise; the backward transposes a group's k and v to (H, S) once and
+// puts keys in the lanes, so dk and dv accumulate lane-wise, taking query rows four at a time. Groups (and the forward's
 // 16-row tiles) are shared among the threads of XLA's intra-op pool.
 
 #include <algorithm>
@@ -33,31 +33,6 @@ using namespace diffax_cpu;  // NOLINT: the shared helpers
 namespace {
 
 constexpr int kRows = 4;  // query rows per tile
-
-// exp(x) lane by lane: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact product),
-// exp(r) by its degree-6 Taylor polynomial (truncation below 1.2e-7 relative), 2^n from the exponent
-// bits. Inputs are clamped to [-87, 88], where 2^n stays a normal float; exp(-87) = 1.6e-38 stands in
-// for every smaller value (a probability, here, next to a row maximum of 1).
-inline VecF Exp(VecF x) {
-  const VecF lo = Splat(-87.0f), hi = Splat(88.0f);
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const VecF t = x * 1.44269504088896341f;
-  const VecI n = __builtin_convertvector(t + (t >= 0.0f ? Splat(0.5f) : Splat(-0.5f)), VecI);
-  const VecF nf = __builtin_convertvector(n, VecF);
-  const VecF r = (x - nf * 0.693145751953125f) - nf * 1.42860682030941723212e-6f;
-  VecF p = Splat(1.0f / 720.0f);
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  VecF scale;
-  const VecI bits = (n + 127) << 23;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
 
 // Lane j of the vector starting at column `col` is a real column (col + j < s).
 inline VecI Valid(int64_t col, int64_t s) {

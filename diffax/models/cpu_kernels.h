@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -44,6 +45,31 @@ inline float SumLanes(VecF v) {
   std::memcpy(q, &h1, sizeof h1);
   const Quarter q1 = q[0] + q[1];
   return (q1[0] + q1[2]) + (q1[1] + q1[3]);
+}
+
+// exp(x) lane by lane: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact product),
+// exp(r) by its degree-6 Taylor polynomial (truncation below 1.2e-7 relative), 2^n from the exponent
+// bits. Inputs are clamped to [-87, 88], where 2^n stays a normal float; exp(-87) = 1.6e-38 stands in
+// for every smaller value (a probability, here, next to a row maximum of 1).
+inline VecF Exp(VecF x) {
+  const VecF lo = Splat(-87.0f), hi = Splat(88.0f);
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const VecF t = x * 1.44269504088896341f;
+  const VecI n = __builtin_convertvector(t + (t >= 0.0f ? Splat(0.5f) : Splat(-0.5f)), VecI);
+  const VecF nf = __builtin_convertvector(n, VecF);
+  const VecF r = (x - nf * 0.693145751953125f) - nf * 1.42860682030941723212e-6f;
+  VecF p = Splat(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  VecF scale;
+  const VecI bits = (n + 127) << 23;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
 }
 
 // The first w (<= kLanes) floats at p, zero beyond.

@@ -1,7 +1,8 @@
 """Hand-written CPU kernels behind XLA's foreign function interface, built from their C++ source.
 
 Next to this file: ``cpu_attention.cc`` (fused softmax attention, forward and backward),
-``cpu_winograd.cc`` (the tile transforms of Winograd convolution) and their shared ``cpu_kernels.h``.
+``cpu_winograd.cc`` (the tile transforms of Winograd convolution), ``cpu_group_norm.cc`` (GroupNorm with
+a per-example affine and SiLU, forward and backward) and their shared ``cpu_kernels.h``.
 They are compiled on first use for the machine they run on (``-march=native``) into one library in a
 per-user cache, keyed by the sources, the compiler, the flags, jaxlib and the CPU, then registered with
 XLA for the CPU platform. Without a C++17 compiler (``$CXX``, else ``c++``) or with
@@ -30,7 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 HERE = pathlib.Path(__file__).parent
-SOURCES = (HERE / "cpu_attention.cc", HERE / "cpu_winograd.cc")
+SOURCES = (HERE / "cpu_attention.cc", HERE / "cpu_winograd.cc", HERE / "cpu_group_norm.cc")
 HEADERS = (HERE / "cpu_kernels.h",)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-w")
 # The FFI targets: name -> the handler symbol the source exports.
@@ -39,6 +40,8 @@ TARGETS = {
     "diffax_attention_bwd": "DiffaxAttentionBackward",
     "diffax_winograd_tiles": "DiffaxWinogradTiles",
     "diffax_winograd_untile": "DiffaxWinogradUntile",
+    "diffax_group_norm_fwd": "DiffaxGroupNormForward",
+    "diffax_group_norm_bwd": "DiffaxGroupNormBackward",
 }
 DISABLE_ENV = "DIFFAX_CPU_KERNELS"  # "0" keeps every caller on its XLA formulation
 
@@ -231,3 +234,48 @@ def winograd_untile(t: jax.Array, matrix: np.ndarray) -> jax.Array:
     """``m T m^T`` of every (a, a) tile of float32 (a * a, B, th, tw, C) ``t`` for an (s, a) ``matrix``,
     placed at stride s: returns (B, th s, tw s, C)."""
     return _untile(t, jnp.asarray(matrix, jnp.float32))[0]
+
+
+@functools.cache
+def _group_norm_calls(groups: int, epsilon: float, silu: bool) -> tuple:
+    def forward(x, gamma, beta):
+        b, _, c = x.shape
+        per_group = jax.ShapeDtypeStruct((b, groups), jnp.float32)
+        result = (jax.ShapeDtypeStruct(x.shape, jnp.float32), per_group, per_group)
+        call = jax.ffi.ffi_call("diffax_group_norm_fwd", result)
+        return call(x, gamma, beta, groups=np.int64(groups), epsilon=np.float32(epsilon), silu=silu)
+
+    def backward(x, gamma, beta, mean, rstd, dy):
+        result = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, gamma, beta))
+        call = jax.ffi.ffi_call("diffax_group_norm_bwd", result)
+        return call(x, gamma, beta, mean, rstd, dy, groups=np.int64(groups), silu=silu)
+
+    return (
+        _batch_parallel(forward, "b p c, b c, b c -> b p c, b g, b g"),
+        _batch_parallel(backward, "b p c, b c, b c, b g, b g, b p c -> b p c, b c, b c"),
+    )
+
+
+def group_norm_forward(
+    x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int, epsilon: float, silu: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """GroupNorm of float32 (B, P, C) ``x`` over ``groups`` groups of channels, then ``x_hat gamma +
+    beta`` with per-example (B, C) ``gamma`` and ``beta``, then SiLU if ``silu`` (Wu & He 2018,
+    Eq. (1)-(3)); returns (y, group means (B, G), group 1/sqrt(var + epsilon) (B, G))."""
+    return _group_norm_calls(groups, float(epsilon), silu)[0](x, gamma, beta)
+
+
+def group_norm_backward(
+    x: jax.Array,
+    gamma: jax.Array,
+    beta: jax.Array,
+    mean: jax.Array,
+    rstd: jax.Array,
+    dy: jax.Array,
+    *,
+    groups: int,
+    silu: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dx, dgamma, dbeta) of ``group_norm_forward``'s y for the cotangent ``dy``, from its saved
+    means and 1/sqrt(var + epsilon)."""
+    return _group_norm_calls(groups, 0.0, silu)[1](x, gamma, beta, mean, rstd, dy)

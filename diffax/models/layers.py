@@ -181,10 +181,14 @@ def group_norm(
       epsilon: added to the group variance.
       modulation: optional pair of (B, C) arrays (scale, shift).
       silu: apply SiLU at the end.
-      impl: ``"xla"``: mean and variance over a (B, *spatial, G, C/G) view. ``"cpu"``: per-channel
-        sums first (the group means, then the squared deviations from them: ``_group_moments``),
-        folded with the affine and modulation into one per-channel scale and shift, applied with the
-        SiLU in a single pass; with ``train=True`` the moments' backward is one expression in x and
+      impl: ``"xla"``: mean and variance over a (B, *spatial, G, C/G) view. ``"cpu"``: on the CPU
+        backend, the C++ kernel ``cpu_group_norm.cc`` (``cpu_kernels``: one example's slab at a time,
+        the moments in two exact passes, then normalisation, affine, modulation and SiLU in a third;
+        its own backward with ``train=True``, XLA's form below differentiated with ``train=False``)
+        wherever it builds; elsewhere, or without it, per-channel sums first (the group means, then
+        the squared deviations from them: ``_group_moments``), folded with the affine and modulation
+        into one per-channel scale and shift, applied with the SiLU in a single pass; with
+        ``train=True`` the moments' backward is one expression in x and
         the SiLU pass's backward recomputes the pre-activation (custom VJPs: reverse mode only).
         ``"auto"``: ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
       train: the form to differentiate in reverse mode only (a train step). With ``False`` every
@@ -211,6 +215,13 @@ def group_norm(
         y = ((grouped - mean) * jax.lax.rsqrt(var + epsilon)).reshape(xf.shape)
         a = jnp.broadcast_to(gamma, (b, c))
         shift = jnp.broadcast_to(beta, (b, c))
+    elif _cpu_kernels_run():
+        gamma_b, beta_b = jnp.broadcast_to(gamma, (b, c)), jnp.broadcast_to(beta, (b, c))
+        if modulation is not None:
+            m_scale, m_shift = (jnp.asarray(m, jnp.float32) for m in modulation)
+            gamma_b, beta_b = gamma_b * (1.0 + m_scale), beta_b * (1.0 + m_scale) + m_shift
+        kernel = _kernel_group_norm_train if train else _kernel_group_norm
+        return kernel(xf.reshape(b, -1, c), gamma_b, beta_b, g, float(epsilon), silu).reshape(xf.shape)
     else:
         y = xf
         a, shift = _group_scale_shift(xf, gamma, beta, num_groups=g, epsilon=epsilon, train=train)
@@ -303,6 +314,52 @@ def _scale_shift_silu_bwd(residuals, dy):
 
 
 _scale_shift_silu.defvjp(_scale_shift_silu_fwd, _scale_shift_silu_bwd)
+
+
+def _cpu_kernels_run() -> bool:
+    """Whether the ``impl="cpu"`` layers run ``cpu_kernels``: on the CPU backend, once they are built."""
+    return jax.default_backend() == "cpu" and cpu_kernels.available()
+
+
+def _group_norm_folded(
+    x: jax.Array, gamma: jax.Array, beta: jax.Array, groups: int, epsilon: float, silu: bool
+) -> jax.Array:
+    """``group_norm`` of (B, P, C) x with per-example (B, C) gamma and beta, by XLA (``_group_moments``)."""
+    mean, var = _group_moments(x, groups)
+    a = _group_to_channels(jax.lax.rsqrt(var + epsilon), x)[:, 0] * gamma
+    shift = beta - _group_to_channels(mean, x)[:, 0] * a
+    y = x * a[:, None] + shift[:, None]
+    return nn.silu(y) if silu else y
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _kernel_group_norm(x, gamma, beta, groups, epsilon, silu):
+    """``_group_norm_folded`` by the CPU kernel, differentiable in every mode through XLA's form."""
+    return cpu_kernels.group_norm_forward(x, gamma, beta, groups=groups, epsilon=epsilon, silu=silu)[0]
+
+
+@_kernel_group_norm.defjvp
+def _kernel_group_norm_jvp(groups, epsilon, silu, primals, tangents):
+    return jax.jvp(lambda *a: _group_norm_folded(*a, groups, epsilon, silu), primals, tangents)
+
+
+# ``_group_norm_folded`` by the CPU kernel with its own backward pass (reverse mode only).
+_kernel_group_norm_train = jax.custom_vjp(
+    lambda x, gamma, beta, groups, epsilon, silu: _kernel_group_norm(x, gamma, beta, groups, epsilon, silu),
+    nondiff_argnums=(3, 4, 5),
+)
+
+
+def _kernel_group_norm_train_fwd(x, gamma, beta, groups, epsilon, silu):
+    y, mean, rstd = cpu_kernels.group_norm_forward(x, gamma, beta, groups=groups, epsilon=epsilon, silu=silu)
+    return y, (x, gamma, beta, mean, rstd)
+
+
+def _kernel_group_norm_train_bwd(groups, epsilon, silu, residuals, dy):
+    return cpu_kernels.group_norm_backward(*residuals, dy, groups=groups, silu=silu)
+
+
+_kernel_group_norm_train.defvjp(_kernel_group_norm_train_fwd, _kernel_group_norm_train_bwd)
 
 
 @jax.custom_vjp
@@ -551,7 +608,7 @@ def dot_product_attention(
     if resolve_impl(impl, owner="dot_product_attention") == "xla":
         return jax.nn.dot_product_attention(q, k, v)
     q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-    if jax.default_backend() == "cpu" and cpu_kernels.available():
+    if _cpu_kernels_run():
         out = (_kernel_train_attention if train else _kernel_attention)(q32, k32, v32)
     else:
         out = _xla_attention(q32, k32, v32, train)

@@ -1,7 +1,7 @@
 """The CPU formulations (blocked attention, one-pass GroupNorm, custom VJPs) equal the plain ones.
 
-impl="cpu" attention runs the fused kernel where it is built (``test_cpu_attention_kernel.py``); the
-tests of its XLA formulation here turn the kernel off.
+impl="cpu" attention and GroupNorm run the C++ kernels where they are built (``test_cpu_kernels.py``);
+the tests here run both paths, or turn the kernels off to test the XLA formulations.
 
 Values and gradients, against the plain ``"xla"`` formulation and float64 numpy references, on shapes
 that exercise several attention blocks, cross-attention, bfloat16 inputs and badly centred activations.
@@ -31,20 +31,20 @@ def _normal(seed, *shapes, scale=1.0, dtype=jnp.float32):
 
 
 @pytest.fixture
-def xla_attention(monkeypatch):
-    """impl="cpu" attention by its XLA formulation, as where the fused kernel is not built."""
+def kernels_off(monkeypatch):
+    """impl="cpu" layers by their XLA formulations, as where the C++ kernels are not built."""
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
 
 
-@pytest.fixture(params=["kernel", "xla"])
-def cpu_attention(request):
-    """impl="cpu" attention by the fused kernel, then by its XLA formulation."""
+@pytest.fixture(params=["kernels", "xla"])
+def cpu_path(request):
+    """impl="cpu" layers by the C++ kernels, then by their XLA formulations."""
     if request.param == "xla":
-        request.getfixturevalue("xla_attention")
+        request.getfixturevalue("kernels_off")
 
 
 @pytest.fixture
-def small_blocks(monkeypatch, xla_attention):
+def small_blocks(monkeypatch, kernels_off):
     """The XLA formulation with a 2 KiB block budget: (8, 8) float32 scores take 256 B, so 8 heads fit
     and 12 run as 2 x 6."""
     monkeypatch.setattr(layers, "ATTENTION_BLOCK_BYTES", 2048)
@@ -126,7 +126,7 @@ def test_inference_attention_blocks_equal_float64(small_blocks, monkeypatch, hea
     np.testing.assert_allclose(jax.jit(attend)(q, k, v), _attention64(q, k, v), atol=3e-6, rtol=1e-5)
 
 
-def test_cpu_attention_grads_match_float64_finite_differences(cpu_attention):
+def test_cpu_attention_grads_match_float64_finite_differences(cpu_path):
     q, k, v = _normal(1, (1, 4, 2, 3), (1, 4, 2, 3), (1, 4, 2, 3))
     w = np.random.default_rng(2).normal(size=(1, 4, 2, 3))
 
@@ -143,7 +143,7 @@ def test_cpu_attention_grads_match_float64_finite_differences(cpu_attention):
     np.testing.assert_allclose(g, fd, atol=2e-5, rtol=1e-4)
 
 
-def test_attention_bfloat16_inputs_give_bfloat16_close_to_float32(cpu_attention):
+def test_attention_bfloat16_inputs_give_bfloat16_close_to_float32(cpu_path):
     q, k, v = _normal(3, (2, 16, 2, 8), (2, 16, 2, 8), (2, 16, 2, 8))
     out = layers.dot_product_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), impl="cpu")
     assert out.dtype == jnp.bfloat16
@@ -159,7 +159,7 @@ def _norm_args(seed, mean):
 @pytest.mark.parametrize("train", [True, False])  # the SiLU's custom VJP, and plain autodiff
 @pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("modulated", [True, False])
-def test_group_norm_cpu_values_and_grads_equal_plain(silu, modulated, train):
+def test_group_norm_cpu_values_and_grads_equal_plain(cpu_path, silu, modulated, train):
     x, gamma, beta, m_scale, m_shift = _norm_args(4, mean=1.0)
     w = _normal(5, x.shape)[0]
 
@@ -180,7 +180,7 @@ def test_group_norm_cpu_values_and_grads_equal_plain(silu, modulated, train):
     chex.assert_trees_all_close(grads["cpu"], grads["xla"], atol=5e-5, rtol=1e-4)
 
 
-def test_group_norm_cpu_survives_a_large_mean():
+def test_group_norm_cpu_survives_a_large_mean(cpu_path):
     """Activations at mean 1e3 with spread 0.5: the variance stays accurate (deviations from the mean)."""
     x, gamma, beta, _, _ = _norm_args(6, mean=1e3)
     x64 = np.asarray(x, np.float64)
@@ -267,7 +267,7 @@ def _small_unets() -> tuple[nn.Module, nn.Module, jax.Array, jax.Array, dict]:
     return plain, fast, x, t, params
 
 
-def test_unet_train_gradients_equal_across_formulations():
+def test_unet_train_gradients_equal_across_formulations(cpu_path):
     """train=True (the custom VJPs): loss and parameter gradients agree with the plain formulation."""
     plain, fast, x, t, params = _small_unets()
     noise = _normal(10, x.shape)[0]
@@ -282,7 +282,7 @@ def test_unet_train_gradients_equal_across_formulations():
     chex.assert_trees_all_close(g_fast, g_plain, atol=1e-4 * scale)
 
 
-def test_unet_forward_mode_through_cpu_formulations_with_train_false():
+def test_unet_forward_mode_through_cpu_formulations_with_train_false(cpu_path):
     """train=False keeps the CPU formulations differentiable in forward mode (the exact likelihood's
     JVPs, ``diffax.log_likelihood``) and equal to the plain one; train=True's are reverse mode only."""
     plain, fast, x, t, params = _small_unets()
