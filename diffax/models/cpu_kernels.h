@@ -55,9 +55,12 @@ inline VecF Exp(VecF x) {
   const VecF lo = Splat(-87.0f), hi = Splat(88.0f);
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const VecF t = x * 1.44269504088896341f;
-  const VecI n = __builtin_convertvector(t + (t >= 0.0f ? Splat(0.5f) : Splat(-0.5f)), VecI);
-  const VecF nf = __builtin_convertvector(n, VecF);
+  // Round to nearest by adding 1.5 * 2^23: the sum's low mantissa bits hold n (|n| < 2^22).
+  const VecF shifted = x * 1.44269504088896341f + 12582912.0f;
+  const VecF nf = shifted - 12582912.0f;
+  VecI n;
+  std::memcpy(&n, &shifted, sizeof n);
+  n -= 0x4B400000;
   const VecF r = (x - nf * 0.693145751953125f) - nf * 1.42860682030941723212e-6f;
   VecF p = Splat(1.0f / 720.0f);
   p = p * r + 1.0f / 120.0f;
