@@ -30,15 +30,6 @@ namespace {
 using Slab = ffi::Buffer<ffi::F32, 3>;     // (B, P, C)
 using PerChannel = ffi::Buffer<ffi::F32, 2>;  // (B, C) or (B, G)
 
-inline VecF LoadLanes(const float* p, int64_t lanes) { return lanes == kLanes ? Load(p) : LoadPartial(p, lanes); }
-
-inline void StoreLanes(float* p, VecF v, int64_t lanes) {
-  if (lanes == kLanes)
-    Store(p, v);
-  else
-    StorePartial(p, v, lanes);
-}
-
 inline VecF Sigmoid(VecF z) { return 1.0f / (1.0f + Exp(-z)); }
 
 // Per-channel sums over the pixels of N terms, term(p, c0, lanes) -> std::array<VecF, N>, into

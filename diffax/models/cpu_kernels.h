@@ -75,14 +75,21 @@ inline VecF Exp(VecF x) {
   return p * scale;
 }
 
-// The first w (<= kLanes) floats at p, zero beyond.
-inline VecF LoadPartial(const float* p, int64_t w) {
+// The first `lanes` (<= kLanes) floats at p, zero beyond: a vector load when all lanes are used.
+inline VecF LoadLanes(const float* p, int64_t lanes) {
+  if (lanes == kLanes) return Load(p);
   VecF v = {};
-  std::memcpy(&v, p, w * sizeof(float));
+  std::memcpy(&v, p, lanes * sizeof(float));
   return v;
 }
 
-inline void StorePartial(float* p, VecF v, int64_t w) { std::memcpy(p, &v, w * sizeof(float)); }
+// The first `lanes` (<= kLanes) lanes of v to p.
+inline void StoreLanes(float* p, VecF v, int64_t lanes) {
+  if (lanes == kLanes)
+    Store(p, v);
+  else
+    std::memcpy(p, &v, lanes * sizeof(float));
+}
 
 // Runs body(begin, end) over chunks of [0, n) on the caller and the pool's other threads, and
 // returns when every chunk is done. A pool task that starts late finds no chunk left and touches

@@ -114,6 +114,11 @@ def available() -> bool:
     return True
 
 
+def runs() -> bool:
+    """Whether callers use the kernels: on the CPU backend, once they are built (``available()``)."""
+    return jax.default_backend() == "cpu" and available()
+
+
 def _batch_parallel(call, rule: str):
     """``call`` (an FFI call whose arrays hold a batch axis ``b``, and maybe a heads axis ``n``) made
     shardable and batchable: under a mesh each device runs it on its own slice of ``b`` and ``n``
@@ -205,22 +210,22 @@ def attention_backward(
     return _backward(q, k, v, out, lse, d_out)
 
 
-def _tiles_call(x: jax.Array, matrix: jax.Array) -> jax.Array:
+def _tiles_call(x: jax.Array, matrix: jax.Array) -> tuple[jax.Array]:
     b, h, w, c = x.shape
     a, tile = matrix.shape[0], matrix.shape[0] - 2
     result = jax.ShapeDtypeStruct((a * a, b, -(-h // tile), -(-w // tile), c), jnp.float32)
-    return (jax.ffi.ffi_call("diffax_winograd_tiles", (result,))(x, matrix))[0]
+    return jax.ffi.ffi_call("diffax_winograd_tiles", (result,))(x, matrix)
 
 
-def _untile_call(t: jax.Array, matrix: jax.Array) -> jax.Array:
+def _untile_call(t: jax.Array, matrix: jax.Array) -> tuple[jax.Array]:
     _, b, th, tw, c = t.shape
     tile = matrix.shape[0]
     result = jax.ShapeDtypeStruct((b, th * tile, tw * tile, c), jnp.float32)
-    return (jax.ffi.ffi_call("diffax_winograd_untile", (result,))(t, matrix))[0]
+    return jax.ffi.ffi_call("diffax_winograd_untile", (result,))(t, matrix)
 
 
-_tiles = _batch_parallel(lambda x, m: (_tiles_call(x, m),), "b h w c, p u -> f b y z c")
-_untile = _batch_parallel(lambda t, m: (_untile_call(t, m),), "f b y z c, s p -> b h w c")
+_tiles = _batch_parallel(_tiles_call, "b h w c, p u -> f b y z c")
+_untile = _batch_parallel(_untile_call, "f b y z c, s p -> b h w c")
 
 
 def winograd_tiles(x: jax.Array, matrix: np.ndarray) -> jax.Array:
@@ -237,7 +242,7 @@ def winograd_untile(t: jax.Array, matrix: np.ndarray) -> jax.Array:
 
 
 @functools.cache
-def _group_norm_calls(groups: int, epsilon: float, silu: bool) -> tuple:
+def _group_norm_forward_call(groups: int, epsilon: float, silu: bool):
     def forward(x, gamma, beta):
         b, _, c = x.shape
         per_group = jax.ShapeDtypeStruct((b, groups), jnp.float32)
@@ -245,15 +250,17 @@ def _group_norm_calls(groups: int, epsilon: float, silu: bool) -> tuple:
         call = jax.ffi.ffi_call("diffax_group_norm_fwd", result)
         return call(x, gamma, beta, groups=np.int64(groups), epsilon=np.float32(epsilon), silu=silu)
 
+    return _batch_parallel(forward, "b p c, b c, b c -> b p c, b g, b g")
+
+
+@functools.cache
+def _group_norm_backward_call(groups: int, silu: bool):
     def backward(x, gamma, beta, mean, rstd, dy):
         result = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, gamma, beta))
         call = jax.ffi.ffi_call("diffax_group_norm_bwd", result)
         return call(x, gamma, beta, mean, rstd, dy, groups=np.int64(groups), silu=silu)
 
-    return (
-        _batch_parallel(forward, "b p c, b c, b c -> b p c, b g, b g"),
-        _batch_parallel(backward, "b p c, b c, b c, b g, b g, b p c -> b p c, b c, b c"),
-    )
+    return _batch_parallel(backward, "b p c, b c, b c, b g, b g, b p c -> b p c, b c, b c")
 
 
 def group_norm_forward(
@@ -262,7 +269,7 @@ def group_norm_forward(
     """GroupNorm of float32 (B, P, C) ``x`` over ``groups`` groups of channels, then ``x_hat gamma +
     beta`` with per-example (B, C) ``gamma`` and ``beta``, then SiLU if ``silu`` (Wu & He 2018,
     Eq. (1)-(3)); returns (y, group means (B, G), group 1/sqrt(var + epsilon) (B, G))."""
-    return _group_norm_calls(groups, float(epsilon), silu)[0](x, gamma, beta)
+    return _group_norm_forward_call(groups, float(epsilon), silu)(x, gamma, beta)
 
 
 def group_norm_backward(
@@ -278,4 +285,4 @@ def group_norm_backward(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(dx, dgamma, dbeta) of ``group_norm_forward``'s y for the cotangent ``dy``, from its saved
     means and 1/sqrt(var + epsilon)."""
-    return _group_norm_calls(groups, 0.0, silu)[1](x, gamma, beta, mean, rstd, dy)
+    return _group_norm_backward_call(groups, silu)(x, gamma, beta, mean, rstd, dy)

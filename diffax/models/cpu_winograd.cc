@@ -90,16 +90,13 @@ ffi::Error WinogradTiles(ffi::ThreadPool pool, Image x, Matrix matrix, ffi::Resu
                 continue;
               }
               const float* src = xp + ((b * h + yy) * w + xx) * c + c0;
-              window[u * n + v] = lanes == kLanes ? Load(src) : LoadPartial(src, lanes);
+              window[u * n + v] = LoadLanes(src, lanes);
             }
           for (int64_t v = 0; v < n; ++v) m.Apply(window + v, n, rows + v, n);  // rows: (a, n)
           for (int64_t p = 0; p < a; ++p) m.Apply(rows + p * n, 1, both + p * a, 1);  // columns: (a, a)
           for (int64_t f = 0; f < a * a; ++f) {
             float* at = dst + f * plane + c0;
-            if (lanes == kLanes)
-              Store(at, both[f]);
-            else
-              StorePartial(at, both[f], lanes);
+            StoreLanes(at, both[f], lanes);
           }
         }
       }
@@ -131,17 +128,14 @@ ffi::Error WinogradUntile(ffi::ThreadPool pool, Tiles t, Matrix matrix, ffi::Res
           const int64_t lanes = std::min(kLanes, c - c0);
           for (int64_t f = 0; f < a * a; ++f) {
             const float* at = src + f * plane + c0;
-            tiles[f] = lanes == kLanes ? Load(at) : LoadPartial(at, lanes);
+            tiles[f] = LoadLanes(at, lanes);
           }
           for (int64_t v = 0; v < a; ++v) m.Apply(tiles + v, a, rows + v, a);  // rows: (s, a)
           for (int64_t p = 0; p < s; ++p) m.Apply(rows + p * a, 1, both + p * s, 1);  // columns: (s, s)
           for (int64_t p = 0; p < s && i * s + p < h; ++p)
             for (int64_t q = 0; q < s && j * s + q < w; ++q) {
               float* at = yp + ((b * h + i * s + p) * w + j * s + q) * c + c0;
-              if (lanes == kLanes)
-                Store(at, both[p * s + q]);
-              else
-                StorePartial(at, both[p * s + q], lanes);
+              StoreLanes(at, both[p * s + q], lanes);
             }
         }
       }

@@ -215,7 +215,7 @@ def group_norm(
         y = ((grouped - mean) * jax.lax.rsqrt(var + epsilon)).reshape(xf.shape)
         a = jnp.broadcast_to(gamma, (b, c))
         shift = jnp.broadcast_to(beta, (b, c))
-    elif _cpu_kernels_run():
+    elif cpu_kernels.runs():
         gamma_b, beta_b = jnp.broadcast_to(gamma, (b, c)), jnp.broadcast_to(beta, (b, c))
         if modulation is not None:
             m_scale, m_shift = (jnp.asarray(m, jnp.float32) for m in modulation)
@@ -316,11 +316,6 @@ def _scale_shift_silu_bwd(residuals, dy):
 _scale_shift_silu.defvjp(_scale_shift_silu_fwd, _scale_shift_silu_bwd)
 
 
-def _cpu_kernels_run() -> bool:
-    """Whether the ``impl="cpu"`` layers run ``cpu_kernels``: on the CPU backend, once they are built."""
-    return jax.default_backend() == "cpu" and cpu_kernels.available()
-
-
 def _group_norm_folded(
     x: jax.Array, gamma: jax.Array, beta: jax.Array, groups: int, epsilon: float, silu: bool
 ) -> jax.Array:
@@ -344,10 +339,7 @@ def _kernel_group_norm_jvp(groups, epsilon, silu, primals, tangents):
 
 
 # ``_group_norm_folded`` by the CPU kernel with its own backward pass (reverse mode only).
-_kernel_group_norm_train = jax.custom_vjp(
-    lambda x, gamma, beta, groups, epsilon, silu: _kernel_group_norm(x, gamma, beta, groups, epsilon, silu),
-    nondiff_argnums=(3, 4, 5),
-)
+_kernel_group_norm_train = jax.custom_vjp(_kernel_group_norm, nondiff_argnums=(3, 4, 5))
 
 
 def _kernel_group_norm_train_fwd(x, gamma, beta, groups, epsilon, silu):
@@ -558,7 +550,7 @@ def _kernel_attention_jvp(primals, tangents):
 
 # The fused CPU kernel's attention with its own backward pass (reverse mode only), which recomputes
 # the probabilities from the saved logsumexp; its primal runs only without a backward pass.
-_kernel_train_attention = jax.custom_vjp(lambda q, k, v: cpu_kernels.attention_forward(q, k, v)[0])
+_kernel_train_attention = jax.custom_vjp(_kernel_attention)
 
 
 def _kernel_train_attention_fwd(q, k, v):
@@ -608,7 +600,7 @@ def dot_product_attention(
     if resolve_impl(impl, owner="dot_product_attention") == "xla":
         return jax.nn.dot_product_attention(q, k, v)
     q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-    if _cpu_kernels_run():
+    if cpu_kernels.runs():
         out = (_kernel_train_attention if train else _kernel_attention)(q32, k32, v32)
     else:
         out = _xla_attention(q32, k32, v32, train)

@@ -168,7 +168,7 @@ def _kernel_maps(tile: int) -> tuple:
 def _transform(which: int, x: jax.Array, tile: int) -> jax.Array:
     """Transform ``which`` (0 input tiles, 1 gradient tiles, 2 untile) of ``x``: by the CPU kernels for
     float32 on the CPU backend where they are built (``cpu_kernels``), else by XLA."""
-    if x.dtype == jnp.float32 and jax.default_backend() == "cpu" and cpu_kernels.available():
+    if x.dtype == jnp.float32 and cpu_kernels.runs():
         return _kernel_maps(tile)[which](x)
     return (_input_tiles_xla, _grad_tiles_xla, _untile_xla)[which](x, tile)
 
