@@ -1,8 +1,9 @@
 """Hand-written CPU kernels behind XLA's foreign function interface, built from their C++ source.
 
 Next to this file: ``cpu_attention.cc`` (fused softmax attention, forward and backward),
-``cpu_winograd.cc`` (the tile transforms of Winograd convolution), ``cpu_group_norm.cc`` (GroupNorm with
-a per-example affine and SiLU, forward and backward) and their shared ``cpu_kernels.h``.
+``cpu_winograd.cc`` (the tile transforms and the kernel gradient of Winograd convolution),
+``cpu_group_norm.cc`` (GroupNorm with a per-example affine and SiLU, forward and backward) and their
+shared ``cpu_kernels.h``.
 They are compiled on first use for the machine they run on (``-march=native``) into one library in a
 per-user cache, keyed by the sources, the compiler, the flags, jaxlib and the CPU, then registered with
 XLA for the CPU platform. Without a C++17 compiler (``$CXX``, else ``c++``) or with
@@ -40,6 +41,7 @@ TARGETS = {
     "diffax_attention_bwd": "DiffaxAttentionBackward",
     "diffax_winograd_tiles": "DiffaxWinogradTiles",
     "diffax_winograd_untile": "DiffaxWinogradUntile",
+    "diffax_winograd_filter_grad": "DiffaxWinogradFilterGrad",
     "diffax_group_norm_fwd": "DiffaxGroupNormForward",
     "diffax_group_norm_bwd": "DiffaxGroupNormBackward",
 }
@@ -124,10 +126,14 @@ def _batch_parallel(call, rule: str):
     shardable and batchable: under a mesh each device runs it on its own slice of ``b`` and ``n``
     (every other axis replicated: no all-gather of the batch), and ``vmap`` folds the mapped axis into
     ``b``. ``rule`` names every axis of the operands and results, einsum-like; the first operand
-    holds ``b``, an operand without it must not be mapped."""
+    holds ``b``, an operand without it must not be mapped. A call whose results lack ``b`` sums over
+    it: its per-device results are summed across the devices (``psum``), and ``vmap`` runs it once
+    per mapped index (``lax.map``) instead of folding."""
     arrays = [spec.split() for spec in rule.replace("->", ",").split(",")]
+    operands = len(rule.split("->")[0].split(","))
     order = list(dict.fromkeys(f for axes in arrays for f in axes))
     kept = ("b", "n")
+    contracted = all("b" not in axes for axes in arrays[operands:])
 
     def shardings(mesh, arg_shapes):
         given = dict(
@@ -140,7 +146,9 @@ def _batch_parallel(call, rule: str):
 
     def partition(mesh, arg_shapes, result_shape):
         specs = shardings(mesh, arg_shapes)
-        return mesh, call, tuple(specs[len(arg_shapes) :]), tuple(specs[: len(arg_shapes)])
+        summed = specs[0].spec[arrays[0].index("b")] if contracted else None
+        lower = call if summed is None else lambda *args: jax.lax.psum(call(*args), summed)
+        return mesh, lower, tuple(specs[len(arg_shapes) :]), tuple(specs[: len(arg_shapes)])
 
     sharded = custom_partitioning(call)
     sharded.def_partition(
@@ -155,6 +163,14 @@ def _batch_parallel(call, rule: str):
 
     @batched.def_vmap
     def _(axis_size, in_batched, *args):
+        if contracted:
+            mapped = [a for a, m in zip(args, in_batched, strict=True) if m]
+
+            def one(sliced):
+                each = iter(sliced)
+                return batched(*(next(each) if m else a for a, m in zip(args, in_batched, strict=True)))
+
+            return jax.lax.map(one, mapped), (True,) * (len(arrays) - operands)
         folded = []
         for a, mapped, axes in zip(args, in_batched, arrays, strict=False):
             if "b" not in axes:
@@ -224,8 +240,15 @@ def _untile_call(t: jax.Array, matrix: jax.Array) -> tuple[jax.Array]:
     return jax.ffi.ffi_call("diffax_winograd_untile", (result,))(t, matrix)
 
 
+def _filter_grad_call(x: jax.Array, d: jax.Array, matrix: jax.Array) -> tuple[jax.Array]:
+    r = matrix.shape[1]
+    result = jax.ShapeDtypeStruct((r, r, x.shape[-1], d.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call("diffax_winograd_filter_grad", (result,))(x, d, matrix)
+
+
 _tiles = _batch_parallel(_tiles_call, "b h w c, p u -> f b y z c")
 _untile = _batch_parallel(_untile_call, "f b y z c, s p -> b h w c")
+_filter_grad = _batch_parallel(_filter_grad_call, "f b y z c, f b y z o, p k -> k l c o")
 
 
 def winograd_tiles(x: jax.Array, matrix: np.ndarray) -> jax.Array:
@@ -239,6 +262,14 @@ def winograd_untile(t: jax.Array, matrix: np.ndarray) -> jax.Array:
     """``m T m^T`` of every (a, a) tile of float32 (a * a, B, th, tw, C) ``t`` for an (s, a) ``matrix``,
     placed at stride s: returns (B, th s, tw s, C)."""
     return _untile(t, jnp.asarray(matrix, jnp.float32))[0]
+
+
+def winograd_filter_grad(x: jax.Array, d: jax.Array, matrix: np.ndarray) -> jax.Array:
+    """``sum_{p, q} m[p, k] m[q, l] sum_{b, i, j} x[p a + q, b, i, j, c] d[p a + q, b, i, j, o]`` of
+    float32 (a * a, B, th, tw, C) ``x`` and (a * a, B, th, tw, O) ``d`` for an (a, r) ``matrix``: the
+    (r, r, C, O) kernel gradient of a Winograd convolution from its input tiles and output-gradient
+    tiles (``m = G``)."""
+    return _filter_grad(x, d, jnp.asarray(matrix, jnp.float32))[0]
 
 
 @functools.cache

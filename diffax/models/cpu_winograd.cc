@@ -11,9 +11,18 @@
 //   diffax_winograd_untile(t (a * a, B, th, tw, C), m (s, a)) -> (B, th s, tw s, C)
 //     y[b, i s + p, j s + q, c] = sum_{u, v < a} m[p, u] m[q, v] t[u a + v, b, i, j, c]: A^T M A of
 //     every output tile.
+//   diffax_winograd_filter_grad(x (a * a, B, th, tw, C), d (a * a, B, th, tw, O), g (a, r))
+//       -> (r, r, C, O)
+//     out[k, l, c, o] = sum_{p, q < a} g[p, k] g[q, l] sum_{b, i, j} x[p a + q, b, i, j, c]
+//                                                               * d[p a + q, b, i, j, o]:
+//     the kernel gradient of a Winograd convolution from its input tiles and output-gradient tiles, one
+//     (C x tiles) @ (tiles x O) product per transform point, then G^T P G once (F(r x r, m x m),
+//     winograd.conv3x3_kernel_grad).
 //
-// Both transform rows then columns, skipping the matrix's zeros, over 16 channels at a time
-// (cpu_kernels.h); rows of tiles are shared among the threads of XLA's intra-op pool.
+// The transforms run rows then columns, skipping the matrix's zeros, over 16 channels at a time
+// (cpu_kernels.h); rows of tiles, transform points or channels are shared among the threads of XLA's
+// intra-op pool. The products are register-blocked: 8 rows of C by 32 columns of O accumulate over
+// 128 tiles at a time, the 128 x 32 panel of d staying in L1 while the rows of x stream past it.
 
 #include <algorithm>
 #include <cstdint>
@@ -30,6 +39,7 @@ constexpr int64_t kMaxWindow = 8;  // a, n <= 8 (F(4, 3) and F(2, 3) need 6)
 using Image = ffi::Buffer<ffi::F32, 4>;  // (B, H, W, C)
 using Tiles = ffi::Buffer<ffi::F32, 5>;  // (a * a, B, th, tw, C)
 using Matrix = ffi::Buffer<ffi::F32, 2>;
+using Filter = ffi::Buffer<ffi::F32, 4>;  // (r, r, C, O)
 
 // The nonzero entries of a row-major (rows, cols) matrix, row by row.
 struct Sparse {
@@ -144,7 +154,115 @@ ffi::Error WinogradUntile(ffi::ThreadPool pool, Tiles t, Matrix matrix, ffi::Res
   return ffi::Error::Success();
 }
 
+constexpr int kRowBlock = 8;       // rows of C per register block
+constexpr int64_t kTileChunk = 128;  // tiles per pass over a panel
+
+// c[r, v] += sum_{t < len} x[t * x_stride + r] d[t * d_stride + v] for r < R and the NV vectors v (the
+// last holding `last_lanes` real columns): R x NV accumulators stay in registers over the tiles.
+template <int R, int NV>
+void ProductBlock(const float* x, int64_t x_stride, const float* d, int64_t d_stride, int64_t len, float* c,
+                  int64_t c_stride, int64_t last_lanes) {
+  VecF acc[R][NV] = {};
+  for (int64_t t = 0; t < len; ++t) {
+    VecF dv[NV];
+    for (int v = 0; v < NV; ++v) dv[v] = Load(d + t * d_stride + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float xr = x[t * x_stride + r];
+      for (int v = 0; v < NV; ++v) acc[r][v] += xr * dv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const int64_t lanes = v == NV - 1 ? last_lanes : kLanes;
+      float* at = c + r * c_stride + v * kLanes;
+      StoreLanes(at, LoadLanes(at, lanes) + acc[r][v], lanes);
+    }
+}
+
+// ProductBlock over every row of C (blocks of 8, then of 4, then single rows).
+template <int NV>
+void ProductRows(const float* x, int64_t rows, int64_t x_stride, const float* d, int64_t d_stride,
+                 int64_t len, float* c, int64_t c_stride, int64_t last_lanes) {
+  int64_t r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock)
+    ProductBlock<kRowBlock, NV>(x + r, x_stride, d, d_stride, len, c + r * c_stride, c_stride, last_lanes);
+  for (; r + 4 <= rows; r += 4)
+    ProductBlock<4, NV>(x + r, x_stride, d, d_stride, len, c + r * c_stride, c_stride, last_lanes);
+  for (; r < rows; ++r)
+    ProductBlock<1, NV>(x + r, x_stride, d, d_stride, len, c + r * c_stride, c_stride, last_lanes);
+}
+
+// c (rows, cols) += x^T d for x (len, rows) and d (len, cols), rows x_stride and d_stride apart.
+// Columns go 32 at a time; a ragged last block is first copied into a zero-padded panel.
+void ProductTN(const float* x, int64_t rows, int64_t x_stride, const float* d, int64_t cols, int64_t d_stride,
+               int64_t len, float* c, std::vector<float>& panel) {
+  constexpr int64_t kCols = 2 * kLanes;
+  for (int64_t t0 = 0; t0 < len; t0 += kTileChunk) {
+    const int64_t chunk = std::min(kTileChunk, len - t0);
+    const float* xs = x + t0 * x_stride;
+    const float* ds = d + t0 * d_stride;
+    int64_t o0 = 0;
+    for (; o0 + kCols <= cols; o0 += kCols)
+      ProductRows<2>(xs, rows, x_stride, ds + o0, d_stride, chunk, c + o0, cols, kLanes);
+    if (o0 < cols) {
+      const int64_t rest = cols - o0, vectors = (rest + kLanes - 1) / kLanes, width = vectors * kLanes;
+      panel.assign(chunk * width, 0.0f);
+      for (int64_t t = 0; t < chunk; ++t)
+        std::copy(ds + t * d_stride + o0, ds + t * d_stride + cols, &panel[t * width]);
+      const int64_t last = rest - (vectors - 1) * kLanes;
+      if (vectors == 2)
+        ProductRows<2>(xs, rows, x_stride, panel.data(), width, chunk, c + o0, cols, last);
+      else
+        ProductRows<1>(xs, rows, x_stride, panel.data(), width, chunk, c + o0, cols, last);
+    }
+  }
+}
+
+ffi::Error WinogradFilterGrad(ffi::ThreadPool pool, Tiles x, Tiles d, Matrix g,
+                              ffi::Result<Filter> out) {
+  const auto xd = x.dimensions(), dd = d.dimensions(), od = out->dimensions();
+  const int64_t a = g.dimensions()[0], r = g.dimensions()[1];
+  const int64_t points = xd[0], tiles = xd[1] * xd[2] * xd[3], c = xd[4], o = dd[4];
+  if (a > kMaxWindow || points != a * a || dd[0] != points || dd[1] != xd[1] || dd[2] != xd[2] ||
+      dd[3] != xd[3] || od[0] != r || od[1] != r || od[2] != c || od[3] != o)
+    return ffi::Error::InvalidArgument(
+        "diffax_winograd_filter_grad: x (a * a, B, th, tw, C), d (a * a, B, th, tw, O), g (a <= 8, r) give "
+        "(r, r, C, O)");
+  const float *xp = x.typed_data(), *dp = d.typed_data();
+  std::vector<float> products(points * c * o, 0.0f);
+  ParallelFor(pool, points, [&](int64_t begin, int64_t end) {
+    std::vector<float> panel;
+    for (int64_t f = begin; f < end; ++f)
+      ProductTN(xp + f * tiles * c, c, c, dp + f * tiles * o, o, o, tiles, &products[f * c * o], panel);
+  });
+  std::vector<float> gt(r * a);  // G^T (r, a)
+  for (int64_t p = 0; p < a; ++p)
+    for (int64_t k = 0; k < r; ++k) gt[k * a + p] = g.typed_data()[p * r + k];
+  const Sparse m(gt.data(), r, a);
+  float* op = out->typed_data();
+  ParallelFor(pool, c, [&](int64_t begin, int64_t end) {
+    VecF window[kMaxWindow * kMaxWindow], rows[kMaxWindow * kMaxWindow], both[kMaxWindow * kMaxWindow];
+    for (int64_t ci = begin; ci < end; ++ci)
+      for (int64_t o0 = 0; o0 < o; o0 += kLanes) {
+        const int64_t lanes = std::min(kLanes, o - o0);
+        for (int64_t f = 0; f < points; ++f) window[f] = LoadLanes(&products[(f * c + ci) * o + o0], lanes);
+        for (int64_t v = 0; v < a; ++v) m.Apply(window + v, a, rows + v, a);  // rows: (r, a)
+        for (int64_t k = 0; k < r; ++k) m.Apply(rows + k * a, 1, both + k * r, 1);  // columns: (r, r)
+        for (int64_t f = 0; f < r * r; ++f) StoreLanes(op + (f * c + ci) * o + o0, both[f], lanes);
+      }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffaxWinogradFilterGrad, WinogradFilterGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Tiles>()
+                                  .Arg<Tiles>()
+                                  .Arg<Matrix>()
+                                  .Ret<Filter>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffaxWinogradTiles, WinogradTiles,
                               ffi::Ffi::Bind()

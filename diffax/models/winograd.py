@@ -12,9 +12,11 @@ every mode through the same linear maps; ``conv3x3_train`` has a Winograd backwa
 (``benchmarks/results/2026-12-01-winograd-train.md``). The results equal the direct convolution's in
 exact arithmetic; in float32 their error is ~4x the direct one's (``tests/perf/test_winograd.py``).
 
-In float32 on the CPU backend the tile transforms run as C++ kernels (``cpu_winograd.cc`` via
-``cpu_kernels``: each reads its input and writes its output once), differentiated through the XLA
-formulation of the same linear maps; elsewhere, or without a compiler, XLA computes them.
+In float32 on the CPU backend the tile transforms and the kernel gradient run as C++ kernels
+(``cpu_winograd.cc`` via ``cpu_kernels``: each reads its input and writes its output once; the kernel
+gradient's products register-blocked, 2.2x XLA's alone and 1.18x on the ``small`` train step),
+differentiated through the XLA formulation of the same maps; elsewhere, or without a compiler, XLA
+computes them.
 """
 
 import functools
@@ -165,12 +167,51 @@ def _kernel_maps(tile: int) -> tuple:
     )
 
 
+def _kernels_run(x: jax.Array) -> bool:
+    """Whether the CPU kernels compute ``x``'s maps: float32 on the CPU backend, once built."""
+    return x.dtype == jnp.float32 and cpu_kernels.runs()
+
+
 def _transform(which: int, x: jax.Array, tile: int) -> jax.Array:
-    """Transform ``which`` (0 input tiles, 1 gradient tiles, 2 untile) of ``x``: by the CPU kernels for
-    float32 on the CPU backend where they are built (``cpu_kernels``), else by XLA."""
-    if x.dtype == jnp.float32 and cpu_kernels.runs():
+    """Transform ``which`` (0 input tiles, 1 gradient tiles, 2 untile) of ``x``: by the CPU kernels
+    (``_kernels_run``), else by XLA."""
+    if _kernels_run(x):
         return _kernel_maps(tile)[which](x)
     return (_input_tiles_xla, _grad_tiles_xla, _untile_xla)[which](x, tile)
+
+
+def _filter_grad_xla(inputs: jax.Array, grads: jax.Array, tile: int) -> jax.Array:
+    """``G^T (sum over tiles of inputs^T grads) G`` per transform point: (3, 3, C, O) from (a * a, tiles,
+    C) input tiles and (a * a, tiles, O) gradient tiles."""
+    g = transforms(tile)[1].astype(inputs.dtype)
+    a, c, o = tile + 2, inputs.shape[-1], grads.shape[-1]
+    products = jnp.einsum("ftc,fto->fco", inputs, grads).reshape(a, a, c, o)
+    return jnp.einsum("pk,ql,pqco->klco", g, g, products)
+
+
+@functools.cache
+def _kernel_filter_grad(tile: int):
+    """``_filter_grad_xla`` computed by ``cpu_kernels.winograd_filter_grad`` in one pass (products and
+    output transform); its derivatives (bilinear: one term per argument) are XLA's."""
+
+    def kernel(inputs: jax.Array, grads: jax.Array) -> jax.Array:
+        a = tile + 2
+        tiles = (a * a, -1, 1, 1)
+        return cpu_kernels.winograd_filter_grad(
+            inputs.reshape(*tiles, inputs.shape[-1]),
+            grads.reshape(*tiles, grads.shape[-1]),
+            transforms(tile)[1],
+        )
+
+    bilinear = jax.custom_jvp(kernel)
+
+    @bilinear.defjvp
+    def _(primals, tangents):
+        (inputs, grads), (d_inputs, d_grads) = primals, tangents
+        tangent = _filter_grad_xla(d_inputs, grads, tile) + _filter_grad_xla(inputs, d_grads, tile)
+        return kernel(inputs, grads), tangent
+
+    return bilinear
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array, tile: int = 4) -> jax.Array:
@@ -205,12 +246,11 @@ def conv3x3_kernel_grad(x: jax.Array, dy: jax.Array, tile: int = 4) -> jax.Array
     tiles becomes one (C x tiles) @ (tiles x O) product per transform point; the fixed 3 x 3
     output transform is applied once, after the sum.
     """
-    g = transforms(tile)[1]
-    a, o = tile + 2, dy.shape[-1]
     inputs = _transform(0, x, tile)  # B^T d B per tile: (a * a, tiles, C)
     grads = _transform(1, dy, tile)  # A dy A^T per tile: (a * a, tiles, O)
-    products = jnp.einsum("ftc,fto->fco", inputs, grads).reshape(a, a, x.shape[-1], o)
-    return jnp.einsum("pk,ql,pqco->klco", g.astype(x.dtype), g.astype(x.dtype), products)
+    if _kernels_run(x):
+        return _kernel_filter_grad(tile)(inputs, grads)
+    return _filter_grad_xla(inputs, grads, tile)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -202,6 +202,23 @@ def test_winograd_transforms_equal_xla(tile, shape):
         np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.max(jnp.abs(want))), rtol=1e-5)
 
 
+@pytest.mark.parametrize("tile", sorted(winograd.POINTS))
+@pytest.mark.parametrize(
+    "b,th,tw,c,o", [(2, 3, 5, 3, 7), (1, 9, 17, 37, 45), (3, 8, 8, 16, 70), (1, 2, 2, 64, 3)]
+)
+def test_winograd_filter_grad_equals_float64(tile, b, th, tw, c, o):
+    """The kernel gradient's products (register blocks of 8 x 32, ragged edges, 128-tile chunks) and
+    G^T P G output transform, against float64 numpy."""
+    a, g = tile + 2, winograd.transforms(tile)[1]
+    x, d = _normal(24, (a * a, b, th, tw, c), (a * a, b, th, tw, o))
+    products = np.einsum(
+        "ftc,fto->fco", *(np.asarray(t, np.float64).reshape(a * a, -1, t.shape[-1]) for t in (x, d))
+    )
+    want = np.einsum("pk,ql,pqco->klco", g, g, products.reshape(a, a, c, o))
+    got = jax.jit(lambda x, d: cpu_kernels.winograd_filter_grad(x, d, g))(x, d)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=1e-5)
+
+
 def _conv_args(seed):
     x, kernel, dy = _normal(seed, (2, 16, 20, 6), (3, 3, 6, 5), (2, 16, 20, 5))
     return x, kernel / 4.0, dy
@@ -227,6 +244,9 @@ def test_conv3x3_derivatives_through_the_kernels_equal_xlas(without_kernels):
         "jvp": lambda x, k: jax.jvp(winograd.conv3x3, (x, k), tangents)[1],
         "vjp": lambda x, k: jax.vjp(winograd.conv3x3, x, k)[1](dy),
         "train vjp": lambda x, k: jax.vjp(winograd.conv3x3_train, x, k)[1](dy),
+        "train vjp, second order": jax.grad(
+            lambda x, k: jnp.sum(jax.vjp(winograd.conv3x3_train, x, k)[1](dy)[1] ** 2), argnums=(0, 1)
+        ),
     }
     for name, fn in cases.items():
         assert "custom_vmap_call" in str(jax.make_jaxpr(fn)(x, kernel)), name
@@ -240,6 +260,9 @@ def test_conv3x3_vmap_and_sharding_through_the_kernels():
     stacked = jnp.stack([x, 2.0 * x, -x])
     mapped = jax.jit(jax.vmap(winograd.conv3x3, in_axes=(0, None)))(stacked, kernel)
     chex.assert_trees_all_close(mapped, jnp.stack([winograd.conv3x3(a, kernel) for a in stacked]), atol=1e-5)
+    grad = lambda x, dy: winograd.conv3x3_kernel_grad(x, dy)  # sums over the batch: vmap maps, not folds
+    mapped = jax.jit(jax.vmap(grad, in_axes=(0, None)))(stacked, dy)
+    chex.assert_trees_all_close(mapped, jnp.stack([grad(a, dy) for a in stacked]), atol=1e-4, rtol=1e-5)
 
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
     batch = NamedSharding(mesh, P("data"))
@@ -251,7 +274,7 @@ def test_conv3x3_vmap_and_sharding_through_the_kernels():
     step = jax.jit(jax.grad(loss, argnums=(0, 1)), in_shardings=(batch, None))
     placed = jax.device_put(big, batch)
     hlo = step.lower(placed, kernel).compile().as_text()
-    assert "diffax_winograd_tiles" in hlo and "all-gather" not in hlo
+    assert "diffax_winograd_tiles" in hlo and "diffax_winograd_filter_grad" in hlo and "all-gather" not in hlo
     got, want = step(placed, kernel), jax.jit(jax.grad(loss, argnums=(0, 1)))(big, kernel)
     for g, w in zip(got, want, strict=True):  # sums over the batch, in another order per device
         np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.max(jnp.abs(w))), rtol=1e-5)
