@@ -266,18 +266,20 @@ def test_conv3x3_vmap_and_sharding_through_the_kernels():
 
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
     batch = NamedSharding(mesh, P("data"))
+    grad = jax.grad(lambda x, k: jnp.sum(winograd.conv3x3_train(x, k) ** 2), argnums=(0, 1))
+
+    def check(x, kernel, kernel_spec):
+        step = jax.jit(grad, in_shardings=(batch, kernel_spec and NamedSharding(mesh, kernel_spec)))
+        placed = jax.device_put(x, batch)
+        hlo = step.lower(placed, kernel).compile().as_text()
+        assert "diffax_winograd_tiles" in hlo and "diffax_winograd_filter_grad" in hlo
+        assert ("all-gather" in hlo) == (kernel_spec is not None)  # never the batch; an FSDP kernel
+        for g, w in zip(step(placed, kernel), jax.jit(grad)(x, kernel), strict=True):  # sums in another order
+            np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.max(jnp.abs(w))), rtol=1e-5)
+
     big = jnp.concatenate([x] * 4)  # batch 8
-
-    def loss(x, k):
-        return jnp.sum(winograd.conv3x3_train(x, k) ** 2)
-
-    step = jax.jit(jax.grad(loss, argnums=(0, 1)), in_shardings=(batch, None))
-    placed = jax.device_put(big, batch)
-    hlo = step.lower(placed, kernel).compile().as_text()
-    assert "diffax_winograd_tiles" in hlo and "diffax_winograd_filter_grad" in hlo and "all-gather" not in hlo
-    got, want = step(placed, kernel), jax.jit(jax.grad(loss, argnums=(0, 1)))(big, kernel)
-    for g, w in zip(got, want, strict=True):  # sums over the batch, in another order per device
-        np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.max(jnp.abs(w))), rtol=1e-5)
+    check(big, kernel, None)
+    check(jnp.concatenate([big] * 4, axis=3), jnp.concatenate([kernel] * 4, axis=2), P(None, None, "fsdp"))
 
 
 def _group_norm64(x, gamma, beta, groups, silu, dy, epsilon=1e-5):
