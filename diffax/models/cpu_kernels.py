@@ -41,6 +41,7 @@ TARGETS = {
     "diffax_attention_bwd": "DiffaxAttentionBackward",
     "diffax_winograd_tiles": "DiffaxWinogradTiles",
     "diffax_winograd_untile": "DiffaxWinogradUntile",
+    "diffax_winograd_products": "DiffaxWinogradProducts",
     "diffax_winograd_filter_grad": "DiffaxWinogradFilterGrad",
     "diffax_group_norm_fwd": "DiffaxGroupNormForward",
     "diffax_group_norm_bwd": "DiffaxGroupNormBackward",
@@ -126,9 +127,9 @@ def _batch_parallel(call, rule: str):
     shardable and batchable: under a mesh each device runs it on its own slice of ``b`` and ``n``
     (every other axis replicated: no all-gather of the batch), and ``vmap`` folds the mapped axis into
     ``b``. ``rule`` names every axis of the operands and results, einsum-like; the first operand
-    holds ``b``, an operand without it must not be mapped. A call whose results lack ``b`` sums over
-    it: its per-device results are summed across the devices (``psum``), and ``vmap`` runs it once
-    per mapped index (``lax.map``) instead of folding."""
+    holds ``b``. A call whose results lack ``b`` sums over it: its per-device results are summed
+    across the devices (``psum``). ``vmap`` runs the call once per mapped index (``lax.map``) instead
+    of folding where the call sums over ``b`` or an operand without ``b`` is mapped."""
     arrays = [spec.split() for spec in rule.replace("->", ",").split(",")]
     operands = len(rule.split("->")[0].split(","))
     order = list(dict.fromkeys(f for axes in arrays for f in axes))
@@ -163,7 +164,7 @@ def _batch_parallel(call, rule: str):
 
     @batched.def_vmap
     def _(axis_size, in_batched, *args):
-        if contracted:
+        if contracted or any(m and "b" not in axes for m, axes in zip(in_batched, arrays, strict=False)):
             mapped = [a for a, m in zip(args, in_batched, strict=True) if m]
 
             def one(sliced):
@@ -174,8 +175,6 @@ def _batch_parallel(call, rule: str):
         folded = []
         for a, mapped, axes in zip(args, in_batched, arrays, strict=False):
             if "b" not in axes:
-                if mapped:
-                    raise NotImplementedError(f"{rule}: vmap over an operand without a batch axis")
                 folded.append(a)
                 continue
             k = axes.index("b")
@@ -240,6 +239,11 @@ def _untile_call(t: jax.Array, matrix: jax.Array) -> tuple[jax.Array]:
     return jax.ffi.ffi_call("diffax_winograd_untile", (result,))(t, matrix)
 
 
+def _products_call(x: jax.Array, filters: jax.Array) -> tuple[jax.Array]:
+    result = jax.ShapeDtypeStruct((*x.shape[:-1], filters.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call("diffax_winograd_products", (result,))(x, filters)
+
+
 def _filter_grad_call(x: jax.Array, d: jax.Array, matrix: jax.Array) -> tuple[jax.Array]:
     r = matrix.shape[1]
     result = jax.ShapeDtypeStruct((r, r, x.shape[-1], d.shape[-1]), jnp.float32)
@@ -248,6 +252,7 @@ def _filter_grad_call(x: jax.Array, d: jax.Array, matrix: jax.Array) -> tuple[ja
 
 _tiles = _batch_parallel(_tiles_call, "b h w c, p u -> f b y z c")
 _untile = _batch_parallel(_untile_call, "f b y z c, s p -> b h w c")
+_products = _batch_parallel(_products_call, "f b y z c, f c o -> f b y z o")
 _filter_grad = _batch_parallel(_filter_grad_call, "f b y z c, f b y z o, p k -> k l c o")
 
 
@@ -262,6 +267,12 @@ def winograd_untile(t: jax.Array, matrix: np.ndarray) -> jax.Array:
     """``m T m^T`` of every (a, a) tile of float32 (a * a, B, th, tw, C) ``t`` for an (s, a) ``matrix``,
     placed at stride s: returns (B, th s, tw s, C)."""
     return _untile(t, jnp.asarray(matrix, jnp.float32))[0]
+
+
+def winograd_products(x: jax.Array, filters: jax.Array) -> jax.Array:
+    """``x[f] @ filters[f]`` per transform point f of float32 (a * a, B, th, tw, C) tiles ``x`` and
+    (a * a, C, O) ``filters``: the products of a Winograd convolution, (a * a, B, th, tw, O)."""
+    return _products(x, filters)[0]
 
 
 def winograd_filter_grad(x: jax.Array, d: jax.Array, matrix: np.ndarray) -> jax.Array:

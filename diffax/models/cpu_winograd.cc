@@ -1,7 +1,7 @@
-// The tile transforms of Winograd convolution (diffax/models/winograd.py) for XLA's CPU backend, as two
-// XLA FFI handlers (built and registered by diffax/models/cpu_kernels.py). Each reads its input once
-// and writes its output once; XLA's formulation of the same maps pads, slices and stacks through
-// several intermediate arrays.
+// Winograd convolution (diffax/models/winograd.py) for XLA's CPU backend: its tile transforms, its
+// per-point products and its kernel gradient, as XLA FFI handlers (built and registered by
+// diffax/models/cpu_kernels.py). Each reads its inputs once and writes its output once; XLA's
+// formulation of the transforms pads, slices and stacks through several intermediate arrays.
 //
 //   diffax_winograd_tiles(x (B, H, W, C), m (a, n)) -> (a * a, B, th, tw, C)
 //     out[p a + q, b, i, j, c] = sum_{u, v < n} m[p, u] m[q, v] x[b, i s - pad + u, j s - pad + v, c]
@@ -11,6 +11,9 @@
 //   diffax_winograd_untile(t (a * a, B, th, tw, C), m (s, a)) -> (B, th s, tw s, C)
 //     y[b, i s + p, j s + q, c] = sum_{u, v < a} m[p, u] m[q, v] t[u a + v, b, i, j, c]: A^T M A of
 //     every output tile.
+//   diffax_winograd_products(x (a * a, B, th, tw, C), u (a * a, C, O)) -> (a * a, B, th, tw, O)
+//     out[f, b, i, j, o] = sum_c x[f, b, i, j, c] u[f, c, o]: one (tiles x C) @ (C x O) product per
+//     transform point f.
 //   diffax_winograd_filter_grad(x (a * a, B, th, tw, C), d (a * a, B, th, tw, O), g (a, r))
 //       -> (r, r, C, O)
 //     out[k, l, c, o] = sum_{p, q < a} g[p, k] g[q, l] sum_{b, i, j} x[p a + q, b, i, j, c]
@@ -21,8 +24,9 @@
 //
 // The transforms run rows then columns, skipping the matrix's zeros, over 16 channels at a time
 // (cpu_kernels.h); rows of tiles, transform points or channels are shared among the threads of XLA's
-// intra-op pool. The products are register-blocked: 8 rows of C by 32 columns of O accumulate over
-// 128 tiles at a time, the 128 x 32 panel of d staying in L1 while the rows of x stream past it.
+// intra-op pool. The products are register-blocked: 8 rows by 32 columns of a result accumulate over
+// 128 steps of the contraction at a time, that 128 x 32 panel of the right-hand side staying in L1
+// while the rows of the left-hand side stream past it.
 
 #include <algorithm>
 #include <cstdint>
@@ -40,6 +44,7 @@ using Image = ffi::Buffer<ffi::F32, 4>;  // (B, H, W, C)
 using Tiles = ffi::Buffer<ffi::F32, 5>;  // (a * a, B, th, tw, C)
 using Matrix = ffi::Buffer<ffi::F32, 2>;
 using Filter = ffi::Buffer<ffi::F32, 4>;  // (r, r, C, O)
+using Filters = ffi::Buffer<ffi::F32, 3>;  // (a * a, C, O)
 
 // The nonzero entries of a row-major (rows, cols) matrix, row by row.
 struct Sparse {
@@ -154,20 +159,20 @@ ffi::Error WinogradUntile(ffi::ThreadPool pool, Tiles t, Matrix matrix, ffi::Res
   return ffi::Error::Success();
 }
 
-constexpr int kRowBlock = 8;       // rows of C per register block
-constexpr int64_t kTileChunk = 128;  // tiles per pass over a panel
+constexpr int kRowBlock = 8;     // rows of the result per register block
+constexpr int64_t kChunk = 128;  // contraction steps per pass over a panel
 
-// c[r, v] += sum_{t < len} x[t * x_stride + r] d[t * d_stride + v] for r < R and the NV vectors v (the
-// last holding `last_lanes` real columns): R x NV accumulators stay in registers over the tiles.
+// c[r, v] (+)= sum_{k < len} x[k x_step + r x_row] d[k d_step + v] for r < R and the NV vectors v (the
+// last holding `last_lanes` real columns): R x NV accumulators stay in registers; `add` keeps c's values.
 template <int R, int NV>
-void ProductBlock(const float* x, int64_t x_stride, const float* d, int64_t d_stride, int64_t len, float* c,
-                  int64_t c_stride, int64_t last_lanes) {
+void ProductBlock(const float* x, int64_t x_step, int64_t x_row, const float* d, int64_t d_step, int64_t len,
+                  float* c, int64_t c_stride, int64_t last_lanes, bool add) {
   VecF acc[R][NV] = {};
-  for (int64_t t = 0; t < len; ++t) {
+  for (int64_t k = 0; k < len; ++k) {
     VecF dv[NV];
-    for (int v = 0; v < NV; ++v) dv[v] = Load(d + t * d_stride + v * kLanes);
+    for (int v = 0; v < NV; ++v) dv[v] = Load(d + k * d_step + v * kLanes);
     for (int r = 0; r < R; ++r) {
-      const float xr = x[t * x_stride + r];
+      const float xr = x[k * x_step + r * x_row];
       for (int v = 0; v < NV; ++v) acc[r][v] += xr * dv[v];
     }
   }
@@ -175,47 +180,77 @@ void ProductBlock(const float* x, int64_t x_stride, const float* d, int64_t d_st
     for (int v = 0; v < NV; ++v) {
       const int64_t lanes = v == NV - 1 ? last_lanes : kLanes;
       float* at = c + r * c_stride + v * kLanes;
-      StoreLanes(at, LoadLanes(at, lanes) + acc[r][v], lanes);
+      StoreLanes(at, add ? LoadLanes(at, lanes) + acc[r][v] : acc[r][v], lanes);
     }
 }
 
-// ProductBlock over every row of C (blocks of 8, then of 4, then single rows).
+// ProductBlock over every row of the result (blocks of 8, then of 4, then single rows).
 template <int NV>
-void ProductRows(const float* x, int64_t rows, int64_t x_stride, const float* d, int64_t d_stride,
-                 int64_t len, float* c, int64_t c_stride, int64_t last_lanes) {
+void ProductRows(const float* x, int64_t x_step, int64_t x_row, int64_t rows, const float* d, int64_t d_step,
+                 int64_t len, float* c, int64_t c_stride, int64_t last_lanes, bool add) {
   int64_t r = 0;
-  for (; r + kRowBlock <= rows; r += kRowBlock)
-    ProductBlock<kRowBlock, NV>(x + r, x_stride, d, d_stride, len, c + r * c_stride, c_stride, last_lanes);
-  for (; r + 4 <= rows; r += 4)
-    ProductBlock<4, NV>(x + r, x_stride, d, d_stride, len, c + r * c_stride, c_stride, last_lanes);
-  for (; r < rows; ++r)
-    ProductBlock<1, NV>(x + r, x_stride, d, d_stride, len, c + r * c_stride, c_stride, last_lanes);
+  auto block = [&](auto size) {
+    constexpr int kR = decltype(size)::value;
+    ProductBlock<kR, NV>(x + r * x_row, x_step, x_row, d, d_step, len, c + r * c_stride, c_stride, last_lanes,
+                         add);
+    r += kR;
+  };
+  while (r + kRowBlock <= rows) block(std::integral_constant<int, kRowBlock>{});
+  while (r + 4 <= rows) block(std::integral_constant<int, 4>{});
+  while (r < rows) block(std::integral_constant<int, 1>{});
 }
 
-// c (rows, cols) += x^T d for x (len, rows) and d (len, cols), rows x_stride and d_stride apart.
-// Columns go 32 at a time; a ragged last block is first copied into a zero-padded panel.
-void ProductTN(const float* x, int64_t rows, int64_t x_stride, const float* d, int64_t cols, int64_t d_stride,
-               int64_t len, float* c, std::vector<float>& panel) {
+// c (rows, cols), row-major, = sum_{k < len} x[k x_step + r x_row] d[k d_step + col]: x^T d (x_row = 1) or
+// x d (x_step = 1) for a row-major d. Columns go 32 at a time, the contraction 128 steps at a time (its
+// 128 x 32 panel of d staying in L1 while the rows of x stream past); a ragged last block of columns is
+// first copied into a zero-padded panel.
+void Product(const float* x, int64_t x_step, int64_t x_row, int64_t rows, const float* d, int64_t d_step,
+             int64_t cols, int64_t len, float* c, std::vector<float>& panel) {
   constexpr int64_t kCols = 2 * kLanes;
-  for (int64_t t0 = 0; t0 < len; t0 += kTileChunk) {
-    const int64_t chunk = std::min(kTileChunk, len - t0);
-    const float* xs = x + t0 * x_stride;
-    const float* ds = d + t0 * d_stride;
+  for (int64_t k0 = 0; k0 < len; k0 += kChunk) {
+    const int64_t chunk = std::min(kChunk, len - k0);
+    const float* xs = x + k0 * x_step;
+    const float* ds = d + k0 * d_step;
+    const bool add = k0 > 0;
     int64_t o0 = 0;
     for (; o0 + kCols <= cols; o0 += kCols)
-      ProductRows<2>(xs, rows, x_stride, ds + o0, d_stride, chunk, c + o0, cols, kLanes);
+      ProductRows<2>(xs, x_step, x_row, rows, ds + o0, d_step, chunk, c + o0, cols, kLanes, add);
     if (o0 < cols) {
       const int64_t rest = cols - o0, vectors = (rest + kLanes - 1) / kLanes, width = vectors * kLanes;
       panel.assign(chunk * width, 0.0f);
-      for (int64_t t = 0; t < chunk; ++t)
-        std::copy(ds + t * d_stride + o0, ds + t * d_stride + cols, &panel[t * width]);
+      for (int64_t k = 0; k < chunk; ++k)
+        std::copy(ds + k * d_step + o0, ds + k * d_step + cols, &panel[k * width]);
       const int64_t last = rest - (vectors - 1) * kLanes;
       if (vectors == 2)
-        ProductRows<2>(xs, rows, x_stride, panel.data(), width, chunk, c + o0, cols, last);
+        ProductRows<2>(xs, x_step, x_row, rows, panel.data(), width, chunk, c + o0, cols, last, add);
       else
-        ProductRows<1>(xs, rows, x_stride, panel.data(), width, chunk, c + o0, cols, last);
+        ProductRows<1>(xs, x_step, x_row, rows, panel.data(), width, chunk, c + o0, cols, last, add);
     }
   }
+}
+
+// The per-point products of a Winograd convolution: out[f] = tiles[f] filters[f], (tiles, C) @ (C, O);
+// points and blocks of 256 tiles are shared among the threads.
+ffi::Error WinogradProducts(ffi::ThreadPool pool, Tiles x, Filters filters, ffi::Result<Tiles> out) {
+  const auto xd = x.dimensions(), fd = filters.dimensions(), od = out->dimensions();
+  const int64_t points = xd[0], tiles = xd[1] * xd[2] * xd[3], c = xd[4], o = fd[2];
+  if (fd[0] != points || fd[1] != c || od[0] != points || od[1] != xd[1] || od[2] != xd[2] ||
+      od[3] != xd[3] || od[4] != o)
+    return ffi::Error::InvalidArgument(
+        "diffax_winograd_products: x (a * a, B, th, tw, C), u (a * a, C, O) give (a * a, B, th, tw, O)");
+  constexpr int64_t kTiles = 256;
+  const int64_t blocks = (tiles + kTiles - 1) / kTiles;
+  const float *xp = x.typed_data(), *fp = filters.typed_data();
+  float* op = out->typed_data();
+  ParallelFor(pool, points * blocks, [&](int64_t begin, int64_t end) {
+    std::vector<float> panel;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t f = item / blocks, t0 = item % blocks * kTiles, rows = std::min(kTiles, tiles - t0);
+      float* at = op + (f * tiles + t0) * o;
+      Product(xp + (f * tiles + t0) * c, 1, c, rows, fp + f * c * o, o, o, c, at, panel);
+    }
+  });
+  return ffi::Error::Success();
 }
 
 ffi::Error WinogradFilterGrad(ffi::ThreadPool pool, Tiles x, Tiles d, Matrix g,
@@ -229,11 +264,11 @@ ffi::Error WinogradFilterGrad(ffi::ThreadPool pool, Tiles x, Tiles d, Matrix g,
         "diffax_winograd_filter_grad: x (a * a, B, th, tw, C), d (a * a, B, th, tw, O), g (a <= 8, r) give "
         "(r, r, C, O)");
   const float *xp = x.typed_data(), *dp = d.typed_data();
-  std::vector<float> products(points * c * o, 0.0f);
+  std::vector<float> products(points * c * o);
   ParallelFor(pool, points, [&](int64_t begin, int64_t end) {
     std::vector<float> panel;
     for (int64_t f = begin; f < end; ++f)
-      ProductTN(xp + f * tiles * c, c, c, dp + f * tiles * o, o, o, tiles, &products[f * c * o], panel);
+      Product(xp + f * tiles * c, c, 1, c, dp + f * tiles * o, o, o, tiles, &products[f * c * o], panel);
   });
   std::vector<float> gt(r * a);  // G^T (r, a)
   for (int64_t p = 0; p < a; ++p)
@@ -255,6 +290,13 @@ ffi::Error WinogradFilterGrad(ffi::ThreadPool pool, Tiles x, Tiles d, Matrix g,
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffaxWinogradProducts, WinogradProducts,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Tiles>()
+                                  .Arg<Filters>()
+                                  .Ret<Tiles>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffaxWinogradFilterGrad, WinogradFilterGrad,
                               ffi::Ffi::Bind()

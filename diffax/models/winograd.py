@@ -12,11 +12,12 @@ every mode through the same linear maps; ``conv3x3_train`` has a Winograd backwa
 (``benchmarks/results/2026-12-01-winograd-train.md``). The results equal the direct convolution's in
 exact arithmetic; in float32 their error is ~4x the direct one's (``tests/perf/test_winograd.py``).
 
-In float32 on the CPU backend the tile transforms and the kernel gradient run as C++ kernels
-(``cpu_winograd.cc`` via ``cpu_kernels``: each reads its input and writes its output once; the kernel
-gradient's products register-blocked, 2.2x XLA's alone and 1.18x on the ``small`` train step),
-differentiated through the XLA formulation of the same maps; elsewhere, or without a compiler, XLA
-computes them.
+In float32 on the CPU backend the tile transforms, the per-point products and the kernel gradient
+run as C++ kernels (``cpu_winograd.cc`` via ``cpu_kernels``: each reads its inputs and writes its
+output once; the products register-blocked), differentiated through the XLA formulation of the same
+maps; elsewhere, or without a compiler, XLA computes them. Against XLA's, in one process: the kernel
+gradient made the ``small`` train step 1.18x faster (2.2x XLA's alone), the products its forward pass
+1.07x (``benchmarks/results/2026-12-02-intel-winograd-kernels.md``).
 """
 
 import functools
@@ -180,6 +181,36 @@ def _transform(which: int, x: jax.Array, tile: int) -> jax.Array:
     return (_input_tiles_xla, _grad_tiles_xla, _untile_xla)[which](x, tile)
 
 
+def _by_bilinear_kernel(kernel, xla):
+    """The bilinear map ``xla`` of two float32 arrays, computed by the CPU ``kernel``; its derivatives
+    (one term per argument, of every order and mode) are ``xla``'s."""
+    bilinear = jax.custom_jvp(kernel)
+
+    @bilinear.defjvp
+    def _(primals, tangents):
+        (u, v), (du, dv) = primals, tangents
+        return kernel(u, v), xla(du, v) + xla(u, dv)
+
+    return bilinear
+
+
+def _as_tiles(t: jax.Array) -> jax.Array:
+    """(a * a, tiles, C) as the kernels' (a * a, B, th, tw, C), the tiles standing in for the batch."""
+    return t.reshape(t.shape[0], -1, 1, 1, t.shape[-1])
+
+
+def _products_xla(inputs: jax.Array, filters: jax.Array) -> jax.Array:
+    return jnp.einsum("ftc,fco->fto", inputs, filters)
+
+
+_kernel_products = _by_bilinear_kernel(
+    lambda inputs, filters: cpu_kernels.winograd_products(_as_tiles(inputs), filters).reshape(
+        *inputs.shape[:2], filters.shape[-1]
+    ),
+    _products_xla,
+)
+
+
 def _filter_grad_xla(inputs: jax.Array, grads: jax.Array, tile: int) -> jax.Array:
     """``G^T (sum over tiles of inputs^T grads) G`` per transform point: (3, 3, C, O) from (a * a, tiles,
     C) input tiles and (a * a, tiles, O) gradient tiles."""
@@ -192,26 +223,13 @@ def _filter_grad_xla(inputs: jax.Array, grads: jax.Array, tile: int) -> jax.Arra
 @functools.cache
 def _kernel_filter_grad(tile: int):
     """``_filter_grad_xla`` computed by ``cpu_kernels.winograd_filter_grad`` in one pass (products and
-    output transform); its derivatives (bilinear: one term per argument) are XLA's."""
-
-    def kernel(inputs: jax.Array, grads: jax.Array) -> jax.Array:
-        a = tile + 2
-        tiles = (a * a, -1, 1, 1)
-        return cpu_kernels.winograd_filter_grad(
-            inputs.reshape(*tiles, inputs.shape[-1]),
-            grads.reshape(*tiles, grads.shape[-1]),
-            transforms(tile)[1],
-        )
-
-    bilinear = jax.custom_jvp(kernel)
-
-    @bilinear.defjvp
-    def _(primals, tangents):
-        (inputs, grads), (d_inputs, d_grads) = primals, tangents
-        tangent = _filter_grad_xla(d_inputs, grads, tile) + _filter_grad_xla(inputs, d_grads, tile)
-        return kernel(inputs, grads), tangent
-
-    return bilinear
+    output transform); its derivatives are XLA's."""
+    return _by_bilinear_kernel(
+        lambda inputs, grads: cpu_kernels.winograd_filter_grad(
+            _as_tiles(inputs), _as_tiles(grads), transforms(tile)[1]
+        ),
+        functools.partial(_filter_grad_xla, tile=tile),
+    )
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array, tile: int = 4) -> jax.Array:
@@ -232,7 +250,8 @@ def conv3x3(x: jax.Array, kernel: jax.Array, tile: int = 4) -> jax.Array:
     kernel_rows = [_combine(g[i], list(kernel)) for i in range(a)]  # (3, C, O) each
     filters = jnp.stack([jnp.stack([_combine(g[j], list(kr)) for j in range(a)]) for kr in kernel_rows])
 
-    products = jnp.einsum("ftc,fco->fto", inputs, filters.reshape(a * a, c, o).astype(x.dtype))
+    filters = filters.reshape(a * a, c, o).astype(x.dtype)
+    products = (_kernel_products if _kernels_run(x) else _products_xla)(inputs, filters)
     return _transform(2, products.reshape(a * a, b, th, tw, o), tile)[:, :h, :w]
 
 

@@ -202,6 +202,18 @@ def test_winograd_transforms_equal_xla(tile, shape):
         np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.max(jnp.abs(want))), rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "b,th,tw,c,o", [(2, 3, 5, 3, 7), (1, 9, 17, 37, 45), (2, 8, 8, 16, 70), (1, 20, 20, 200, 3)]
+)
+def test_winograd_products_equal_float64(b, th, tw, c, o):
+    """The per-point products (register blocks of 8 tiles x 32 columns, ragged edges, contractions over
+    several 128-channel chunks, blocks of 256 tiles) against float64 numpy."""
+    x, filters = _normal(26, (16, b, th, tw, c), (16, c, o))
+    want = np.einsum("fbyzc,fco->fbyzo", np.asarray(x, np.float64), np.asarray(filters, np.float64))
+    got = jax.jit(cpu_kernels.winograd_products)(x, filters)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("tile", sorted(winograd.POINTS))
 @pytest.mark.parametrize(
     "b,th,tw,c,o", [(2, 3, 5, 3, 7), (1, 9, 17, 37, 45), (3, 8, 8, 16, 70), (1, 2, 2, 64, 3)]
@@ -263,6 +275,11 @@ def test_conv3x3_vmap_and_sharding_through_the_kernels():
     grad = lambda x, dy: winograd.conv3x3_kernel_grad(x, dy)  # sums over the batch: vmap maps, not folds
     mapped = jax.jit(jax.vmap(grad, in_axes=(0, None)))(stacked, dy)
     chex.assert_trees_all_close(mapped, jnp.stack([grad(a, dy) for a in stacked]), atol=1e-4, rtol=1e-5)
+
+    kernels = jnp.stack([kernel, -2.0 * kernel])  # an ensemble: the products map over the filters
+    mapped = jax.jit(jax.vmap(winograd.conv3x3, in_axes=(None, 0)))(x, kernels)
+    want = jnp.stack([winograd.conv3x3(x, k) for k in kernels])
+    chex.assert_trees_all_close(mapped, want, atol=1e-5, rtol=1e-5)
 
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
     batch = NamedSharding(mesh, P("data"))
