@@ -26,8 +26,17 @@ pytestmark = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler: the kernel cannot be built"
 )
 
-# (B, T, S, N, H): self- and cross-attention, lengths on and off 16-row tiles, one row, wide heads.
-SHAPES = [(2, 9, 5, 3, 4), (1, 37, 45, 2, 5), (2, 16, 16, 1, 16), (1, 20, 33, 2, 64), (3, 1, 1, 1, 1)]
+# (B, T, S, N, H): self- and cross-attention, lengths on and off 16-row tiles, one row, head widths the
+# kernel compiles for (8, 16, 32, 64) and others.
+SHAPES = [
+    (2, 9, 5, 3, 4),
+    (1, 37, 45, 2, 5),
+    (2, 16, 16, 1, 16),
+    (1, 20, 33, 2, 64),
+    (3, 1, 1, 1, 1),
+    (2, 41, 23, 3, 8),
+    (1, 18, 50, 1, 32),
+]
 
 
 def _normal(seed, *shapes, scale=1.0):
