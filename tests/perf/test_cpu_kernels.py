@@ -153,6 +153,11 @@ def test_mismatched_shapes_are_a_clear_error():
     q, k = _normal(10, (1, 4, 2, 8), (1, 4, 2, 4))
     with pytest.raises(Exception, match="diffax_attention_fwd: k and v need shape"):
         jax.block_until_ready(cpu_kernels.attention_forward(q, k, k))
+    tiles, other = _normal(10, (36, 1, 2, 2, 8), (16, 1, 2, 2, 8))
+    with pytest.raises(Exception, match=r"diffax_winograd_products: x \(a \* a, B, th, tw, C\), u"):
+        jax.block_until_ready(cpu_kernels.winograd_products(tiles, jnp.zeros((36, 5, 3))))
+    with pytest.raises(Exception, match="diffax_winograd_filter_grad: x .* give"):
+        jax.block_until_ready(cpu_kernels.winograd_filter_grad(tiles, other, winograd.transforms(4)[1]))
 
 
 def test_build_is_cached_and_keyed_by_the_source(tmp_path, monkeypatch):
