@@ -13,10 +13,11 @@
 //     P = exp(scale q k^T - lse) recomputed, D = rowsum(d_out * out), dS = P * (d_out v^T - D),
 //     dq = scale dS k, dk = scale dS^T q, dv = P^T d_out (Dao et al. 2022, Alg. 2).
 //
-// Inner loops run over 16-lane vectors (cpu_kernels.h). The forward puts 16 query rows in the lanes,
-// so a row's max and sum are lane-wise; the backward transposes a group's k and v to (H, S) once and
-// puts keys in the lanes, so dk and dv accumulate lane-wise, taking query rows eight at a time and
-// keys sixteen at a time, P and dS never leaving the registers. Head widths 8, 16, 32 and 64 are
+// Inner loops run over vectors of kLanes floats (cpu_kernels.h: 16 with AVX-512). The forward puts
+// kLanes query rows in the lanes, so a row's max and sum are lane-wise; the backward transposes a
+// group's k and v to (H, S) once and puts keys in the lanes, so dk and dv accumulate lane-wise, taking
+// query rows eight at a time (four without AVX-512) and keys kLanes at a time, P and dS never leaving
+// the registers. Head widths 8, 16, 32 and 64 are
 // compiled as constants (their loops unrolled): forward 1.54x, backward 1.22x at H = 8. Groups (and
 // the forward's 16-row tiles) are shared among the threads of XLA's intra-op pool.
 
@@ -34,7 +35,7 @@ using namespace diffax_cpu;  // NOLINT: the shared helpers
 
 namespace {
 
-constexpr int kRows = 8;  // query rows per tile of the backward
+constexpr int kRows = kManyRegisters ? 8 : 4;  // query rows per tile of the backward
 
 // Lane j of the vector starting at column `col` is a real column (col + j < s).
 inline VecI Valid(int64_t col, int64_t s) {
@@ -76,7 +77,7 @@ ffi::Error CheckShapes(const char* what, ffi::AnyBuffer::Dimensions q, ffi::AnyB
   return ffi::Error::Success();
 }
 
-// Forward of one tile of up to 16 query rows of a group (rows in lanes): pass 1 keeps the scores of
+// Forward of one tile of up to kLanes query rows of a group (rows in lanes): pass 1 keeps the scores of
 // every key, pass 2 turns them into exp(s - max) and sums them, pass 3 takes the weighted sum of v's
 // rows, eight columns at a time. q, k, v, out point at the tile's (or group's) first row. kH is the head
 // width when it is one of the widths compiled for (the loops over it unrolled, the tile's scaled
@@ -159,9 +160,9 @@ ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
   return ffi::Error::Success();
 }
 
-// Backward of R query rows of one group (keys in lanes), one block of 16 keys at a time: the rows'
+// Backward of R query rows of one group (keys in lanes), one block of kLanes keys at a time: the rows'
 // scores and d_out v^T against the block, then P and dS in registers, then their terms added to the
-// block's columns of dk_t and dv_t and to the rows' 16-lane partial sums of dq, summed across lanes at
+// block's columns of dk_t and dv_t and to the rows' per-lane partial sums of dq, summed across lanes at
 // the end. qs (scale q), d_out, dq point at the first of the R rows, gathered contiguous (h apart),
 // lse and delta (rowsum(d_out out)) at their entries; dq_part holds R h vectors. kH as for ForwardTile.
 template <int R, int kH>

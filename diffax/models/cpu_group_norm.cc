@@ -11,7 +11,7 @@
 //
 // One example at a time (its (P, C) slab stays in L2 between passes): the forward takes the means,
 // then the squared deviations from them (two exact passes), then writes y; the backward sums dz and
-// dz xhat per channel, then writes dx. Channels run in 16-lane vectors (cpu_kernels.h); examples are
+// dz xhat per channel, then writes dx. Channels run in vectors of kLanes floats (cpu_kernels.h); examples are
 // shared among the threads of XLA's intra-op pool.
 
 #include <algorithm>

@@ -1,6 +1,7 @@
-// Helpers shared by diffax's CPU kernels (cpu_attention.cc, cpu_winograd.cc): 16-lane float vectors
-// (GCC vector extensions: one AVX-512 register where the machine has it, halves elsewhere) and a
-// parallel loop over XLA's intra-op thread pool.
+// Helpers shared by diffax's CPU kernels (cpu_attention.cc, cpu_winograd.cc, cpu_group_norm.cc): float
+// vectors one machine register wide (GCC vector extensions: 16 lanes with AVX-512, 8 with AVX, 4
+// otherwise; a vector wider than the registers would live on the stack) and a parallel loop over XLA's
+// intra-op thread pool.
 #ifndef DIFFAX_MODELS_CPU_KERNELS_H_
 #define DIFFAX_MODELS_CPU_KERNELS_H_
 
@@ -20,7 +21,15 @@ namespace diffax_cpu {
 
 namespace ffi = xla::ffi;
 
+#if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
+#elif defined(__AVX__)
+constexpr int64_t kLanes = 8;
+#else
+constexpr int64_t kLanes = 4;
+#endif
+// Whether the machine has 32 vector registers (AVX-512) rather than 16: register blocks size by it.
+constexpr bool kManyRegisters = kLanes == 16;
 typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
@@ -34,17 +43,14 @@ inline VecF Load(const float* p) {
 
 inline void Store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
 
-// The sum of v's lanes, halving the vector each step (four adds, not fifteen).
+// The sum of v's lanes: halves added down to four lanes, then those pairwise (log2(kLanes) adds).
 inline float SumLanes(VecF v) {
-  typedef float Half __attribute__((vector_size(kLanes * sizeof(float) / 2)));
-  typedef float Quarter __attribute__((vector_size(kLanes * sizeof(float) / 4)));
-  Half h[2];
-  std::memcpy(h, &v, sizeof v);
-  const Half h1 = h[0] + h[1];
-  Quarter q[2];
-  std::memcpy(q, &h1, sizeof h1);
-  const Quarter q1 = q[0] + q[1];
-  return (q1[0] + q1[2]) + (q1[1] + q1[3]);
+  typedef float Four __attribute__((vector_size(4 * sizeof(float))));
+  Four parts[kLanes / 4];
+  std::memcpy(parts, &v, sizeof v);
+  for (int64_t width = kLanes / 4; width > 1; width /= 2)
+    for (int64_t i = 0; i < width / 2; ++i) parts[i] += parts[i + width / 2];
+  return (parts[0][0] + parts[0][2]) + (parts[0][1] + parts[0][3]);
 }
 
 // exp(x) lane by lane: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact product),

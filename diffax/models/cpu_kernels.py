@@ -4,9 +4,10 @@ Next to this file: ``cpu_attention.cc`` (fused softmax attention, forward and ba
 ``cpu_winograd.cc`` (the tile transforms and the kernel gradient of Winograd convolution),
 ``cpu_group_norm.cc`` (GroupNorm with a per-example affine and SiLU, forward and backward) and their
 shared ``cpu_kernels.h``.
-They are compiled on first use for the machine they run on (``-march=native``) into one library in a
-per-user cache, keyed by the sources, the compiler, the flags, jaxlib and the CPU, then registered with
-XLA for the CPU platform. Without a C++17 compiler (``$CXX``, else ``c++``) or with
+They are compiled on first use for the machine they run on (``-march=native``, or ``$DIFFAX_CPU_MARCH``)
+into one library in a per-user cache, keyed by the sources, the compiler, the flags, jaxlib and the CPU,
+then registered with XLA for the CPU platform. Their vectors are one register wide (16 floats with
+AVX-512, 8 with AVX2, 4 otherwise). Without a C++17 compiler (``$CXX``, else ``c++``) or with
 ``DIFFAX_CPU_KERNELS=0`` nothing is built and ``available()`` is False: callers use their XLA
 formulation instead (a warning says why once, for a failed build).
 """
@@ -34,7 +35,14 @@ from jax.sharding import PartitionSpec as P
 HERE = pathlib.Path(__file__).parent
 SOURCES = (HERE / "cpu_attention.cc", HERE / "cpu_winograd.cc", HERE / "cpu_group_norm.cc")
 HEADERS = (HERE / "cpu_kernels.h",)
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-w")
+MARCH_ENV = "DIFFAX_CPU_MARCH"  # the -march= target, "native" unless set (tests build for others)
+
+
+def flags() -> tuple[str, ...]:
+    """The compiler flags: optimised for ``$DIFFAX_CPU_MARCH``, else for the machine it runs on."""
+    return ("-O3", f"-march={os.environ.get(MARCH_ENV, 'native')}", "-std=c++17", "-fPIC", "-shared", "-w")
+
+
 # The FFI targets: name -> the handler symbol the source exports.
 TARGETS = {
     "diffax_attention_fwd": "DiffaxAttentionForward",
@@ -78,7 +86,7 @@ def build(sources: tuple[pathlib.Path, ...] = SOURCES, compiler: str | None = No
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     texts = [path.read_text() for path in (*sources, *HEADERS)]
     key = hashlib.sha256(
-        "\0".join([*texts, version, " ".join(FLAGS), jaxlib.__version__, _cpu_identity()]).encode()
+        "\0".join([*texts, version, " ".join(flags()), jaxlib.__version__, _cpu_identity()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"diffax_cpu_kernels-{key}.so"
     if target.exists():
@@ -88,7 +96,7 @@ def build(sources: tuple[pathlib.Path, ...] = SOURCES, compiler: str | None = No
         built = pathlib.Path(scratch) / target.name
         cmd = [
             compiler,
-            *FLAGS,
+            *flags(),
             f"-I{jax.ffi.include_dir()}",
             f"-I{HERE}",
             *map(str, sources),

@@ -22,11 +22,11 @@
 //     (C x tiles) @ (tiles x O) product per transform point, then G^T P G once (F(r x r, m x m),
 //     winograd.conv3x3_kernel_grad).
 //
-// The transforms run rows then columns, skipping the matrix's zeros, over 16 channels at a time
+// The transforms run rows then columns, skipping the matrix's zeros, over a vector of channels at a time
 // (cpu_kernels.h); rows of tiles, transform points or channels are shared among the threads of XLA's
-// intra-op pool. The products are register-blocked: 8 rows by 32 columns of a result accumulate over
-// 128 steps of the contraction at a time, that 128 x 32 panel of the right-hand side staying in L1
-// while the rows of the left-hand side stream past it.
+// intra-op pool. The products are register-blocked: 8 rows (6 without AVX-512's 32 registers) by two
+// vectors of columns of a result accumulate over 128 steps of the contraction at a time, that panel of
+// the right-hand side staying in L1 while the rows of the left-hand side stream past it.
 
 #include <algorithm>
 #include <cstdint>
@@ -159,7 +159,7 @@ ffi::Error WinogradUntile(ffi::ThreadPool pool, Tiles t, Matrix matrix, ffi::Res
   return ffi::Error::Success();
 }
 
-constexpr int kRowBlock = 8;     // rows of the result per register block
+constexpr int kRowBlock = kManyRegisters ? 8 : 6;  // rows of the result per register block
 constexpr int64_t kChunk = 128;  // contraction steps per pass over a panel
 
 // c[r, v] (+)= sum_{k < len} x[k x_step + r x_row] d[k d_step + v] for r < R and the NV vectors v (the
@@ -201,9 +201,9 @@ void ProductRows(const float* x, int64_t x_step, int64_t x_row, int64_t rows, co
 }
 
 // c (rows, cols), row-major, = sum_{k < len} x[k x_step + r x_row] d[k d_step + col]: x^T d (x_row = 1) or
-// x d (x_step = 1) for a row-major d. Columns go 32 at a time, the contraction 128 steps at a time (its
-// 128 x 32 panel of d staying in L1 while the rows of x stream past); a ragged last block of columns is
-// first copied into a zero-padded panel.
+// x d (x_step = 1) for a row-major d. Columns go two vectors at a time, the contraction 128 steps at a
+// time (that panel of d staying in L1 while the rows of x stream past); a ragged last block of columns
+// is first copied into a zero-padded panel.
 void Product(const float* x, int64_t x_step, int64_t x_row, int64_t rows, const float* d, int64_t d_step,
              int64_t cols, int64_t len, float* c, std::vector<float>& panel) {
   constexpr int64_t kCols = 2 * kLanes;

@@ -9,7 +9,11 @@ The build: its cache, a missing compiler, a broken source, and the switch that t
 """
 
 import os
+import pathlib
+import platform
 import shutil
+import subprocess
+import sys
 import warnings
 
 import chex
@@ -160,6 +164,41 @@ def test_mismatched_shapes_are_a_clear_error():
         jax.block_until_ready(cpu_kernels.winograd_filter_grad(tiles, other, winograd.transforms(4)[1]))
 
 
+def _cpu_flags() -> set[str]:
+    text = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
+    return set(
+        next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or not {"avx2", "fma"} <= _cpu_flags(),
+    reason="builds for x86-64-v3 (AVX2)",
+)
+def test_kernels_built_for_avx2_equal_truth(tmp_path):
+    """Built for AVX2 (8-lane vectors, 16 registers: smaller register blocks), the kernels pass this
+    file's tests of their values, derivatives, vmap and sharding, run in a child process."""
+    env = dict(os.environ, DIFFAX_CPU_MARCH="x86-64-v3", DIFFAX_CACHE_DIR=str(tmp_path))
+    chosen = "not build and not without_the_kernel and not avx2"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:xdist",
+        __file__,
+        "-k",
+        chosen,
+    ]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=pathlib.Path(__file__).parents[2])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert list(tmp_path.glob("diffax_cpu_kernels-*.so")), "the child did not build its own library"
+
+
 def test_build_is_cached_and_keyed_by_the_source(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFAX_CACHE_DIR", str(tmp_path / "cache"))
     first = cpu_kernels.build()
@@ -220,8 +259,8 @@ def test_winograd_transforms_equal_xla(tile, shape):
     "b,th,tw,c,o", [(2, 3, 5, 3, 7), (1, 9, 17, 37, 45), (2, 8, 8, 16, 70), (1, 20, 20, 200, 3)]
 )
 def test_winograd_products_equal_float64(b, th, tw, c, o):
-    """The per-point products (register blocks of 8 tiles x 32 columns, ragged edges, contractions over
-    several 128-channel chunks, blocks of 256 tiles) against float64 numpy."""
+    """The per-point products (register blocks of tiles by two vectors of columns, ragged edges,
+    contractions over several 128-channel chunks, blocks of 256 tiles) against float64 numpy."""
     x, filters = _normal(26, (16, b, th, tw, c), (16, c, o))
     want = np.einsum("fbyzc,fco->fbyzo", np.asarray(x, np.float64), np.asarray(filters, np.float64))
     got = jax.jit(cpu_kernels.winograd_products)(x, filters)
@@ -233,7 +272,7 @@ def test_winograd_products_equal_float64(b, th, tw, c, o):
     "b,th,tw,c,o", [(2, 3, 5, 3, 7), (1, 9, 17, 37, 45), (3, 8, 8, 16, 70), (1, 2, 2, 64, 3)]
 )
 def test_winograd_filter_grad_equals_float64(tile, b, th, tw, c, o):
-    """The kernel gradient's products (register blocks of 8 x 32, ragged edges, 128-tile chunks) and
+    """The kernel gradient's products (register blocks, ragged edges, 128-tile chunks) and
     G^T P G output transform, against float64 numpy."""
     a, g = tile + 2, winograd.transforms(tile)[1]
     x, d = _normal(24, (a * a, b, th, tw, c), (a * a, b, th, tw, o))
