@@ -200,6 +200,8 @@ def _as_tiles(t: jax.Array) -> jax.Array:
 
 
 def _products_xla(inputs: jax.Array, filters: jax.Array) -> jax.Array:
+    """One (tiles, C) @ (C, O) product per transform point f: the elementwise stage of Lavin & Gray
+    (2016), Eq. (8), summed over channels."""
     return jnp.einsum("ftc,fco->fto", inputs, filters)
 
 
