@@ -21,6 +21,7 @@ gradient made the ``small`` train step 1.18x faster (2.2x XLA's alone), the prod
 """
 
 import functools
+import operator
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -144,11 +145,16 @@ def _untile_xla(products: jax.Array, tile: int) -> jax.Array:
 
 
 def _by_kernel(kernel, xla):
-    """The linear map ``xla`` of one float32 array, computed by the CPU ``kernel``; its derivatives (of
-    every order and mode) are ``xla``'s."""
-    linear = jax.custom_jvp(kernel)
-    linear.defjvp(lambda primals, tangents: (kernel(*primals), xla(*tangents)))
-    return linear
+    """The map ``xla``, linear in each of its float32 arguments (a linear or a bilinear map), computed by
+    the CPU ``kernel``; its derivatives (one term per argument, of every order and mode) are ``xla``'s."""
+    multilinear = jax.custom_jvp(kernel)
+
+    @multilinear.defjvp
+    def _(primals, tangents):
+        terms = [xla(*primals[:i], t, *primals[i + 1 :]) for i, t in enumerate(tangents)]
+        return kernel(*primals), functools.reduce(operator.add, terms)
+
+    return multilinear
 
 
 @functools.cache
@@ -181,19 +187,6 @@ def _transform(which: int, x: jax.Array, tile: int) -> jax.Array:
     return (_input_tiles_xla, _grad_tiles_xla, _untile_xla)[which](x, tile)
 
 
-def _by_bilinear_kernel(kernel, xla):
-    """The bilinear map ``xla`` of two float32 arrays, computed by the CPU ``kernel``; its derivatives
-    (one term per argument, of every order and mode) are ``xla``'s."""
-    bilinear = jax.custom_jvp(kernel)
-
-    @bilinear.defjvp
-    def _(primals, tangents):
-        (u, v), (du, dv) = primals, tangents
-        return kernel(u, v), xla(du, v) + xla(u, dv)
-
-    return bilinear
-
-
 def _as_tiles(t: jax.Array) -> jax.Array:
     """(a * a, tiles, C) as the kernels' (a * a, B, th, tw, C), the tiles standing in for the batch."""
     return t.reshape(t.shape[0], -1, 1, 1, t.shape[-1])
@@ -205,7 +198,7 @@ def _products_xla(inputs: jax.Array, filters: jax.Array) -> jax.Array:
     return jnp.einsum("ftc,fco->fto", inputs, filters)
 
 
-_kernel_products = _by_bilinear_kernel(
+_kernel_products = _by_kernel(
     lambda inputs, filters: cpu_kernels.winograd_products(_as_tiles(inputs), filters).reshape(
         *inputs.shape[:2], filters.shape[-1]
     ),
@@ -226,7 +219,7 @@ def _filter_grad_xla(inputs: jax.Array, grads: jax.Array, tile: int) -> jax.Arra
 def _kernel_filter_grad(tile: int):
     """``_filter_grad_xla`` computed by ``cpu_kernels.winograd_filter_grad`` in one pass (products and
     output transform); its derivatives are XLA's."""
-    return _by_bilinear_kernel(
+    return _by_kernel(
         lambda inputs, grads: cpu_kernels.winograd_filter_grad(
             _as_tiles(inputs), _as_tiles(grads), transforms(tile)[1]
         ),
