@@ -72,6 +72,13 @@ struct Sparse {
       out[r * out_stride] = acc;
     }
   }
+
+  // out (rows, rows) = m window m^T of a row-major (cols, cols) window: m along the window's first
+  // axis (into scratch, (rows, cols)), then along the second.
+  void Sandwich(const VecF* window, VecF* scratch, VecF* out) const {
+    for (int64_t v = 0; v < cols; ++v) Apply(window + v, cols, scratch + v, cols);
+    for (int64_t p = 0; p < rows; ++p) Apply(scratch + p * cols, 1, out + p * rows, 1);
+  }
 };
 
 ffi::Error WinogradTiles(ffi::ThreadPool pool, Image x, Matrix matrix, ffi::Result<Tiles> out) {
@@ -107,8 +114,7 @@ ffi::Error WinogradTiles(ffi::ThreadPool pool, Image x, Matrix matrix, ffi::Resu
               const float* src = xp + ((b * h + yy) * w + xx) * c + c0;
               window[u * n + v] = LoadLanes(src, lanes);
             }
-          for (int64_t v = 0; v < n; ++v) m.Apply(window + v, n, rows + v, n);  // rows: (a, n)
-          for (int64_t p = 0; p < a; ++p) m.Apply(rows + p * n, 1, both + p * a, 1);  // columns: (a, a)
+          m.Sandwich(window, rows, both);  // (a, a)
           for (int64_t f = 0; f < a * a; ++f) {
             float* at = dst + f * plane + c0;
             StoreLanes(at, both[f], lanes);
@@ -145,8 +151,7 @@ ffi::Error WinogradUntile(ffi::ThreadPool pool, Tiles t, Matrix matrix, ffi::Res
             const float* at = src + f * plane + c0;
             tiles[f] = LoadLanes(at, lanes);
           }
-          for (int64_t v = 0; v < a; ++v) m.Apply(tiles + v, a, rows + v, a);  // rows: (s, a)
-          for (int64_t p = 0; p < s; ++p) m.Apply(rows + p * a, 1, both + p * s, 1);  // columns: (s, s)
+          m.Sandwich(tiles, rows, both);  // (s, s)
           for (int64_t p = 0; p < s && i * s + p < h; ++p)
             for (int64_t q = 0; q < s && j * s + q < w; ++q) {
               float* at = yp + ((b * h + i * s + p) * w + j * s + q) * c + c0;
@@ -281,8 +286,7 @@ ffi::Error WinogradFilterGrad(ffi::ThreadPool pool, Tiles x, Tiles d, Matrix g,
       for (int64_t o0 = 0; o0 < o; o0 += kLanes) {
         const int64_t lanes = std::min(kLanes, o - o0);
         for (int64_t f = 0; f < points; ++f) window[f] = LoadLanes(&products[(f * c + ci) * o + o0], lanes);
-        for (int64_t v = 0; v < a; ++v) m.Apply(window + v, a, rows + v, a);  // rows: (r, a)
-        for (int64_t k = 0; k < r; ++k) m.Apply(rows + k * a, 1, both + k * r, 1);  // columns: (r, r)
+        m.Sandwich(window, rows, both);  // (r, r)
         for (int64_t f = 0; f < r * r; ++f) StoreLanes(op + (f * c + ci) * o + o0, both[f], lanes);
       }
   });
