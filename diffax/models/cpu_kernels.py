@@ -85,8 +85,9 @@ def build(sources: tuple[pathlib.Path, ...] = SOURCES, compiler: str | None = No
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     texts = [path.read_text() for path in (*sources, *HEADERS)]
+    compile_flags = flags()
     key = hashlib.sha256(
-        "\0".join([*texts, version, " ".join(flags()), jaxlib.__version__, _cpu_identity()]).encode()
+        "\0".join([*texts, version, " ".join(compile_flags), jaxlib.__version__, _cpu_identity()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"diffax_cpu_kernels-{key}.so"
     if target.exists():
@@ -96,7 +97,7 @@ def build(sources: tuple[pathlib.Path, ...] = SOURCES, compiler: str | None = No
         built = pathlib.Path(scratch) / target.name
         cmd = [
             compiler,
-            *flags(),
+            *compile_flags,
             f"-I{jax.ffi.include_dir()}",
             f"-I{HERE}",
             *map(str, sources),
