@@ -164,16 +164,9 @@ def test_mismatched_shapes_are_a_clear_error():
         jax.block_until_ready(cpu_kernels.winograd_filter_grad(tiles, other, winograd.transforms(4)[1]))
 
 
-def _cpu_flags() -> set[str]:
-    text = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
-    return set(
-        next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
-    platform.machine() != "x86_64" or not {"avx2", "fma"} <= _cpu_flags(),
+    platform.machine() != "x86_64" or not {"avx2", "fma"} <= set(cpu_kernels._cpu_identity().split()),
     reason="builds for x86-64-v3 (AVX2)",
 )
 def test_kernels_built_for_avx2_equal_truth(tmp_path):
