@@ -38,6 +38,8 @@ DETERMINISTIC = (
     "dpm_solver++_2m",
     "dpm_solver++_3m",
     "unipc",
+    "pndm",
+    "plms",
 )
 BUDGETS = (5, 10, 20, 50, 100)
 
@@ -67,7 +69,7 @@ def main() -> None:
     table: dict[str, list[tuple[float, int] | None]] = {}
     for name in DETERMINISTIC:
         sampler = samplers.get(name)
-        steps = [nfe // sampler.nfe_per_step for nfe in BUDGETS]
+        steps = [(nfe - sampler.warmup_nfe) // sampler.nfe_per_step for nfe in BUDGETS]
         table[name] = [run(name, n) if n >= sampler.min_steps else None for n in steps]
 
     header = "| sampler | order | " + " | ".join(f"NFE {n}" for n in BUDGETS) + " |"
@@ -90,7 +92,8 @@ def main() -> None:
     print("|---|---|---|")
     for name in DETERMINISTIC:
         sampler = samplers.get(name)
-        low, high = sampler.min_steps, 100 // sampler.nfe_per_step  # bisection on the number of steps
+        # bisection on the number of steps
+        low, high = sampler.min_steps, (100 - sampler.warmup_nfe) // sampler.nfe_per_step
         best = run(name, high)
         if best[0] > target:
             print(f"| {name} | > 100 | {best[0]:.2e} at {best[1]} |")

@@ -59,6 +59,8 @@ class Sampler(NamedTuple):
       min_steps: the fewest intervals the method is defined for (its number of history points).
       learned_variance: whether the model returns a second half of channels, the variance
         interpolation v of Nichol & Dhariwal 2021 (eq. 15), which the denoiser passes on.
+      warmup_nfe: evaluations beyond ``nfe_per_step`` per interval that a warm-up spends in the first
+        intervals (PNDM's Runge-Kutta start).
     """
 
     init: Callable[[jax.Array], Any]
@@ -69,6 +71,7 @@ class Sampler(NamedTuple):
     data_prediction: bool = False
     min_steps: int = 1
     learned_variance: bool = False
+    warmup_nfe: int = 0
 
 
 def stateless(step: Step, **properties: Any) -> Sampler:

@@ -11,6 +11,7 @@ from diffax.samplers.ddpm_ddim import ddim, ddpm
 from diffax.samplers.dpm_solver import multistep, singlestep
 from diffax.samplers.edm import euler, heun
 from diffax.samplers.ode import AdaptiveSampler, ode
+from diffax.samplers.pndm import plms, pndm
 from diffax.samplers.sde import euler_maruyama, pc
 from diffax.samplers.unipc import unipc
 
@@ -46,6 +47,8 @@ REGISTRY: dict[str, Callable[..., Sampler | AdaptiveSampler]] = {
     "dpm_solver++_3m": _fixed(multistep, 3),
     "dpm_solver++_sde": _dpm_solver_sde,
     "unipc": unipc,
+    "pndm": pndm,
+    "plms": plms,
     "euler_maruyama": euler_maruyama,
     "pc": pc,
     "ode": ode,

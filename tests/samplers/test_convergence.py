@@ -31,12 +31,13 @@ def error(problem):
 
     @functools.cache
     def fn(name, nfe, **options):
-        steps = nfe // samplers.get(name).nfe_per_step
+        sampler = samplers.get(name, **options)
+        steps = (nfe - sampler.warmup_nfe) // sampler.nfe_per_step
         ts = samplers.timesteps(schedule, num_steps=steps, spacing="uniform_logsnr", t_end=T_END)
         x, info = samplers.sample(
             model, schedule, x_T, sampler=name, timesteps=ts, return_info=True, **options
         )
-        assert int(info["nfe"]) == steps * samplers.get(name).nfe_per_step
+        assert int(info["nfe"]) == steps * sampler.nfe_per_step + sampler.warmup_nfe
         return float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64) - reference))))
 
     return fn
@@ -57,6 +58,8 @@ def _slope(error, name, budgets):
         ("dpm_solver++_2s", (80, 160)),
         ("dpm_solver++_2m", (20, 40)),
         ("unipc", (20, 40)),
+        ("pndm", (80, 160)),
+        ("plms", (20, 40)),
     ],
 )
 def test_empirical_order_matches_the_method(error, name, budgets):
