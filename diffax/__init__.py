@@ -2,12 +2,13 @@
 
 The functional core (schedules, forward process, parameterizations, losses), sampling, inversion and
 likelihood are re-exported here; ``diffax.schedules``, ``diffax.losses``, ``diffax.samplers``,
-``diffax.guidance``, ``diffax.models`` and ``diffax.evaluation`` are public modules too.
+``diffax.guidance``, ``diffax.inversion``, ``diffax.models`` and ``diffax.evaluation`` are public modules too.
 """
 
 from diffax import (
     evaluation,
     guidance,
+    inversion,
     likelihood,
     losses,
     models,
@@ -34,6 +35,7 @@ __all__ = [
     "from_x0_eps",
     "guidance",
     "invert",
+    "inversion",
     "likelihood",
     "log_likelihood",
     "losses",

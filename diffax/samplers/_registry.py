@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from diffax.samplers._base import Sampler
+from diffax.samplers.bdia import bdia
 from diffax.samplers.ddpm_ddim import ddim, ddpm
 from diffax.samplers.dpm_solver import multistep, singlestep
 from diffax.samplers.edm import euler, heun
@@ -49,6 +50,7 @@ REGISTRY: dict[str, Callable[..., Sampler | AdaptiveSampler]] = {
     "unipc": unipc,
     "pndm": pndm,
     "plms": plms,
+    "bdia": bdia,
     "euler_maruyama": euler_maruyama,
     "pc": pc,
     "ode": ode,

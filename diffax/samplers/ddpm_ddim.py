@@ -7,12 +7,14 @@ interval posterior of Kingma et al. 2021 (eq. 32-33) takes the place of DDPM's.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from diffax.process import q_posterior, q_transition
 from diffax.samplers._base import Sampler, first_order_step, normal_like, stateless
+from diffax.schedules import Schedule
 
-__all__ = ["ddpm", "ddim", "VARIANCES"]
+__all__ = ["ddpm", "ddim", "ddim_mean_std", "VARIANCES"]
 
 VARIANCES = ("fixed_small", "fixed_large", "learned")
 
@@ -58,6 +60,17 @@ def ddpm(*, variance: str = "fixed_small") -> Sampler:
     )
 
 
+def ddim_mean_std(
+    schedule: Schedule, x: jax.Array, x0: jax.Array, eps: jax.Array, t: jax.Array, s: jax.Array, *, eta
+) -> tuple[jax.Array, jax.Array]:
+    """The mean alpha_s x0 + sqrt(sigma_s^2 - c^2) eps and the noise scale c of DDIM's step from t to s,
+    c^2 = eta^2 times the posterior variance (Song et al. 2021, eq. 12 and 16)."""
+    _, var_post, _ = q_posterior(schedule, x, x0, s, t)
+    noise_var = (jnp.square(eta) * var_post).astype(x.dtype)
+    direction = jnp.sqrt(jnp.maximum(jnp.square(schedule.sigma(s)) - noise_var, 0.0)).astype(x.dtype)
+    return schedule.alpha(s).astype(x.dtype) * x0 + direction * eps, jnp.sqrt(noise_var)
+
+
 def ddim(*, eta: float = 0.0) -> Sampler:
     """DDIM: x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z with c^2 = eta^2 times the posterior
     variance; eta = 0 is the deterministic sampler (a first-order solver of the probability-flow ODE),
@@ -81,10 +94,7 @@ def ddim(*, eta: float = 0.0) -> Sampler:
         x0, eps = denoise(x, t)
         if eta == 0.0:
             return first_order_step(schedule, x0, eps, s), state, jnp.int32(1)
-        _, var_post, _ = q_posterior(schedule, x, x0, s, t)
-        noise_var = (eta**2 * var_post).astype(x.dtype)
-        direction = jnp.sqrt(jnp.maximum(jnp.square(schedule.sigma(s)) - noise_var, 0.0))
-        x_s = schedule.alpha(s).astype(x.dtype) * x0 + direction * eps
-        return x_s + jnp.sqrt(noise_var) * normal_like(key, x), state, jnp.int32(1)
+        mean, std = ddim_mean_std(schedule, x, x0, eps, t, s, eta=eta)
+        return mean + std * normal_like(key, x), state, jnp.int32(1)
 
     return stateless(step, order=1, nfe_per_step=1, stochastic=eta > 0, data_prediction=True)

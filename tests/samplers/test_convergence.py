@@ -60,6 +60,7 @@ def _slope(error, name, budgets):
         ("unipc", (20, 40)),
         ("pndm", (80, 160)),
         ("plms", (20, 40)),
+        ("bdia", (40, 80)),
     ],
 )
 def test_empirical_order_matches_the_method(error, name, budgets):
