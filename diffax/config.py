@@ -27,7 +27,7 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from diffax import sharding
+from diffax import posthoc_ema, sharding
 from diffax.data import BUILTIN_DATASETS
 from diffax.data import digits as digits_lib
 from diffax.train_state import registry_kwargs
@@ -101,7 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
             skip_nonfinite=False,  # skip (and count) updates with a non-finite loss/gradient, not stop
         )
     )
-    c.ema = ml_collections.ConfigDict(dict(decays=(0.9999,), warmup=False))
+    # std_rels: power-function EMAs (Karras et al. 2024) after the decays, snapshotted with every
+    # checkpoint into DIR/ema_snapshots/ for post-hoc reconstruction (diffax.posthoc_ema).
+    c.ema = ml_collections.ConfigDict(dict(decays=(0.9999,), warmup=False, std_rels=()))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     c.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
     # CPU speed settings that `python -m diffax.main` applies before JAX starts (diffax.perf.configure_cpu):
@@ -339,6 +341,8 @@ def validate(
     _check_optim(config.optim)
     for decay in config.ema.decays:
         _require(0.0 <= decay < 1.0, "config.ema.decays", f"{decay} must be in [0, 1).")
+    for std_rel in config.ema.std_rels:
+        _check("config.ema.std_rels", lambda s=std_rel: posthoc_ema.gamma_from_std_rel(s))
     e = config.evals
     _require(e.num_samples >= 2, "config.evals.num_samples", f"{e.num_samples} must be at least 2.")
     _require(e.batch_size >= 1, "config.evals.batch_size", f"{e.batch_size} must be positive.")

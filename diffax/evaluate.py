@@ -2,7 +2,8 @@
 
     python -m diffax.evaluate --workdir=DIR [--num_samples=N --sampler=NAME --steps=K --seed=S]
 
-loads the newest checkpoint of ``DIR`` (EMA parameters unless ``--noema``), draws ``N`` samples with
+loads the newest checkpoint of ``DIR`` (EMA parameters unless ``--noema``; with ``--ema_std=S`` the
+post-hoc EMA of σ_rel ``S`` reconstructed from the run's snapshots, ``diffax.posthoc_ema``), draws ``N`` samples with
 the run's sampler (or ``NAME``), and writes every metric of ``diffax.evaluation`` to
 ``DIR/eval/step_<step>.json`` (or ``--out``) and as TensorBoard scalars ``eval/<metric>`` under
 ``DIR/eval``. Which features a run is measured with follows from its config:
@@ -137,6 +138,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sampler.steps).")
     flags.DEFINE_integer("seed", None, "Sampling seed (default: config.seed, as the training loop uses).")
     flags.DEFINE_bool("ema", True, "Evaluate the EMA parameters (--noema: the raw parameters).")
+    flags.DEFINE_float("ema_std", None, "Evaluate the post-hoc EMA of this sigma_rel (diffax.posthoc_ema).")
     flags.DEFINE_string("out", None, "JSON file to write (default: DIR/eval/step_<step>.json).")
 
 
@@ -150,6 +152,7 @@ def main(argv: list[str]) -> None:
         sampler=FLAGS.sampler,
         steps=FLAGS.steps,
         ema=FLAGS.ema,
+        ema_std=FLAGS.ema_std,
         check=config_lib.check_evaluation,
     )
     evaluate = make_evaluation(config, sample_fn, num_samples=FLAGS.num_samples)
@@ -164,6 +167,7 @@ def main(argv: list[str]) -> None:
         sampler=config.sampler.name,
         sampler_steps=config.sampler.steps,
         ema=FLAGS.ema,
+        ema_std=FLAGS.ema_std,
         seed=config.seed if FLAGS.seed is None else FLAGS.seed,
         metrics=metrics,
     )

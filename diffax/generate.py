@@ -192,6 +192,7 @@ def load_run(
     sampler: str | None = None,
     steps: int | None = None,
     ema: bool = True,
+    ema_std: float | None = None,
     check: Callable[[ml_collections.ConfigDict], None] | None = None,
 ) -> tuple[ml_collections.ConfigDict, SampleFn, Any, int]:
     """A finished or running run's config, sampler and newest intact parameters, on this process's devices.
@@ -201,6 +202,8 @@ def load_run(
       sampler: overrides ``config.sampler.name``.
       steps: overrides ``config.sampler.steps``.
       ema: the EMA parameters (else the raw ones).
+      ema_std: instead, the power-function EMA of this σ_rel reconstructed from the run's snapshots
+        at the newest one (``diffax.posthoc_ema``).
       check: a further config check (raising ``ConfigError``) run before anything is built.
 
     Returns:
@@ -223,6 +226,23 @@ def load_run(
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), devices=jax.local_devices())
     state, step = checkpoint.restore_latest(workdir, config, parts, mesh=mesh)
     params = state.sampling_params() if ema else state.params
+    if ema_std is not None:
+        from diffax import posthoc_ema
+
+        try:
+            params, info = posthoc_ema.reconstruct_from_workdir(
+                workdir, config, state.params, std_rel=ema_std
+            )
+        except (ValueError, FileNotFoundError) as e:
+            raise app.UsageError(f"--ema_std={ema_std}: {e}") from None
+        step = info["steps"][-1]
+        logging.info(
+            "post-hoc EMA sigma_rel=%g at step %d from %d snapshots (response L2 error %.2e)",
+            ema_std,
+            step,
+            len(info["steps"]),
+            info["response_l2_error"],
+        )
     return config, make_sampler(config, parts, mesh=mesh), params, step
 
 

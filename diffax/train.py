@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffax import checkpoint, data, generate, nonfinite, sharding, summaries, train_state
+from diffax import checkpoint, data, generate, nonfinite, posthoc_ema, sharding, summaries, train_state
 from diffax import config as config_lib
 from diffax import evaluate as evaluate_lib
 
@@ -157,6 +157,8 @@ def train_and_evaluate(
         parts.lr_schedule,
         ema_decays=config.ema.decays,
         ema_warmup=config.ema.warmup,
+        ema_std_rels=config.ema.std_rels,
+        batch_images=config.input.batch_size,
         accum_steps=config.optim.accum_steps,
     )
     if config.optim.skip_nonfinite:
@@ -213,13 +215,16 @@ def train_and_evaluate(
             if preemption.agreed(done):
                 window.check()
                 ckpt.save(done, state, pipeline, force=True)
+                posthoc_ema.save_snapshot(workdir, done, state, config)
                 logging.warning("preempted: saved step %d; rerun the same command to continue.", done)
                 break
             if ckpt.should_save(done):
                 window.check()  # never checkpoint a non-finite state
                 ckpt.save(done, state, pipeline)
+                posthoc_ema.save_snapshot(workdir, done, state, config)
         else:
             ckpt.save(total, state, pipeline, force=True)
+            posthoc_ema.save_snapshot(workdir, total, state, config)
     finally:
         preemption.restore_handler()
         ckpt.close()

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from diffax import posthoc_ema
+
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Any]]
 Batch = Mapping[str, jax.Array]
 
@@ -30,7 +32,8 @@ class TrainState:
     Attributes:
       step: int32 scalar, number of updates applied.
       params: the model parameters.
-      ema_params: one exponential moving average of ``params`` per configured decay.
+      ema_params: one exponential moving average of ``params`` per configured decay, then one
+        power-function EMA per configured ``std_rel`` (``diffax.posthoc_ema``).
       opt_state: the optax state.
       rng: uint32 key data of the run's base key; step ``s`` uses ``fold_in(key, s)``.
     """
@@ -143,6 +146,8 @@ def make_train_step(
     *,
     ema_decays: Sequence[float],
     ema_warmup: bool = False,
+    ema_std_rels: Sequence[float] = (),
+    batch_images: int = 1,
     accum_steps: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the pure ``train_step(state, batch) -> (state, metrics)``.
@@ -154,6 +159,9 @@ def make_train_step(
       ema_decays: one decay per EMA copy in the state.
       ema_warmup: use ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, which lets short runs'
         averages forget the initialisation (TensorFlow ``ExponentialMovingAverage(num_updates=n)``).
+      ema_std_rels: one power-function EMA per value after the decays' copies, its length measured in
+        images (Karras et al. 2024, eq. 5; ``diffax.posthoc_ema.power_beta``).
+      batch_images: images per update (the global batch), the unit of the power-function EMAs.
       accum_steps: microbatches per update; gradients are averaged over them.
 
     Returns:
@@ -161,6 +169,7 @@ def make_train_step(
       clipping) and ``lr`` (the rate applied in this step).
     """
     ema_decays = tuple(float(d) for d in ema_decays)
+    gammas = tuple(posthoc_ema.gamma_from_std_rel(s) for s in ema_std_rels)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def loss_and_grads(params, batch, key):
@@ -184,10 +193,15 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         count = (state.step + 1).astype(jnp.float32)
-        ema_params = []
-        for decay, ema in zip(ema_decays, state.ema_params, strict=True):
-            d = jnp.minimum(decay, (1.0 + count) / (10.0 + count)) if ema_warmup else jnp.float32(decay)
-            ema_params.append(jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, ema, params))
+        factors = [
+            jnp.minimum(d, (1.0 + count) / (10.0 + count)) if ema_warmup else jnp.float32(d)
+            for d in ema_decays
+        ]
+        factors += [posthoc_ema.power_beta(g, count * batch_images, batch_images) for g in gammas]
+        ema_params = [
+            jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, ema, params)
+            for d, ema in zip(factors, state.ema_params, strict=True)
+        ]
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
         new_state = state.replace(
             step=state.step + 1, params=params, ema_params=tuple(ema_params), opt_state=opt_state
@@ -246,5 +260,5 @@ def state_initializer(config: ml_collections.ConfigDict, parts: Parts) -> Callab
         seed=config.seed,
         image_shape=data.image_shape(config.input),
         cond=example_cond(config),
-        num_ema=len(config.ema.decays),
+        num_ema=len(config.ema.decays) + len(config.ema.std_rels),
     )

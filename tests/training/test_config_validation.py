@@ -30,6 +30,7 @@ def _bad(mixture_config, field, value):
         ("mesh.fsdp", 3, "config.mesh.data=-1"),
         ("input.image_size", 0, "config.input.image_size: 0 must be positive"),
         ("ema.decays", (1.5,), "config.ema.decays: 1.5"),
+        ("ema.std_rels", (0.5,), "config.ema.std_rels: std_rel 0.5 must be in (0, 0.2887)"),
     ],
 )
 def test_bad_field_is_named_in_one_line(mixture_config, tmp_path, field, value, named):
