@@ -3,9 +3,9 @@
     python -m diffax.evaluate --workdir=DIR [--num_samples=N --sampler=NAME --steps=K --seed=S]
 
 loads the newest checkpoint of ``DIR`` (EMA parameters unless ``--noema``; with ``--ema_std=S`` the
-post-hoc EMA of σ_rel ``S`` reconstructed from the run's snapshots, ``diffax.posthoc_ema``), draws ``N`` samples with
-the run's sampler (or ``NAME``), and writes every metric of ``diffax.evaluation`` to
-``DIR/eval/step_<step>.json`` (or ``--out``) and as TensorBoard scalars ``eval/<metric>`` under
+post-hoc EMA of σ_rel ``S`` reconstructed from the run's snapshots, ``diffax.posthoc_ema``), draws
+``N`` samples with the run's sampler (or ``NAME``), and writes every metric of ``diffax.evaluation``
+to ``DIR/eval/step_<step>.json`` (or ``--out``) and as TensorBoard scalars ``eval/<metric>`` under
 ``DIR/eval``. Which features a run is measured with follows from its config:
 
 - digits runs: the bundled digits classifier (digits FD next to its train-versus-held-out floor,
