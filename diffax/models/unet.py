@@ -31,6 +31,7 @@ def _resample(x: jax.Array, direction: str) -> jax.Array:
 class ResBlock(nn.Module):
     """Residual block: GN-SiLU-conv, time injection, GN-SiLU-dropout-conv(zero), 1x1 skip if needed.
 
+    ``emb=None`` leaves out the time injection (the autoencoder's blocks).
     ``resample`` ("up"/"down") makes it a BigGAN-style resampling block: both branches are resampled
     after the first normalisation. ``scale_shift`` injects time as ``GN(h) * (1 + s) + b`` (AdaGN).
     ``materialize_input_cotangent`` passes x through ``layers.materialized_cotangent`` (same values and
@@ -53,7 +54,7 @@ class ResBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, emb: jax.Array | None, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(num_groups=self.norm_groups, epsilon=self.norm_eps, impl=self.norm_impl, **kw)
         conv_kw = dict(impl=self.conv_impl, train=train, **kw)
@@ -64,11 +65,14 @@ class ResBlock(nn.Module):
         if self.resample is not None:
             h, x = _resample(h, self.resample), _resample(x, self.resample)
         h = layers.conv(out, 3, **conv_kw)(h)
-        e = layers.dense(out * (2 if self.scale_shift else 1), ("embed", "conv_out"), **kw)(nn.silu(emb))
-        if self.scale_shift:
+        if emb is None:  # no time input (the autoencoder's blocks)
+            h = layers.GroupNorm(**norm)(h, train=train)
+        elif self.scale_shift:
+            e = layers.dense(2 * out, ("embed", "conv_out"), **kw)(nn.silu(emb))
             scale, shift = jnp.split(e, 2, axis=-1)
             h = layers.GroupNorm(**norm)(h, (scale, shift), train=train)
         else:
+            e = layers.dense(out, ("embed", "conv_out"), **kw)(nn.silu(emb))
             h = layers.GroupNorm(**norm)(h + e[:, None, None, :], train=train)
         if train and self.dropout > 0:
             h = layers.dropout(h, self.dropout, self.make_rng("dropout"))
