@@ -92,29 +92,23 @@ class Source(Protocol):
     def __getitem__(self, key: str) -> np.ndarray: ...
 
 
+# Axis orders taking a source-layout array to diffax's layout (``np.argsort`` of one gives the way back).
+_TO_DIFFAX = {"conv": (2, 3, 1, 0), "dense": (1, 0)}
+
+
 def _to_diffax(a: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "conv":
-        return np.transpose(a, (2, 3, 1, 0))
-    if layout == "dense":
-        return a.T
-    return a
+    return np.transpose(a, _TO_DIFFAX[layout]) if layout in _TO_DIFFAX else a
 
 
 def _to_source(a: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "conv":
-        return np.transpose(a, (3, 2, 0, 1))
-    if layout == "dense":
-        return a.T
-    return a
+    return np.transpose(a, np.argsort(_TO_DIFFAX[layout])) if layout in _TO_DIFFAX else a
 
 
 def _source_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     """The source-layout shape of a diffax-layout shape."""
-    if layout == "conv":
-        return (shape[3], shape[2], shape[0], shape[1])
-    if layout == "dense":
-        return shape[::-1]
-    return shape
+    if layout not in _TO_DIFFAX:
+        return shape
+    return tuple(shape[int(i)] for i in np.argsort(_TO_DIFFAX[layout]))
 
 
 def _part_shape(e: Entry, param_shape: tuple[int, ...]) -> tuple[int, ...]:
