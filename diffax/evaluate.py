@@ -9,8 +9,9 @@ to ``DIR/eval/step_<step>.json`` (or ``--out``) and as TensorBoard scalars ``eva
 ``DIR/eval``. Which features a run is measured with follows from its config:
 
 - digits runs: the bundled digits classifier (digits FD next to its train-versus-held-out floor,
-  digits IS, the fraction of confident samples, the class histogram) and the embedded default's
-  targets (``diffax.evaluation.digits_targets``);
+  digits IS, the fraction of confident samples, the class histogram), the independent judge
+  fitted only on the real digits (``diffax.evaluation.judge_digits``), the held-out digits' own
+  scores under both, and the embedded default's targets (``diffax.evaluation.digits_targets``);
 - any other run with ``config.evals.inception_weights``, a local InceptionV3 file (see
   ``diffax.evaluation.load_inception_variables``): FID and IS against ``config.evals.num_reference``
   images of the run's own input, and the floor against as many images of
@@ -125,6 +126,18 @@ def _summary(metrics: dict[str, float]) -> str:
     if "confident_fraction" in metrics:
         parts.append(f"confident {100 * metrics['confident_fraction']:.1f}%")
         parts.append(f"class chi2 p {metrics['class_chi2_pvalue']:.3f}")
+    if "real_confident_fraction" in metrics:
+        parts[-2] += f" (real {100 * metrics['real_confident_fraction']:.1f}%)"
+    if "judge/fd" in metrics:
+        parts.append(
+            f"judge: confident {100 * metrics['judge/confident_fraction']:.1f}% "
+            f"(real {100 * metrics['judge/real_confident_fraction']:.1f}%), "
+            f"FD {metrics['judge/fd']:.2f} (floor {metrics['judge/fd_floor']:.2f}, "
+            f"ratio {metrics['judge/fd_ratio']:.2f}), "
+            f"near-zero pixels {100 * metrics['judge/near_zero_fraction']:.1f}% "
+            f"(real {100 * metrics['judge/real_near_zero_fraction']:.1f}%), "
+            f"class chi2 p {metrics['judge/class_chi2_pvalue']:.3f}"
+        )
     return " | ".join(parts)
 
 

@@ -1,5 +1,8 @@
 """Evaluation: FID and its digits twin, Inception Score, KID, precision/recall, streamed and sharded.
 
+Digits samples are also scored by an independent judge fitted only on the real digits
+(:func:`judge_digits`: a kernel SVM, a PCA Fréchet distance, the near-zero pixel fraction).
+
 Feature statistics and classifier sums are reduced on the devices that hold each batch and merged
 in float64 on the host; :func:`evaluate_samples` runs a whole evaluation from a sampler.
 """
@@ -11,9 +14,22 @@ from diffax.evaluation._digits import (
     digits_features_and_logits,
     load_digits_reference,
 )
+from diffax.evaluation._digits_judge import (
+    DigitsJudge,
+    digits_judge,
+    judge_digits,
+    judge_targets,
+    to_digit_pixels,
+)
 from diffax.evaluation._digits_metrics import digits_metrics, digits_reference, digits_targets
 from diffax.evaluation._frechet import frechet_distance
-from diffax.evaluation._harness import Extractor, evaluate_samples, floor_fd, reference_feature_stats
+from diffax.evaluation._harness import (
+    Extractor,
+    SampleJudge,
+    evaluate_samples,
+    floor_fd,
+    reference_feature_stats,
+)
 from diffax.evaluation._inception import (
     InceptionV3,
     inception_features_and_logits,
@@ -43,11 +59,13 @@ __all__ = [
     "bits_per_dim",
     "ClassifierStats",
     "DigitsClassifier",
+    "DigitsJudge",
     "Extractor",
     "FeatureStats",
     "InceptionV3",
     "digits_classifier_params",
     "digits_features_and_logits",
+    "digits_judge",
     "digits_metrics",
     "digits_reference",
     "digits_targets",
@@ -61,13 +79,17 @@ __all__ = [
     "inception_variables_from_torch",
     "init_classifier_stats",
     "init_feature_stats",
+    "judge_digits",
+    "judge_targets",
     "kernel_inception_distance",
     "load_digits_reference",
     "load_inception_variables",
     "merge_feature_stats",
     "precision_recall",
     "reference_feature_stats",
+    "SampleJudge",
     "save_inception_variables",
+    "to_digit_pixels",
     "update_classifier_stats",
     "update_feature_stats",
 ]

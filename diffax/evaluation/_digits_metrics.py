@@ -1,7 +1,9 @@
 """The offline default's metrics: digits FD against the training split, its floor, IS, classes.
 
 The floor is the digits FD between held-out digits and the training split at the same sample
-count (capped by the held-out set's size): what a perfect model would score.
+count (capped by the held-out set's size): what a perfect model would score. The same held-out
+digits give every other metric's ceiling (``real_*``), and the independent judge
+(:func:`judge_digits`) scores the samples beside the digits classifier.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from diffax.evaluation._digits import digits_features_and_logits, load_digits_reference
-from diffax.evaluation._harness import _evaluate_batches, floor_fd, reference_feature_stats
+from diffax.evaluation._digits_judge import judge_digits, judge_targets
+from diffax.evaluation._harness import _evaluate_batches, reference_feature_stats
 
 __all__ = ["digits_reference", "digits_metrics", "digits_targets"]
 
@@ -39,14 +42,39 @@ def digits_reference(
         ``min(num_samples, len)`` of them give the floor.
 
     Returns:
-      A dict with ``extractor``, ``reference_stats``, ``floor_fd`` and ``class_metrics=True``.
+      A dict with ``extractor``, ``reference_stats``, ``floor_fd``, ``class_metrics=True`` and a
+      ``sample_judge`` adding the held-out digits' own IS, confident fraction and class p-value
+      (``real_is``, ``real_confident_fraction``, ``real_class_chi2_pvalue``) and
+      :func:`judge_digits` against the same held-out digits.
     """
     train = load_digits_reference("train")[0] if reference_train is None else reference_train
     heldout = load_digits_reference("test")[0] if reference_heldout is None else reference_heldout
+    heldout = np.asarray(heldout)[:num_samples]
     extractor = functools.partial(digits_features_and_logits, params=params)
     train_stats = reference_feature_stats(train, extractor=extractor)
-    floor = floor_fd(np.asarray(heldout)[:num_samples], extractor=extractor, reference_stats=train_stats)
-    return dict(extractor=extractor, reference_stats=train_stats, floor_fd=floor, class_metrics=True)
+    real = _evaluate_batches(
+        [heldout],
+        num_samples=len(heldout),
+        extractor=extractor,
+        reference_stats=train_stats,
+        floor_fd=None,
+        reference_features=None,
+        splits=10,
+        confidence_threshold=0.9,
+        class_metrics=True,
+    )
+    ceilings = {f"real_{k}": real[k] for k in ("is", "confident_fraction", "class_chi2_pvalue")}
+
+    def sample_judge(images: np.ndarray) -> dict[str, float]:
+        return ceilings | judge_digits(images, heldout=heldout)
+
+    return dict(
+        extractor=extractor,
+        reference_stats=train_stats,
+        floor_fd=real["fd"],
+        class_metrics=True,
+        sample_judge=sample_judge,
+    )
 
 
 def digits_metrics(
@@ -71,7 +99,9 @@ def digits_metrics(
     Returns:
       The keys of :func:`evaluate_samples` with ``class_metrics``: ``fd``, ``fd_floor``,
       ``fd_ratio``, ``is``, ``is_std``, ``confident_fraction`` (max softmax > 0.9),
-      ``class_fraction/0`` … ``/9`` and ``class_chi2_pvalue``.
+      ``class_fraction/0`` … ``/9`` and ``class_chi2_pvalue``; the held-out digits' ``real_is``,
+      ``real_confident_fraction``, ``real_class_chi2_pvalue``; and :func:`judge_digits`'s
+      ``judge/*``.
     """
     images = np.asarray(images)
     n = images.shape[0]
@@ -95,10 +125,11 @@ def digits_targets(metrics: Mapping[str, float]) -> dict[str, bool]:
     Returns:
       ``fd_within_2x_floor`` (``fd <= 2 fd_floor``), ``confident_90pct`` (at least 90% of samples
       with max softmax above 0.9), ``classes_uniform`` (the chi-square test against uniform
-      classes does not reject at the 1% level).
+      classes does not reject at the 1% level), and the independent judge's
+      :func:`judge_targets`.
     """
     return {
         "fd_within_2x_floor": metrics["fd"] <= 2.0 * metrics["fd_floor"],
         "confident_90pct": metrics["confident_fraction"] >= 0.9,
         "classes_uniform": metrics["class_chi2_pvalue"] >= 0.01,
-    }
+    } | judge_targets(metrics)

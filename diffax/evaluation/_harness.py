@@ -1,13 +1,14 @@
 """A whole evaluation: draw samples in batches, stream their features and logits, report floats.
 
 Nothing but the running statistics stays in memory, unless KID and precision/recall are asked
-for: they need every sample's features, which are then gathered to every host.
+for (they need every sample's features, which are then gathered to every host) or a judge of the
+whole sample set is (it gets every sample, gathered likewise).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import jax
 import numpy as np
@@ -30,11 +31,15 @@ from diffax.evaluation._stats import (
     update_feature_stats,
 )
 
-__all__ = ["Extractor", "evaluate_samples", "floor_fd", "reference_feature_stats"]
+__all__ = ["Extractor", "SampleJudge", "evaluate_samples", "floor_fd", "reference_feature_stats"]
 
 Extractor = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 """Images (N, ...) → (features (N, d), logits (N, classes)), e.g. a ``functools.partial`` of
 :func:`inception_features_and_logits` or :func:`digits_features_and_logits`."""
+
+SampleJudge = Callable[[np.ndarray], Mapping[str, float]]
+"""All the evaluated images (N, ...) on the host → further metrics, e.g. the digits' independent
+judge (:func:`judge_digits`)."""
 
 
 def uniform_chi2_pvalue(counts: ArrayLike) -> float:
@@ -100,12 +105,13 @@ def _evaluate_batches(
     splits: int,
     confidence_threshold: float,
     class_metrics: bool,
+    sample_judge: SampleJudge | None = None,
 ) -> dict[str, float]:
     """Streams the first ``num_samples`` images of ``batches`` and summarises them."""
     if num_samples < 2:
         raise ValueError(f"num_samples must be at least 2, got {num_samples}.")
     feature_stats = classifier_stats = None
-    kept, seen = [], 0
+    kept, kept_images, seen = [], [], 0
     for images in batches:
         features, logits = extractor(images)
         n = features.shape[0]
@@ -126,6 +132,8 @@ def _evaluate_batches(
         )
         if reference_features is not None:
             kept.append(multihost_utils.process_allgather(features, tiled=True)[:valid])
+        if sample_judge is not None:
+            kept_images.append(np.asarray(multihost_utils.process_allgather(images, tiled=True))[:valid])
         seen += valid
         if seen == num_samples:
             break
@@ -149,6 +157,8 @@ def _evaluate_batches(
             generated, reference_features, subset_size=None
         )
         metrics["precision"], metrics["recall"] = precision_recall(reference_features, generated)
+    if sample_judge is not None:
+        metrics.update(sample_judge(np.concatenate(kept_images)))
     return metrics
 
 
@@ -165,6 +175,7 @@ def evaluate_samples(
     splits: int = 10,
     confidence_threshold: float = 0.9,
     class_metrics: bool = False,
+    sample_judge: SampleJudge | None = None,
 ) -> dict[str, float]:
     """Draws ``num_samples`` samples in batches and returns every metric as a float.
 
@@ -188,11 +199,12 @@ def evaluate_samples(
       class_metrics: also report ``confident_fraction``, the argmax histogram
         ``class_fraction/<c>`` and ``class_chi2_pvalue`` (chi-square test against uniform
         classes); meant for classifiers with few classes, like the digits one.
+      sample_judge: given every sample (gathered to every host), returns further metrics.
 
     Returns:
       ``num_samples``, ``fd``, ``is``, ``is_std``; ``fd_floor`` and ``fd_ratio`` with
       ``floor_fd``; the class metrics with ``class_metrics``; ``kid``, ``kid_std``,
-      ``precision``, ``recall`` with ``reference_features``.
+      ``precision``, ``recall`` with ``reference_features``; ``sample_judge``'s metrics.
 
     References:
       Heusel et al., NeurIPS 2017 (FID); Salimans et al., NeurIPS 2016 (IS); Bińkowski et al.,
@@ -211,4 +223,5 @@ def evaluate_samples(
         splits=splits,
         confidence_threshold=confidence_threshold,
         class_metrics=class_metrics,
+        sample_judge=sample_judge,
     )

@@ -64,7 +64,12 @@ def test_real_heldout_digits_meet_the_targets_and_noise_fails(digits_params):
         "fd_within_2x_floor": True,
         "confident_90pct": True,
         "classes_uniform": True,
+        "judge_confident_95pct_of_real": True,
+        "judge_fd_within_1.3x_floor": True,
+        "judge_near_zero_within_5pts": True,
+        "judge_classes_uniform": True,
     }, metrics
+    assert 0.9 <= metrics["real_confident_fraction"] <= 1.0 and metrics["real_is"] > 5.0
     fractions = [metrics[f"class_fraction/{c}"] for c in range(10)]
     np.testing.assert_allclose(sum(fractions), 1.0)
     assert 5.0 < metrics["is"] <= 10.0  # confident and spread over ten classes

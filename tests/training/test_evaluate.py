@@ -56,9 +56,17 @@ def test_digits_run_is_evaluated_by_the_loop_and_the_command(tmp_path):
     assert np.isfinite(metrics["fd"]) and metrics["fd"] > metrics["fd_floor"] > 0
     assert 1.0 <= metrics["is"] <= 10.0
     np.testing.assert_allclose(sum(metrics[f"class_fraction/{c}"] for c in range(10)), 1.0, atol=1e-6)
-    assert set(record["targets"]) == {"fd_within_2x_floor", "confident_90pct", "classes_uniform"}
+    assert set(record["targets"]) == {"fd_within_2x_floor", "confident_90pct", "classes_uniform"} | set(
+        evaluation.judge_targets(metrics)
+    )
+    # the independent judge beside the digits classifier, and the held-out digits' own scores
+    assert (
+        metrics["judge/fd"] > metrics["judge/fd_floor"] > 0 and metrics["judge/real_near_zero_fraction"] > 0.4
+    )
+    assert 0.5 < metrics["real_confident_fraction"] <= 1.0
     assert read_scalars(workdir / "eval")["eval/fd"] == [(2, pytest.approx(metrics["fd"]))]
     assert read_scalars(workdir)["eval/fd"] == [(2, pytest.approx(trained_fd, abs=1e-3))]  # the loop's
+    assert "eval/judge/fd_ratio" in read_scalars(workdir) and "judge: confident" in trained.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == record
 
 
