@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from diffax.immiscible import assign_noise
 from diffax.parameterization import (
     check_prediction,
     edm_preconditioning,
@@ -348,6 +349,7 @@ def make_loss(
     t_eps: float = 1e-5,
     edm_p_mean: float = -1.2,
     edm_p_std: float = 1.2,
+    immiscible: bool = False,
 ) -> Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
     """Builds ``loss_fn(params, batch, key) -> (loss, aux)`` for one of ``LOSSES``.
 
@@ -364,6 +366,9 @@ def make_loss(
       - ``"edm"``: log-normal sigma, EDM preconditioning and weighting; needs the ``EDM`` schedule, and the
         network receives c_in x and c_noise (Karras et al. 2022, Table 1).
       - ``"flow_matching"``: velocity regression on the ``"flow"`` target (Lipman et al. 2023, eq. 23).
+
+    ``immiscible=True`` noises each image with the batch's Gaussian draw that a minimum-distance
+    linear assignment gives it (Li et al. 2024, Alg. 1; ``diffax.immiscible.assign_noise``).
 
     Returns:
       the loss function; ``aux`` holds the per-example losses, times and (hybrid/vlb) VLB terms.
@@ -385,6 +390,8 @@ def make_loss(
         cond = batch.get("label")
         time_key, noise_key, model_key = jax.random.split(key, 3)
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+        if immiscible:
+            noise = assign_noise(x0, noise)
         batch_size = x0.shape[0]
 
         if loss == "edm":
