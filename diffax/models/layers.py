@@ -652,8 +652,11 @@ def time_features(
     time_scale: float = 1000.0,
     fourier_scale: float = 16.0,
     max_period: float = 10000.0,
+    sin_first: bool = False,
+    freq_shift: float = 0.0,
+    time_offset: float = 0.0,
 ) -> jax.Array:
-    """Continuous-time features of t, shape (B, dim) float32, ordered [cos | sin].
+    """Continuous-time features of t, shape (B, dim) float32, ordered [cos | sin] (or [sin | cos]).
 
     Args:
       t: (B,) continuous times.
@@ -665,6 +668,12 @@ def time_features(
       time_scale: multiplies t for the sinusoidal kind.
       fourier_scale: standard deviation of the Fourier frequencies.
       max_period: longest period of the sinusoidal kind.
+      sin_first: order the features [sin | cos] (DDPM's TensorFlow code; diffusers'
+        ``flip_sin_to_cos=False``).
+      freq_shift: sinusoidal frequencies ``max_period**(-i / (dim/2 - freq_shift))`` (diffusers'
+        ``downscale_freq_shift``; 1 in DDPM's code and in diffusers' DiT).
+      time_offset: subtracted from ``t * time_scale``; 1 turns diffax's ``t = (i + 1) / T`` back
+        into the integer step i that published discrete-time networks were trained on.
 
     Returns:
       (B, dim) float32 array.
@@ -678,14 +687,15 @@ def time_features(
     t = jnp.asarray(t, jnp.float32)
     half = dim // 2
     if kind == "sinusoidal":
-        freqs = np.exp(-np.log(max_period) * np.arange(half) / half)
-        args = (t * time_scale)[:, None] * jnp.asarray(freqs, jnp.float32)[None, :]
+        freqs = np.exp(-np.log(max_period) * np.arange(half) / (half - freq_shift))
+        args = (t * time_scale - time_offset)[:, None] * jnp.asarray(freqs, jnp.float32)[None, :]
     elif kind == "fourier":
         freqs = 2 * np.pi * fourier_scale * np.random.default_rng(0).standard_normal(half)
         args = t[:, None] * jnp.asarray(freqs, jnp.float32)[None, :]
     else:
         raise ValueError(f"time_features: kind={kind!r}; use one of {TIME_EMBEDDINGS}.")
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    cos, sin = jnp.cos(args), jnp.sin(args)
+    return jnp.concatenate([sin, cos] if sin_first else [cos, sin], axis=-1)
 
 
 class TimeEmbedding(nn.Module):
@@ -696,6 +706,9 @@ class TimeEmbedding(nn.Module):
     kind: str = "sinusoidal"
     time_scale: float = 1000.0
     fourier_scale: float = 16.0
+    sin_first: bool = False
+    freq_shift: float = 0.0
+    time_offset: float = 0.0
     kernel_init: Initializer = XAVIER
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -708,6 +721,9 @@ class TimeEmbedding(nn.Module):
             kind=self.kind,
             time_scale=self.time_scale,
             fourier_scale=self.fourier_scale,
+            sin_first=self.sin_first,
+            freq_shift=self.freq_shift,
+            time_offset=self.time_offset,
         )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
         h = nn.silu(dense(self.width, ("freq", "embed"), **kw)(f))

@@ -127,8 +127,15 @@ class UNet(nn.Module):
       time_embedding: "sinusoidal" (of ``t * time_scale``) or "fourier" (Gaussian Fourier features).
       time_scale: multiplies t in the sinusoidal embedding (1000 maps t in [0, 1] to DDPM steps).
       fourier_scale: standard deviation of the Fourier frequencies.
+      time_sin_first, time_freq_shift, time_offset: the sinusoidal features' order, frequency
+        shift and time offset (see ``layers.time_features``); published checkpoints set them
+        (``diffax.models.from_diffusers``).
       time_injection: "add" (DDPM: add a projection of the embedding) or "scale_shift" (ADM AdaGN).
       resblock_updown: resample with residual blocks (BigGAN/ADM) instead of conv resampling.
+      downsample_padding: (before, after) padding of the stride-2 downsampling conv on each spatial
+        axis; (0, 1) is TensorFlow's "SAME" (DDPM's code, diffusers' ``downsample_padding=0``).
+      attention_levels: level indices with attention blocks; when set, used instead of
+        ``attention_resolutions`` (attention then does not depend on the input size).
       num_classes: number of classes for class conditioning, or None; the table has a null row.
       label_dropout: probability of replacing a label by the null label when ``train=True``.
       context_dim: width of a cross-attention context (``cond["context"]``), or None.
@@ -167,8 +174,13 @@ class UNet(nn.Module):
     time_embedding: str = "sinusoidal"
     time_scale: float = 1000.0
     fourier_scale: float = 16.0
+    time_sin_first: bool = False
+    time_freq_shift: float = 0.0
+    time_offset: float = 0.0
     time_injection: str = "add"
     resblock_updown: bool = False
+    downsample_padding: tuple[int, int] = (1, 1)
+    attention_levels: tuple[int, ...] | None = None
     num_classes: int | None = None
     label_dropout: float = 0.0
     context_dim: int | None = None
@@ -205,6 +217,11 @@ class UNet(nn.Module):
             raise ValueError(f"{name}: channel_mult={self.channel_mult}; use positive ints, e.g. (1, 2).")
         if self.num_res_blocks < 1:
             raise ValueError(f"{name}: num_res_blocks={self.num_res_blocks}; use at least 1.")
+        levels = range(len(self.channel_mult))
+        if self.attention_levels is not None and not set(self.attention_levels) <= set(levels):
+            raise ValueError(
+                f"{name}: attention_levels={self.attention_levels}; use level indices in {tuple(levels)}."
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{name}: dropout={self.dropout}; use a rate in [0, 1).")
         if self.base_channels % 2:
@@ -240,6 +257,8 @@ class UNet(nn.Module):
                 f"(channel_mult={self.channel_mult}); change the image size or channel_mult."
             )
         reached = [h // 2**i for i in range(len(self.channel_mult))]
+        if self.attention_levels is not None:
+            return
         missing = sorted(set(self.attention_resolutions) - set(reached))
         if missing:
             raise ValueError(
@@ -274,6 +293,9 @@ class UNet(nn.Module):
             kind=self.time_embedding,
             time_scale=self.time_scale,
             fourier_scale=self.fourier_scale,
+            sin_first=self.time_sin_first,
+            freq_shift=self.time_freq_shift,
+            time_offset=self.time_offset,
             name="time_embed",
             **kw,
         )(t)
@@ -311,16 +333,21 @@ class UNet(nn.Module):
                 h, context, train
             )
 
-        def block(h: jax.Array, channels: int, name: str) -> jax.Array:
+        def block(h: jax.Array, channels: int, level: int, name: str) -> jax.Array:
             h = res_block(h, channels, f"{name}_res")
-            return attend(h, f"{name}_attn") if h.shape[1] in self.attention_resolutions else h
+            if self.attention_levels is None:
+                attends = h.shape[1] in self.attention_resolutions
+            else:
+                attends = level in self.attention_levels
+            return attend(h, f"{name}_attn") if attends else h
 
         def resample(h: jax.Array, direction: str, name: str) -> jax.Array:
             if self.resblock_updown:
                 return res_block(h, h.shape[-1], name, direction)
             if direction == "up":
                 return layers.conv(h.shape[-1], 3, name=name, **conv_kw)(_resample(h, "up"))
-            return layers.conv(h.shape[-1], 3, strides=2, padding=((1, 1), (1, 1)), name=name, **conv_kw)(h)
+            pad = tuple(self.downsample_padding)
+            return layers.conv(h.shape[-1], 3, strides=2, padding=(pad, pad), name=name, **conv_kw)(h)
 
         h = layers.conv(self.base_channels, 3, ("channels", "conv_out"), name="conv_in", **conv_kw)(
             x.astype(self.dtype)
@@ -329,7 +356,7 @@ class UNet(nn.Module):
         last = len(self.channel_mult) - 1
         for level, channels in enumerate(self.level_channels):
             for i in range(self.num_res_blocks):
-                h = block(h, channels, f"down{level}_{i}")
+                h = block(h, channels, level, f"down{level}_{i}")
                 skips.append(h)
             if level != last:
                 h = resample(h, "down", f"down{level}_resample")
@@ -340,7 +367,7 @@ class UNet(nn.Module):
 
         for level, channels in reversed(list(enumerate(self.level_channels))):
             for i in range(self.num_res_blocks + 1):
-                h = block(jnp.concatenate([h, skips.pop()], axis=-1), channels, f"up{level}_{i}")
+                h = block(jnp.concatenate([h, skips.pop()], axis=-1), channels, level, f"up{level}_{i}")
             if level != 0:
                 h = resample(h, "up", f"up{level}_resample")
 

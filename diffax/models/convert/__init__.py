@@ -15,10 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffax.models.convert import autoencoder_kl, files, table
+from diffax.models.convert import autoencoder_kl, files, table, unet_2d
 from diffax.models.convert.table import ConversionError
 
-_CONVERTERS: tuple[ModuleType, ...] = (autoencoder_kl,)
+_CONVERTERS: tuple[ModuleType, ...] = (autoencoder_kl, unet_2d)
 
 
 def _by_class_name(name: str) -> ModuleType:
@@ -34,11 +34,6 @@ def _by_module(module: nn.Module) -> ModuleType:
         if isinstance(module, converter.MODULE):
             return converter
     raise ConversionError(f"to_diffusers: no diffusers layout for {type(module).__name__}.")
-
-
-def _param_shapes(converter: ModuleType, module: nn.Module) -> dict[str, tuple[int, ...]]:
-    inputs = converter.init_inputs(module)
-    return table.param_shapes(lambda: module.init(jax.random.key(0), *inputs)["params"])
 
 
 def from_diffusers(
@@ -61,8 +56,8 @@ def from_diffusers(
     """
     config, source = files.read_folder(folder)
     converter = _by_class_name(config.get("_class_name", ""))
-    module = converter.module_from_config(config, param_dtype=dtype, **fields)
-    shapes = _param_shapes(converter, module)
+    module, init_args = converter.module_from_config(config, param_dtype=dtype, **fields)
+    shapes = table.param_shapes(lambda: module.init(jax.random.key(0), *init_args)["params"])
     params = table.load(
         converter.table(module, shapes), source, shapes, dtype=dtype, owner=f"from_diffusers({folder})"
     )
@@ -77,8 +72,8 @@ def to_diffusers(module: nn.Module, params: Any, folder: str | pathlib.Path) -> 
         not fit it.
     """
     converter = _by_module(module)
-    shapes = _param_shapes(converter, module)
-    config = converter.config_from_module(module)
+    shapes = table.shapes_of(params)
+    config = converter.config_from_module(module, shapes)
     tensors = table.save(converter.table(module, shapes), params, owner="to_diffusers")
     files.write_folder(folder, config, tensors)
 

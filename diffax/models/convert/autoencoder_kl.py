@@ -32,8 +32,8 @@ FIXED = dict(act_fn="silu", shift_factor=None, latents_mean=None, latents_std=No
 INERT = ("sample_size", "force_upcast")  # tiling size and an fp16 switch
 
 
-def module_from_config(config: Mapping[str, Any], **fields: Any) -> AutoencoderKL:
-    """The diffax module of a diffusers ``AutoencoderKL`` config."""
+def module_from_config(config: Mapping[str, Any], **fields: Any) -> tuple[AutoencoderKL, tuple[Any, ...]]:
+    """The diffax module of a diffusers ``AutoencoderKL`` config, and arguments for its ``init``."""
     c = read_config(config, owner="AutoencoderKL", defaults=DEFAULTS, inert=INERT, fixed=FIXED)
     channels = tuple(c["block_out_channels"])
     levels = len(channels)
@@ -53,7 +53,7 @@ def module_from_config(config: Mapping[str, Any], **fields: Any) -> AutoencoderK
             f"from_diffusers: AutoencoderKL config block_out_channels={list(channels)} are not multiples of "
             "the first; diffax's channel_mult needs them to be."
         )
-    return AutoencoderKL(
+    module = AutoencoderKL(
         image_channels=c["in_channels"],
         latent_channels=c["latent_channels"],
         base_channels=channels[0],
@@ -66,10 +66,12 @@ def module_from_config(config: Mapping[str, Any], **fields: Any) -> AutoencoderK
         scaling_factor=c["scaling_factor"],
         **fields,
     )
+    f = module.downsampling_factor
+    return module, (jnp.zeros((1, f, f, module.image_channels), jnp.float32),)
 
 
-def config_from_module(module: AutoencoderKL) -> dict[str, Any]:
-    """The diffusers config of a diffax ``AutoencoderKL``."""
+def config_from_module(module: AutoencoderKL, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The diffusers config of a diffax ``AutoencoderKL`` (``shapes`` unused: the fields say it all)."""
     if module.norm_eps != 1e-6:
         raise ConversionError(
             f"to_diffusers: AutoencoderKL norm_eps={module.norm_eps}; diffusers fixes 1e-6."
@@ -91,12 +93,6 @@ def config_from_module(module: AutoencoderKL) -> dict[str, Any]:
         use_post_quant_conv=module.use_post_quant_conv,
         mid_block_add_attention=module.mid_attention,
     )
-
-
-def init_inputs(module: AutoencoderKL) -> tuple[Any, ...]:
-    """Arguments of ``module.init`` that create every parameter (shapes only matter)."""
-    f = module.downsampling_factor
-    return (jnp.zeros((1, f, f, module.image_channels), jnp.float32),)
 
 
 def table(module: AutoencoderKL, params: Container[str]) -> list[Entry]:

@@ -250,6 +250,11 @@ def save(
     return out
 
 
+def shapes_of(params: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every parameter's ``/``-joined path and shape in a params tree."""
+    return {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
+
+
 def param_shapes(init: Callable[[], Any]) -> dict[str, tuple[int, ...]]:
     """Every parameter's path and shape from ``init() -> params`` traced abstractly (nothing allocated)."""
     import flax.linen as nn
