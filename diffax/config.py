@@ -30,6 +30,7 @@ from ml_collections import config_dict
 from diffax import posthoc_ema, sharding
 from diffax.data import BUILTIN_DATASETS
 from diffax.data import digits as digits_lib
+from diffax.data.text import TEXT_DATASETS, TOPICS_SHA256
 from diffax.train_state import registry_kwargs
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -83,6 +84,13 @@ def base_config() -> ml_collections.ConfigDict:
             mixture_components=4,  # mixture only
             mixture_std=0.1,
             mixture_seed=0,
+            # token runs ("text": the pinned pydoc topics corpus, "markov": an order-k source)
+            seq_len=128,
+            corpus_path="",  # "" = the running Python's pydoc_data/topics.py
+            corpus_sha256=TOPICS_SHA256,
+            markov_vocab=8,
+            markov_order=2,
+            markov_seed=0,
         )
     )
     c.optim = ml_collections.ConfigDict(
@@ -175,6 +183,8 @@ def _check_input(c: ml_collections.ConfigDict) -> None:
         )
         _require(c.channels == 1, "config.input.channels", f"{c.channels}; digits images have 1 channel.")
         return
+    if c.dataset in TEXT_DATASETS:  # checked with the rest of a token run (diffax.discrete.system.check)
+        return
     if c.dataset == "mixture":
         _require(c.mixture_components >= 1, "config.input.mixture_components", "must be at least 1.")
         _require(c.mixture_std > 0, "config.input.mixture_std", "must be positive.")
@@ -223,6 +233,11 @@ def check_sampler(config: ml_collections.ConfigDict) -> None:
     """Checks ``config.sampler`` (name, steps, options, guidance); raises :class:`ConfigError`."""
     import diffax.samplers as samplers  # the sampler registry
 
+    if config.input.dataset in TEXT_DATASETS:
+        from diffax.discrete import system
+
+        _check("config.sampler", lambda: system.check_sampler(config))
+        return
     s = config.sampler
     known = ", ".join(samplers.SAMPLERS)
     _require(
@@ -238,7 +253,7 @@ def check_sampler(config: ml_collections.ConfigDict) -> None:
 def check_evaluation(config: ml_collections.ConfigDict) -> None:
     """Checks that ``diffax.evaluate`` can measure this run; raises :class:`ConfigError`."""
     e = config.evals
-    if config.input.dataset == "digits":
+    if config.input.dataset == "digits" or config.input.dataset in TEXT_DATASETS:
         return
     _require(
         bool(e.inception_weights),
@@ -354,6 +369,30 @@ def validate(
         section, key = field.split(".")
         _require(config[section][key] > 0, f"config.{field}", f"{config[section][key]} must be positive.")
 
+    if config.input.dataset in TEXT_DATASETS:
+        from diffax.discrete import system
+
+        _check("config", lambda: system.check(config))
+    else:
+        _check_diffusion(config)
+
+    devices = jax.devices() if devices is None else devices
+    mesh = _check("config.mesh", lambda: sharding.make_mesh(config.mesh, devices=devices))
+    _check(
+        "config.input.batch_size",
+        lambda: sharding.check_batch_size(
+            config.input.batch_size,
+            mesh,
+            accum_steps=config.optim.accum_steps,
+            process_count=jax.process_count(),
+        ),
+    )
+    if workdir is not None:
+        check_workdir(workdir)
+
+
+def _check_diffusion(config: ml_collections.ConfigDict) -> None:
+    """Checks the process, model, loss and sampler of a Gaussian diffusion run."""
     import diffax.losses as losses
     import diffax.models as models
     import diffax.schedules as schedules
@@ -377,17 +416,3 @@ def validate(
         ),
     )
     check_sampler(config)
-
-    devices = jax.devices() if devices is None else devices
-    mesh = _check("config.mesh", lambda: sharding.make_mesh(config.mesh, devices=devices))
-    _check(
-        "config.input.batch_size",
-        lambda: sharding.check_batch_size(
-            config.input.batch_size,
-            mesh,
-            accum_steps=config.optim.accum_steps,
-            process_count=jax.process_count(),
-        ),
-    )
-    if workdir is not None:
-        check_workdir(workdir)

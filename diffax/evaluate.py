@@ -98,7 +98,10 @@ def make_evaluation(
       num_samples: samples per evaluation (default ``config.evals.num_samples``).
     """
     import diffax.evaluation as evaluation
+    from diffax.discrete import system
 
+    if system.is_token_run(config):  # held-out bits per character (diffax.discrete.system)
+        return system.make_evaluation(config, num_samples=num_samples)
     num = config.evals.num_samples if num_samples is None else num_samples
     batch = min(num, config.evals.batch_size)
     labels = np.arange(batch, dtype=np.int32) % max(config.input.num_classes, 1)
@@ -186,6 +189,8 @@ def main(argv: list[str]) -> None:
     )
     if config.input.dataset == "digits":
         record["targets"] = evaluation.digits_targets(metrics)
+    if "bits_per_char" in metrics:  # token runs: the headline number at the top level
+        record["bits_per_char"] = metrics["bits_per_char"]
     eval_dir = os.path.join(FLAGS.workdir, "eval")
     out = FLAGS.out or os.path.join(eval_dir, f"step_{step:08d}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

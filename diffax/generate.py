@@ -59,8 +59,11 @@ def make_sampler(
     import diffax.guidance as guidance
     import diffax.parameterization as parameterization
     import diffax.samplers as samplers
+    from diffax.discrete import system
     from diffax.process import broadcast_to_data
 
+    if system.is_token_run(config):  # tokens (N, L) int32 instead of images
+        return system.make_sampler(config, parts, mesh=mesh, sampler=sampler, steps=steps)
     s = config.sampler
     name = s.name if sampler is None else sampler
     num_steps = s.steps if steps is None else steps
@@ -147,8 +150,9 @@ def sample_images(
     classes = max(config.input.num_classes, 1)
     labels = (np.arange(math.ceil(num / batch) * batch) % classes).astype(np.int32)
     key = jax.random.key(seed)
+    finish = np.asarray if config.input.dataset in data.text.TEXT_DATASETS else to_uint8  # tokens stay ints
     chunks = [
-        to_uint8(
+        finish(
             jax.device_get(sample_fn(params, jax.random.fold_in(key, i), labels[i * batch : (i + 1) * batch]))
         )
         for i in range(math.ceil(num / batch))
@@ -176,14 +180,27 @@ def save_png(path: str, images: np.ndarray, *, scale: int = 1) -> None:
 
 
 def write_sample_grid(samples: tuple[np.ndarray, np.ndarray | None], workdir: str, step: int) -> str:
-    """Saves a training-time grid as ``workdir/samples/step_<step>.png`` (process 0); returns the path."""
-    path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
-    if jax.process_index() == 0:
+    """Saves a training-time grid as ``workdir/samples/step_<step>.png`` (process 0); returns the path.
+
+    Token samples ``(N, L)`` are written as text, one sample a line, to ``step_<step>.txt``.
+    """
+    images = samples[0]
+    path = os.path.join(workdir, "samples", f"step_{step:08d}" + (".txt" if images.ndim == 2 else ".png"))
+    if jax.process_index() == 0 and images.ndim == 2:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        images = samples[0]
+        write_text(path, images)
+    elif jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         save_png(path, images, scale=max(1, 64 // images.shape[1]))
         logging.info("wrote %s", path)
     return path
+
+
+def write_text(path: str, tokens: np.ndarray) -> None:
+    """Writes token samples ``(N, L)`` as text (``diffax.data.text.decode``), one sample a line."""
+    with open(path, "w") as f:
+        f.writelines(data.text.decode(row) + "\n" for row in tokens)
+    logging.info("wrote %s", path)
 
 
 def load_run(
@@ -252,7 +269,12 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Run directory written by diffax.main.", required=True)
     flags.DEFINE_integer("num_samples", None, "Number of images.", required=True)
-    flags.DEFINE_string("out", None, "Output file: .npz (images, labels) or .png (grid).", required=True)
+    flags.DEFINE_string(
+        "out",
+        None,
+        "Output file: .npz (images, labels; tokens), .png (grid) or .txt (token runs).",
+        required=True,
+    )
     flags.DEFINE_string("sampler", None, "Sampler name (default: the run's config.sampler.name).")
     flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sampler.steps).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -263,8 +285,8 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
     del argv
     ext = os.path.splitext(FLAGS.out)[1].lower()
-    if ext not in (".npz", ".png"):
-        raise app.UsageError(f"--out={FLAGS.out}: use a .npz or .png file name.")
+    if ext not in (".npz", ".png", ".txt"):
+        raise app.UsageError(f"--out={FLAGS.out}: use a .npz, .png or (token runs) .txt file name.")
     if FLAGS.num_samples < 1:
         raise app.UsageError(f"--num_samples={FLAGS.num_samples}: must be at least 1.")
     config, sample_fn, params, step = load_run(
@@ -278,7 +300,14 @@ def main(argv: list[str]) -> None:
         num_samples=FLAGS.num_samples,
         batch_size=FLAGS.batch_size,
     )
-    if ext == ".npz":
+    if config.input.dataset in data.text.TEXT_DATASETS:
+        if ext == ".png":
+            raise app.UsageError(f"--out={FLAGS.out}: a token run writes .txt or .npz, not .png.")
+        if ext == ".txt":
+            write_text(FLAGS.out, images)
+        else:
+            np.savez(FLAGS.out, tokens=images)
+    elif ext == ".npz":
         arrays = {"images": images} | ({"labels": labels} if labels is not None else {})
         np.savez(FLAGS.out, **arrays)
     else:

@@ -101,6 +101,7 @@ def init_state(
     image_shape: Sequence[int],
     cond: Any = None,
     num_ema: int,
+    input_dtype: Any = jnp.float32,
 ) -> TrainState:
     """Initialises parameters, optimizer state and EMA copies (leaves stay boxed with logical axes).
 
@@ -114,10 +115,11 @@ def init_state(
       image_shape: ``(H, W, C)`` of one example.
       cond: an example condition of batch 1 (e.g. a label array), or ``None``.
       num_ema: number of EMA copies.
+      input_dtype: dtype of the example input (int32 for token runs, whose ``image_shape`` is ``(L,)``).
     """
     key = jax.random.key(seed)
     init_key, dropout_key, run_key = jax.random.split(key, 3)
-    x = jnp.zeros((1, *image_shape), jnp.float32)
+    x = jnp.zeros((1, *image_shape), input_dtype)
     t = jnp.full((1,), 0.5, jnp.float32)
     params = module.init({"params": init_key, "dropout": dropout_key}, x, t, cond, train=False)["params"]
     return TrainState(
@@ -227,7 +229,10 @@ def build(config: ml_collections.ConfigDict) -> Parts:
     import diffax.losses as losses
     import diffax.models as models
     import diffax.schedules as schedules
+    from diffax.discrete import system
 
+    if system.is_token_run(config):
+        return system.build(config)
     schedule = schedules.get(config.process.name, **registry_kwargs(config.process))
     module = models.from_config(config.model)
 
@@ -252,13 +257,19 @@ def example_cond(config: ml_collections.ConfigDict) -> jax.Array | None:
 def state_initializer(config: ml_collections.ConfigDict, parts: Parts) -> Callable[[], TrainState]:
     """``init()`` building the (boxed) initial state of a run; see :func:`init_state`."""
     import diffax.data as data
+    from diffax.discrete import system
 
+    example = (
+        system.init_state_kwargs(config)
+        if system.is_token_run(config)
+        else dict(image_shape=data.image_shape(config.input))
+    )
     return functools.partial(
         init_state,
         parts.module,
         parts.tx,
         seed=config.seed,
-        image_shape=data.image_shape(config.input),
         cond=example_cond(config),
         num_ema=len(config.ema.decays) + len(config.ema.std_rels),
+        **example,
     )

@@ -1,5 +1,7 @@
-"""Input pipelines: tfds datasets and built-in sources (digits, Gaussian mixture) → global batches."""
+"""Input pipelines: tfds datasets and built-in sources (digits, Gaussian mixture, text corpus, Markov source)
+→ global batches."""
 
+from diffax.data import markov, text
 from diffax.data.digits import load_digits
 from diffax.data.mixture import mixture_means, mixture_sample
 from diffax.data.pipeline import (
@@ -21,8 +23,10 @@ __all__ = [
     "finish_batch",
     "image_shape",
     "load_digits",
+    "markov",
     "make_pipeline",
     "mixture_means",
     "mixture_sample",
+    "text",
     "to_global",
 ]

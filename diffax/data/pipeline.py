@@ -16,7 +16,7 @@ import numpy as np
 from diffax.data import digits as digits_lib
 from diffax.data import mixture as mixture_lib
 
-BUILTIN_DATASETS = ("digits", "mixture")
+BUILTIN_DATASETS = ("digits", "mixture", "text", "markov")  # text, markov: token runs (data/text.py)
 
 
 class Pipeline(Protocol):
@@ -197,6 +197,10 @@ def make_pipeline(
     shard = dict(
         global_batch=cfg.batch_size, seed=seed, process_index=process_index, process_count=process_count
     )
+    if cfg.dataset in ("text", "markov"):
+        from diffax.data import text  # imported here: text.py builds on this module
+
+        return text.make_token_pipeline(cfg, **shard)
     if cfg.dataset == "digits":
         images, labels = digits_lib.load_digits(split=cfg.split, upsample=cfg.upsample)
         return ArrayPipeline(images, labels if cfg.labels else None, random_flip=cfg.random_flip, **shard)

@@ -4,11 +4,12 @@ A diffusion sampler is a pure ``step(process, z, weights, t, s, key) -> z_s`` th
 ``(B, L)`` from time ``t`` to the earlier time ``s`` given the network's clean-token weights (``p̃(x_0 |
 z_t)`` up to a constant factor per position); :func:`sample` runs the steps over a time grid in one
 ``lax.scan`` and counts the network evaluations it actually spends. With ``cache=True`` (a time-free
-network only: RADD, MDLM without time conditioning) the previous weights are reused, without calling
-the network, whenever no token changed in the last step; the draws are then identical to the uncached
+network only: RADD, MDLM without time conditioning) each sequence is evaluated on its own (a
+``lax.map`` of ``lax.cond``), and its previous weights are reused, without calling the network,
+whenever none of its tokens changed in the last step; the draws are then identical to the uncached
 run's with the same key.
 
-Categorical draws are Gumbel-argmax in float64, computed on the host from 53-bit uniforms: 32-bit
+Categorical draws are Gumbel-argmax in float64, computed on the host from 52-bit uniforms: 32-bit
 Gumbel noise truncates its tail at about 16.6 and lowers the effective temperature (Zheng et al.
 2024, "Masked Diffusion Models are Secretly Time-Agnostic Masked Models and Exploit Inaccurate
 Categorical Sampling", Sec. 4).
@@ -38,11 +39,12 @@ WeightsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 def _gumbel_argmax_f64(log_weights: np.ndarray, bits: np.ndarray) -> np.ndarray:
     """Host side of :func:`categorical_f64`: ``argmax(log w + Gumbel)`` in float64."""
-    hi = (bits[..., 0] >> np.uint32(5)).astype(np.float64)
+    log_weights, bits = np.asarray(log_weights, np.float64), np.asarray(bits, np.uint32)  # host arrays
+    hi = (bits[..., 0] >> np.uint32(6)).astype(np.float64)
     lo = (bits[..., 1] >> np.uint32(6)).astype(np.float64)
-    u = (hi * 2.0**26 + lo + 0.5) / 2.0**53  # uniform on (0, 1) with 53 bits
+    u = (hi * 2.0**26 + lo + 0.5) / 2.0**52  # uniform on (0, 1): 52 bits, midpoints, never 0 or 1
     gumbel = -np.log(-np.log(u))
-    return np.argmax(log_weights.astype(np.float64) + gumbel, axis=-1).astype(np.int32)
+    return np.argmax(log_weights + gumbel, axis=-1).astype(np.int32)
 
 
 def categorical_f64(key: jax.Array, weights: ArrayLike) -> jax.Array:
@@ -94,7 +96,7 @@ def tau_leaping_step(
     Sec. 4.1; Ou et al. 2024 ``euler``.
     """
     p = weights / weights.sum(-1, keepdims=True)
-    rate = (t - s) * process.sigma_rate(t) * process.alpha(t) / (1.0 - process.alpha(t))
+    rate = (t - s) * process.alpha_rate(t)  # σ'(t) α_t/(1 − α_t) = −α'_t/(1 − α_t), finite at α_t = 0
     move = jnp.minimum(rate, 1.0) * p
     stay = jnp.where(s > 0, jnp.maximum(1.0 - move.sum(-1, keepdims=True), 0.0), 0.0)
     return _unmask(process, z, move, stay, key)
@@ -148,7 +150,8 @@ def sample(
       cache: reuse the last weights while no token has changed (only for a time-free ``weights_fn``).
 
     Returns:
-      ``(tokens, info)``: int32 ``(B, L)`` and ``info["nfe"]``, the network evaluations spent.
+      ``(tokens, info)``: int32 ``(B, L)`` and ``info["nfe"]``, the network evaluations spent per
+      sequence (float32; with the cache, the mean over sequences: RADD's E-NFE).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown token sampler {sampler!r}; known: {', '.join(SAMPLERS)}.")
@@ -160,18 +163,28 @@ def sample(
     z = prior_tokens(process, shape, prior_key)
     empty = jax.eval_shape(weights_fn, z, ts[0])
 
+    def evaluate_changed(z, weights, fresh, t):
+        """Per sequence: the cached weights if its tokens did not change, else a new evaluation."""
+
+        def row(args):
+            z_row, w_row, fresh_row = args
+            return jax.lax.cond(fresh_row, lambda: w_row, lambda: weights_fn(z_row[None], t)[0])
+
+        return jax.lax.map(row, (z, weights, fresh))
+
     def body(carry, inputs):
         z, weights, fresh, nfe = carry
         i, t, s = inputs
-        if cache:  # `fresh` says the cached weights are those of the current z
-            weights = jax.lax.cond(fresh, lambda: weights, lambda: weights_fn(z, t))
-            nfe = nfe + jnp.where(fresh, 0, 1)
+        if cache:  # `fresh[b]` says the cached weights of sequence b are those of its current tokens
+            weights = evaluate_changed(z, weights, fresh, t)
+            nfe = nfe + jnp.mean(jnp.where(fresh, 0.0, 1.0))
         else:
-            weights, nfe = weights_fn(z, t), nfe + 1
+            weights, nfe = weights_fn(z, t), nfe + 1.0
         z_s = step_fn(process, z, weights, t, s, jax.random.fold_in(key, i))
-        return (z_s, weights, jnp.all(z_s == z), nfe), None
+        return (z_s, weights, jnp.all(z_s == z, axis=1), nfe), None
 
-    init = (z, jnp.zeros(empty.shape, empty.dtype), jnp.bool_(False), jnp.int32(0))
+    b = shape[0]
+    init = (z, jnp.zeros(empty.shape, empty.dtype), jnp.zeros((b,), bool), jnp.float32(0.0))
     (z, _, _, nfe), _ = jax.lax.scan(body, init, (jnp.arange(steps), ts[:-1], ts[1:]))
     return z, {"nfe": nfe}
 
@@ -196,7 +209,7 @@ def sample_autoregressive(
         return jax.lax.dynamic_update_index_in_dim(x, draw, i, axis=1), None
 
     x, _ = jax.lax.scan(body, jnp.zeros(shape, jnp.int32), jnp.arange(length))
-    return x, {"nfe": jnp.int32(length)}
+    return x, {"nfe": jnp.float32(length)}
 
 
 def sample_entropy(tokens: ArrayLike, vocab_size: int) -> jax.Array:
