@@ -19,9 +19,9 @@ def text_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The shared text set-up: input, a small token transformer, optimizer, logging; sized for 2 CPU cores."""
     config = common.base_config()
     config.seed = 0
-    config.total_steps = 3000
+    config.total_steps = 1500
     config.input.dataset = "markov" if arg == "markov" else "text"
-    config.input.seq_len = 128
+    config.input.seq_len = 64
     config.input.batch_size = 32
     vocab = config.input.markov_vocab if arg == "markov" else 27
     config.model = ml_collections.ConfigDict(
@@ -31,7 +31,7 @@ def text_config(arg: str | None = None) -> ml_collections.ConfigDict:
             seq_len=config.input.seq_len,
             out_dim=0,
             hidden_size=128,
-            depth=3,
+            depth=2,
             num_heads=4,
             mlp_ratio=4.0,
             causal=False,
@@ -41,7 +41,7 @@ def text_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     config.optim.lr = 1e-3
-    config.optim.warmup_steps = 200
+    config.optim.warmup_steps = 100
     config.optim.decay = "cosine"
     config.optim.min_lr_ratio = 0.1
     config.optim.weight_decay = 0.0
@@ -57,17 +57,16 @@ def text_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.evals.num_reference = 512  # Markov source: held-out sequences
     config.sampler.steps = 128
     if arg == "runlocal":
+        common.runlocal(config)
         config.total_steps = 6
-        config.input.batch_size = 8
         config.input.seq_len = config.model.seq_len = 32
         config.model.hidden_size = 32
         config.model.depth = 1
         config.optim.warmup_steps = 2
-        config.ckpt.every_steps = 3
-        config.log.every_steps = 3
+        config.ckpt.every_steps = config.log.every_steps = 3
+        config.log.sample_every_steps = 0
         config.log.eval_every_steps = 6
-        config.evals.batch_size = 16
-        config.evals.num_reference = 16
+        config.evals.batch_size = config.evals.num_reference = 16
         config.sampler.steps = 8
     return config
 

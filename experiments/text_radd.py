@@ -3,18 +3,14 @@
     python -m diffax.main --config=experiments/text_radd.py --workdir=/tmp/text_radd
 
 Ou et al. 2024: the concrete score is α/(1 − α) times a time-free conditional, so the network takes no t
-and the sampler reuses its output while no token changes (the evaluation reports the NFE spent).
+and the sampler reuses its output while no token changes (the evaluation reports the NFE spent). The
+set-up is MDLM's (experiments/text_mdlm.py) with the λ-DCE loss.
 """
 
-import ml_collections
-
-from experiments.text_mdlm import text_config
+from experiments import text_mdlm
 
 
 def get_config(arg=None):
-    config = text_config(arg)
-    config.process = ml_collections.ConfigDict(dict(name="masked", eps=0.0))
-    config.loss = ml_collections.ConfigDict(dict(name="radd_lambda_dce"))
-    config.sampler.name = "masked_ancestral"
-    config.sampler.cache = True
+    config = text_mdlm.get_config(arg)
+    config.loss.name = "radd_lambda_dce"
     return config

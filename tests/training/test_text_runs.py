@@ -41,7 +41,7 @@ def test_markov_source_entropy_and_pipeline():
     [
         ("input.corpus_sha256", "0" * 64, "config.input.corpus_sha256: the normalised text of"),
         ("model.vocab_size", 30, "config.model.vocab_size: 30 does not match the text input's 27"),
-        ("model.seq_len", 64, "config.model.seq_len: 64 does not match config.input.seq_len=128"),
+        ("model.seq_len", 128, "config.model.seq_len: 128 does not match config.input.seq_len=64"),
         ("sampler.name", "ddim", "config.sampler.name: 'ddim' is a Gaussian sampler"),
     ],
 )
@@ -70,13 +70,10 @@ def test_experiments_validate(module, arg):
 
 
 def _run(module, *args):
+    """``python -m <module> <args>`` on one fake device; the finished process (which must succeed)."""
+    command = [sys.executable, "-m", module, *args]
     done = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=subprocess_env(1),
-        capture_output=True,
-        text=True,
-        timeout=600,
+        command, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
