@@ -622,7 +622,11 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: ArrayLike, context: ArrayLike | None = None, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: ArrayLike, context: ArrayLike | None = None, train: bool = False, identity_map: bool = False
+    ) -> jax.Array:
+        """``identity_map``: self-attention with the identity as its attention map (each position
+        attends to itself, the output is v), perturbed-attention guidance's perturbation."""
         x = jnp.asarray(x)
         b, t, c = x.shape
         n, h = self.num_heads, self.head_dim
@@ -639,7 +643,10 @@ class Attention(nn.Module):
             kv = dense(2 * n * h, ("context", "heads"), name="kv", **kw)(context)
             kv = kv.reshape(b, context.shape[1], 2, n, h)
             k, v = (a[:, :, 0] for a in jnp.split(kv, 2, axis=2))
-        o = dot_product_attention(q, k, v, impl=self.impl, train=train).reshape(b, t, n * h)
+        if identity_map and context is not None:
+            raise ValueError("identity_map perturbs self-attention; this call is cross-attention.")
+        o = v if identity_map else dot_product_attention(q, k, v, impl=self.impl, train=train)
+        o = o.reshape(b, t, n * h)
         out_init = ZEROS if self.zero_init_out else XAVIER
         return dense(c, ("heads", "embed"), kernel_init=out_init, name="out", **kw)(o)
 

@@ -105,3 +105,87 @@ def test_guided_sampling_through_a_bound_condition(vp, conditional_model):
     direct = jax.tree_util.Partial(model, cond=cond)
     run = lambda model_fn: samplers.sample(model_fn, vp, x_T, sampler="dpm_solver++_2m", timesteps=ts)
     np.testing.assert_allclose(run(guided), run(direct), atol=1e-5)
+
+
+def test_guidance_interval_and_adaptive_guidance_reduce_to_their_limits(conditional_model, batch):
+    """The interval: CFG inside, the conditional model (one branch, B examples) outside. Adaptive
+    guidance: the conditional model at scale 1 or where the branches agree (threshold -2), CFG where
+    they never agree (threshold 2)."""
+    model, calls = conditional_model
+    x, t, cond = batch
+    null = jnp.int32(-1)
+    jit_model = jax.jit(model)
+    cfg = jax.jit(guidance.classifier_free(model, 3.0, null_cond=null))(x, t, cond)
+    inside = guidance.classifier_free(model, 3.0, null_cond=null, interval=(0.3, 0.5))
+    np.testing.assert_allclose(jax.jit(inside)(x, t, cond), cfg, rtol=1e-6, atol=1e-6)
+    calls.clear()
+    outside = jax.jit(guidance.classifier_free(model, 3.0, null_cond=null, interval=(0.5, 0.9)))(x, t, cond)
+    np.testing.assert_allclose(outside, jit_model(x, t, cond), rtol=1e-6, atol=1e-6)
+    assert sorted(calls) == [32, 64]  # the conditional-only branch and the guided one, both traced
+    for scale, threshold, expected in [
+        (1.0, 0.99, jit_model(x, t, cond)),
+        (3.0, 2.0, cfg),
+        (3.0, -2.0, None),
+    ]:
+        out = jax.jit(guidance.adaptive(model, scale, null_cond=null, threshold=threshold))(x, t, cond)
+        expected = jit_model(x, t, cond) if expected is None else expected
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_perturbed_attention_guidance():
+    """No perturbed layers: the model itself. The identity map makes a self-attention layer return its
+    value projection; perturbing one layer changes the output. The U-Net's (and DiT's) self-attention
+    layers are the same module, found by tracing."""
+    import flax.linen as nn
+
+    from diffax import models
+    from diffax.models.layers import Attention
+
+    unet = models.get(
+        "unet_ddpm_cifar10",
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        num_heads=2,
+        norm_groups=4,
+        dropout=0.0,
+    )
+    x, t = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,))
+    unet_fn = lambda x, t, c: unet.apply(unet.init(jax.random.key(0), x, t), x, t, c)
+    unet_layers = guidance.attention_layers(unet_fn, x, t, None)
+    assert len(unet_layers) == 4 and all(p.endswith("/self_attn") for p in unet_layers)  # down, mid, 2 up
+
+    class Tiny(nn.Module):  # two self-attention layers between projections
+        @nn.compact
+        def __call__(self, x, t, cond):
+            h = nn.Dense(8)(x) + t[:, None, None]
+            for name in ("first", "second"):
+                h = h + Attention(num_heads=2, head_dim=4, name=name)(h)
+            return nn.Dense(x.shape[-1])(h)
+
+    module = Tiny()
+    x, t = jax.random.normal(jax.random.key(0), (2, 5, 3)), jnp.array([0.3, 0.7])
+    params = module.init(jax.random.key(1), x, t, None)
+    model_fn = lambda x, t, c: module.apply(params, x, t, c)
+    paths = guidance.attention_layers(model_fn, x, t, None)
+    assert paths == ["first", "second"]
+
+    @jax.jit  # one program for the three calls
+    def outputs(x, t):
+        none = guidance.perturbed_attention(model_fn, 2.0, layers=())(x, t, None)
+        one = guidance.perturbed_attention(model_fn, 2.0, layers=paths[1:])(x, t, None)
+        return model_fn(x, t, None), none, one
+
+    plain, none, guided = outputs(x, t)
+    np.testing.assert_allclose(none, plain, rtol=1e-6, atol=1e-6)
+    assert float(jnp.max(jnp.abs(guided - plain))) > 1e-3
+    # the perturbation itself: out(v) for one Attention layer
+    attn = Attention(num_heads=2, head_dim=4)
+    y = jax.random.normal(jax.random.key(3), (2, 5, 6))
+    p = nn.unbox(attn.init(jax.random.key(4), y))["params"]
+    v = (y @ p["qkv"]["kernel"] + p["qkv"]["bias"][None, None])[..., 16:]
+    expected = v @ p["out"]["kernel"] + p["out"]["bias"][None, None]
+    np.testing.assert_allclose(
+        attn.apply({"params": p}, y, identity_map=True), expected, rtol=1e-5, atol=1e-6
+    )
