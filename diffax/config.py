@@ -112,7 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
     # std_rels: power-function EMAs (Karras et al. 2024) after the decays, snapshotted with every
     # checkpoint into DIR/ema_snapshots/ for post-hoc reconstruction (diffax.posthoc_ema).
     c.ema = ml_collections.ConfigDict(dict(decays=(0.9999,), warmup=False, std_rels=()))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1))
     c.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
     # CPU speed settings that `python -m diffax.main` applies before JAX starts (diffax.perf.configure_cpu):
     # convolutions through Eigen, and glibc malloc keeping freed buffers (no per-step page faults).

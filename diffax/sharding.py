@@ -1,9 +1,11 @@
 """Device meshes from the config and shardings for batches, parameters and optimizer state.
 
-The mesh has two axes: ``data`` (pure data parallelism) and ``fsdp`` (data parallelism whose
-devices also split the parameters and optimizer state). The batch is split over both; parameters
-are split by the models' logical axis names through rules like ``diffax.models.LOGICAL_AXIS_RULES``,
-so ``fsdp=1`` replicates them. No ``pmap``: every array is a global ``jax.Array``.
+The mesh has three axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism whose
+devices also split the parameters and optimizer state) and ``expert`` (data parallelism whose
+devices also split the experts of mixture-of-experts layers, GShard's expert parallelism). The batch
+is split over all of them; parameters are split by the models' logical axis names through rules like
+``diffax.models.LOGICAL_AXIS_RULES``, so ``fsdp=1, expert=1`` replicates them. No ``pmap``: every
+array is a global ``jax.Array``.
 """
 
 import math
@@ -16,43 +18,46 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert")
 BATCH_AXES = MESH_AXES  # the batch is split over every mesh axis
 
 
-def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
-    """Resolves ``(data, fsdp)`` from ``config.mesh``; one of them may be ``-1`` (fill the rest).
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+    """Resolves ``(data, fsdp, expert)`` from ``config.mesh``; one may be ``-1`` (fill the rest).
+
+    A field the section lacks counts as 1.
 
     Raises:
       ValueError: naming the field, when the sizes do not multiply to ``num_devices``.
     """
-    sizes = {name: int(mesh_config[name]) for name in MESH_AXES}
+    sizes = {name: int(mesh_config.get(name, 1)) for name in MESH_AXES}
     free = [name for name, size in sizes.items() if size == -1]
     for name, size in sizes.items():
         if size == 0 or size < -1:
             raise ValueError(f"config.mesh.{name}={size}: use a positive size, or -1 for the other devices.")
     if len(free) > 1:
-        raise ValueError("config.mesh: at most one of data/fsdp may be -1.")
+        raise ValueError("config.mesh: at most one of data/fsdp/expert may be -1.")
     if free:
         fixed = math.prod(size for size in sizes.values() if size != -1)
         if num_devices % fixed:
             raise ValueError(
-                f"config.mesh.{free[0]}=-1: the other axis ({fixed}) does not divide {num_devices} devices."
+                f"config.mesh.{free[0]}=-1: the other axes ({fixed}) do not divide {num_devices} devices."
             )
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
+        product = " × ".join(f"{name}={size}" for name, size in sizes.items())
         raise ValueError(
-            f"config.mesh: data={sizes['data']} × fsdp={sizes['fsdp']} must equal the {num_devices} devices;"
-            " set one of them to -1."
+            f"config.mesh: {product} must equal the {num_devices} devices; set one of them to -1."
         )
-    return sizes["data"], sizes["fsdp"]
+    return tuple(sizes[name] for name in MESH_AXES)
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds the ``("data", "fsdp")`` mesh of ``devices`` (default: all devices of all processes)."""
+    """Builds the ``("data", "fsdp", "expert")`` mesh of ``devices`` (default: all devices of all
+    processes)."""
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(mesh_config, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

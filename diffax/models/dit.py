@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from diffax.models import layers
+from diffax.models import layers, moe
 
 Dtype = Any
 
@@ -53,6 +53,7 @@ class DiTBlock(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     attention_impl: str = "xla"
+    routing: moe.Routing | None = None  # DiT-MoE: the MLP becomes a mixture of experts
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -68,8 +69,11 @@ class DiTBlock(nn.Module):
         h = attn(_modulate(_layer_norm(self.dtype)(x), shift_msa, scale_msa), train=train)
         x = x + gate_msa[:, None, :] * h
         h = _modulate(_layer_norm(self.dtype)(x), shift_mlp, scale_mlp)
-        h = layers.dense(int(d * self.mlp_ratio), ("embed", "mlp"), name="mlp_in", **kw)(h)
-        h = layers.dense(d, ("mlp", "embed"), name="mlp_out", **kw)(nn.gelu(h, approximate=True))
+        if self.routing is not None:  # DiT-MoE (Fei et al. 2024, Fig. 2)
+            h = moe.MoEFeedForward(self.routing, int(d * self.mlp_ratio), name="moe", **kw)(h, train)
+        else:
+            h = layers.dense(int(d * self.mlp_ratio), ("embed", "mlp"), name="mlp_in", **kw)(h)
+            h = layers.dense(d, ("mlp", "embed"), name="mlp_out", **kw)(nn.gelu(h, approximate=True))
         return x + gate_mlp[:, None, :] * h
 
 
@@ -93,10 +97,17 @@ class DiT(nn.Module):
       dtype: compute dtype.
       param_dtype: parameter dtype.
       attention_impl: "xla" or "cpu" (see ``layers.dot_product_attention``).
+      num_experts: 0 for the dense MLP; otherwise DiT-MoE's mixture of this many routed experts in
+        every block (``diffax.models.moe.MoEFeedForward``).
+      experts_per_token: routed experts per token (K).
+      num_shared_experts: DiT-MoE's shared experts n_s (every token uses them).
+      balance_loss_weight: α of DiT-MoE's expert-level balance loss (its gradient joins training).
+      capacity_factor: expert slots per example relative to an even split; 0: no token dropped.
 
     References:
       Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023, Sec. 3 (patchify, adaLN-Zero,
-      zero-initialised final layer), Table 1 (S/B/L/XL), App. A (initialisation).
+      zero-initialised final layer), Table 1 (S/B/L/XL), App. A (initialisation). Fei et al., "Scaling
+      Diffusion Transformers to 16 Billion Parameters", 2024, Sec. 2.2 and Table 1 (DiT-MoE).
     """
 
     patch_size: int = 2
@@ -115,6 +126,11 @@ class DiT(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    num_experts: int = 0
+    experts_per_token: int = 2
+    num_shared_experts: int = 2
+    balance_loss_weight: float = 0.005
+    capacity_factor: float = 0.0
 
     def __post_init__(self) -> None:
         self._validate()
@@ -141,6 +157,17 @@ class DiT(nn.Module):
             raise ValueError(f"DiT: hidden_size={self.hidden_size} must be divisible by 4 (2D pos-embed).")
         if self.freq_dim % 2:
             raise ValueError(f"DiT: freq_dim={self.freq_dim} must be even.")
+        if self.num_experts < 0 or self.num_shared_experts < 0:
+            raise ValueError(
+                "DiT: num_experts and num_shared_experts must be >= 0 (num_experts=0: dense MLP)."
+            )
+        if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(
+                f"DiT: experts_per_token={self.experts_per_token} must be in"
+                f" [1, num_experts={self.num_experts}]."
+            )
+        if self.balance_loss_weight < 0 or self.capacity_factor < 0:
+            raise ValueError("DiT: balance_loss_weight and capacity_factor must be >= 0.")
 
     @nn.compact
     def __call__(self, x: ArrayLike, t: ArrayLike, cond: Any = None, train: bool = False) -> jax.Array:
@@ -189,10 +216,19 @@ class DiT(nn.Module):
             )(labels, train)
 
         block_cls = nn.remat(DiTBlock, static_argnums=(3,)) if self.remat else DiTBlock
-        for i in range(self.depth):
-            h = block_cls(d, self.num_heads, self.mlp_ratio, self.attention_impl, name=f"block_{i}", **kw)(
-                h, c, train
+        routing = None
+        if self.num_experts:
+            routing = moe.Routing(
+                self.num_experts,
+                self.experts_per_token,
+                self.num_shared_experts,
+                self.balance_loss_weight,
+                self.capacity_factor,
             )
+        for i in range(self.depth):
+            h = block_cls(
+                d, self.num_heads, self.mlp_ratio, self.attention_impl, routing, name=f"block_{i}", **kw
+            )(h, c, train)
 
         shift, scale = jnp.split(
             layers.dense(2 * d, ("embed", "mlp"), kernel_init=layers.ZEROS, name="final_adaln", **kw)(

@@ -5,7 +5,7 @@ Convolution, attention and GroupNorm each live in exactly one function here, beh
 fuses better (see ``/work/shared/PERF-NOTES.md``); the two agree in value and gradient.
 
 Every parameter carries logical axis names (Flax partitioning metadata); ``LOGICAL_AXIS_RULES``
-maps them onto a ``("data", "fsdp")`` device mesh.
+maps them onto a ``("data", "fsdp", "expert")`` device mesh.
 """
 
 import functools
@@ -32,6 +32,7 @@ TIME_EMBEDDINGS = ("sinusoidal", "fourier")
 # kernel shards its model-width dimension first. Dimensions that may be small or odd (image channels,
 # class table rows, head groups, normalisation vectors, frequencies, patch outputs) stay replicated.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+    ("expert", "expert"),  # the stacked experts of a mixture-of-experts layer (diffax.models.moe)
     ("embed", "fsdp"),  # model width: DiT hidden size, U-Net channels in dense/attention layers
     ("mlp", "fsdp"),  # MLP hidden width, adaLN modulation outputs
     ("conv_out", "fsdp"),  # convolution output channels

@@ -13,8 +13,11 @@ import numpy as np
 from diffax.models.dit import DiT
 from diffax.models.unet import UNet
 
-# DiT sizes (depth, hidden_size, num_heads): Peebles & Xie 2023, Table 1.
+# DiT sizes (depth, hidden_size, num_heads): Peebles & Xie 2023, Table 1; "g": Fei et al. 2024, Table 1.
 _DIT_SIZES = {"s": (12, 384, 6), "b": (12, 768, 12), "l": (24, 1024, 16), "xl": (28, 1152, 16)}
+_DIT_G = (40, 1408, 16)
+# DiT-MoE models of Fei et al. 2024, Table 1: (size, experts E, activated K); n_s = 2 shared experts.
+_DIT_MOE = (("s", 8, 2), ("s", 16, 2), ("b", 8, 2), ("l", 8, 2), ("xl", 8, 2), ("g", 16, 2))
 
 PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     # Ho et al. 2020, App. B: 35.7M parameters at 32x32x3.
@@ -54,6 +57,24 @@ PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
         )
         for size, (depth, hidden, heads) in _DIT_SIZES.items()
         for patch in (2, 4, 8)
+    },
+    # Fei et al. 2024 (DiT-MoE-<size>/2-<E>E<K>A): every block's MLP a mixture of SwiGLU experts.
+    **{
+        f"dit_moe_{size}_2_{experts}e{active}a": (
+            DiT,
+            dict(
+                patch_size=2,
+                depth=depth,
+                hidden_size=hidden,
+                num_heads=heads,
+                num_experts=experts,
+                experts_per_token=active,
+                num_shared_experts=2,
+                balance_loss_weight=0.005,
+            ),
+        )
+        for size, experts, active in _DIT_MOE
+        for depth, hidden, heads in [_DIT_SIZES.get(size, _DIT_G)]
     },
 }
 

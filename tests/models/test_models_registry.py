@@ -13,9 +13,14 @@ from diffax import models
 LATENT = (1, 32, 32, 4)
 
 
-def _dit_param_count(depth, d, patch, channels=4, classes=1000, freq=256):
-    """Closed-form DiT parameter count from the architecture (Peebles & Xie 2023, Sec. 3.2)."""
-    block = (d * 6 * d + 6 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+def _dit_param_count(depth, d, patch, channels=4, classes=1000, freq=256, experts=0, shared=0):
+    """Closed-form DiT parameter count from the architecture (Peebles & Xie 2023, Sec. 3.2); with
+    ``experts``, DiT-MoE's router, E bias-free SwiGLU experts of width 4d and a shared one of width
+    ``shared * d`` in place of the MLP (Fei et al. 2024, Sec. 2.2)."""
+    mlp = (d * 4 * d + 4 * d) + (4 * d * d + d)
+    if experts:
+        mlp = d * experts + experts * 3 * d * 4 * d + 3 * d * shared * d
+    block = (d * 6 * d + 6 * d) + (d * 3 * d + 3 * d) + (d * d + d) + mlp
     embed = (patch * patch * channels * d + d) + (freq * d + d) + (d * d + d) + (classes + 1) * d
     out = patch * patch * 2 * channels
     final = (d * 2 * d + 2 * d) + (d * out + out)
@@ -26,7 +31,8 @@ def _dit_param_count(depth, d, patch, channels=4, classes=1000, freq=256):
 def test_dit_param_count_matches_closed_form(name):
     module = models.get(name)
     count = models.count_params(models.abstract_params(module, LATENT))
-    assert count == _dit_param_count(module.depth, module.hidden_size, module.patch_size)
+    moe = dict(experts=module.num_experts, shared=module.num_shared_experts)
+    assert count == _dit_param_count(module.depth, module.hidden_size, module.patch_size, **moe)
 
 
 @pytest.mark.parametrize(
@@ -145,7 +151,7 @@ def test_every_parameter_is_named_and_large_ones_shard_over_fsdp(name):
         assert len(spec) == leaf.ndim
         mesh_axes = nn.logical_to_mesh_axes(spec, models.LOGICAL_AXIS_RULES)
         for dim, axis in zip(leaf.shape, mesh_axes, strict=True):
-            assert axis in (None, "fsdp")
+            assert axis in (None, "fsdp", "expert")
             assert axis is None or dim % 8 == 0, (name, leaf.shape, spec)
         sharded += int(np.prod(leaf.shape)) if "fsdp" in mesh_axes else 0
     assert sharded / models.count_params(params) > 0.99

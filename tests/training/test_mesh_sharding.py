@@ -15,7 +15,9 @@ def _mesh_config(data, fsdp):
     return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp))
 
 
-@pytest.mark.parametrize(("data", "fsdp", "expected"), [(-1, 1, (8, 1)), (2, -1, (2, 4)), (4, 2, (4, 2))])
+@pytest.mark.parametrize(
+    ("data", "fsdp", "expected"), [(-1, 1, (8, 1, 1)), (2, -1, (2, 4, 1)), (4, 2, (4, 2, 1))]
+)
 def test_mesh_shape_fills_the_free_axis(data, fsdp, expected):
     assert sharding.mesh_shape(_mesh_config(data, fsdp), 8) == expected
     mesh = sharding.make_mesh(_mesh_config(data, fsdp))
@@ -25,7 +27,7 @@ def test_mesh_shape_fills_the_free_axis(data, fsdp, expected):
 @pytest.mark.parametrize(
     ("data", "fsdp", "field"),
     [
-        (3, 2, "config.mesh: data=3 × fsdp=2"),
+        (3, 2, "config.mesh: data=3 × fsdp=2 × expert=1"),
         (-1, 3, "config.mesh.data=-1"),
         (0, 1, "config.mesh.data=0"),
         (-1, -1, "at most one"),
