@@ -6,7 +6,7 @@ labels (batch,) (null label = num_classes) or {"label": ..., "context": ...}.
 """
 
 from diffax.models.autoencoder import AutoencoderKL
-from diffax.models.convert import ConversionError, from_diffusers, to_diffusers
+from diffax.models.convert import ConversionError, from_diffusers, from_dit_checkpoint, to_diffusers
 from diffax.models.dit import DiT
 from diffax.models.layers import LOGICAL_AXIS_RULES
 from diffax.models.registry import PRESETS, abstract_params, count_params, from_config, get
@@ -23,6 +23,7 @@ __all__ = [
     "count_params",
     "from_config",
     "from_diffusers",
+    "from_dit_checkpoint",
     "get",
     "to_diffusers",
 ]

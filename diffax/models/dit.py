@@ -13,18 +13,21 @@ from diffax.models import layers, moe
 Dtype = Any
 
 
-def sincos_pos_embed(grid_h: int, grid_w: int, dim: int) -> np.ndarray:
+def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, base: int | None = None) -> np.ndarray:
     """Fixed 2D sin-cos position embedding, (grid_h * grid_w, dim) float64, row-major patches.
 
     The first half of each vector encodes the column index, the second half the row index, each as
-    ``[sin(p w_i) | cos(p w_i)]`` with ``w_i = 10000**(-i / (dim/4))``.
+    ``[sin(p w_i) | cos(p w_i)]`` with ``w_i = 10000**(-i / (dim/4))``. With ``base``, positions are
+    scaled by ``base / grid`` on each axis (diffusers' ``PatchEmbed``: a grid of another size spans
+    the same range as the ``base`` grid it was trained at).
 
     References:
       Vaswani et al. 2017, Sec. 3.5; He et al., "Masked Autoencoders Are Scalable Vision
       Learners", 2022 (2D variant); Peebles & Xie 2023, Sec. 3.2.
     """
     omega = 1.0 / 10000.0 ** (np.arange(dim // 4) / (dim // 4))
-    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    scale_h, scale_w = (1.0, 1.0) if base is None else (base / grid_h, base / grid_w)
+    rows, cols = np.meshgrid(np.arange(grid_h) * scale_h, np.arange(grid_w) * scale_w, indexing="ij")
 
     def encode(pos: np.ndarray) -> np.ndarray:
         args = pos.reshape(-1, 1) * omega.reshape(1, -1)
@@ -38,8 +41,8 @@ def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
-def _layer_norm(dtype: Dtype) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype)
+def _layer_norm(dtype: Dtype, epsilon: float = 1e-6) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=epsilon, use_bias=False, use_scale=False, dtype=dtype)
 
 
 class DiTBlock(nn.Module):
@@ -54,6 +57,7 @@ class DiTBlock(nn.Module):
     mlp_ratio: float = 4.0
     attention_impl: str = "xla"
     routing: moe.Routing | None = None  # DiT-MoE: the MLP becomes a mixture of experts
+    mlp_norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -68,7 +72,7 @@ class DiTBlock(nn.Module):
         )
         h = attn(_modulate(_layer_norm(self.dtype)(x), shift_msa, scale_msa), train=train)
         x = x + gate_msa[:, None, :] * h
-        h = _modulate(_layer_norm(self.dtype)(x), shift_mlp, scale_mlp)
+        h = _modulate(_layer_norm(self.dtype, self.mlp_norm_eps)(x), shift_mlp, scale_mlp)
         if self.routing is not None:  # DiT-MoE (Fei et al. 2024, Fig. 2)
             h = moe.MoEFeedForward(self.routing, int(d * self.mlp_ratio), name="moe", **kw)(h, train)
         else:
@@ -93,6 +97,14 @@ class DiT(nn.Module):
       time_embedding: "sinusoidal" (of ``t * time_scale``) or "fourier".
       time_scale: multiplies t in the sinusoidal embedding (1000 maps t in [0, 1] to DDPM steps).
       fourier_scale: standard deviation of the Fourier frequencies.
+      time_freq_shift, time_offset: the sinusoidal features' frequency shift and time offset (see
+        ``layers.time_features``); published checkpoints set them (``models.from_diffusers``).
+      mlp_norm_eps: epsilon of each block's LayerNorm before the MLP (1e-6 in DiT; diffusers'
+        ``DiTTransformer2DModel`` uses its ``norm_eps``, 1e-5 by default).
+      block_embedders: each block has its own time and label embedders (diffusers' layout; the
+        final layer uses block 0's); DiT shares one.
+      pos_embed_base: patches per side the position embedding was made for; other grids are
+        scaled to its range as in diffusers' ``PatchEmbed``. None: integer positions at any size.
       remat: rematerialise each block in the backward pass.
       dtype: compute dtype.
       param_dtype: parameter dtype.
@@ -122,6 +134,11 @@ class DiT(nn.Module):
     time_embedding: str = "sinusoidal"
     time_scale: float = 1000.0
     fourier_scale: float = 16.0
+    time_freq_shift: float = 0.0
+    time_offset: float = 0.0
+    mlp_norm_eps: float = 1e-6
+    block_embedders: bool = False
+    pos_embed_base: int | None = None
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -168,6 +185,8 @@ class DiT(nn.Module):
             )
         if self.balance_loss_weight < 0 or self.capacity_factor < 0:
             raise ValueError("DiT: balance_loss_weight and capacity_factor must be >= 0.")
+        if self.pos_embed_base is not None and self.pos_embed_base < 1:
+            raise ValueError(f"DiT: pos_embed_base={self.pos_embed_base}; use a positive int or None.")
 
     @nn.compact
     def __call__(self, x: ArrayLike, t: ArrayLike, cond: Any = None, train: bool = False) -> jax.Array:
@@ -197,23 +216,37 @@ class DiT(nn.Module):
         h = layers.conv(d, p, ("channels", "embed"), strides=p, padding="VALID", name="patch", **kw)(
             x.astype(self.dtype)
         )
-        pos = jnp.asarray(sincos_pos_embed(gh, gw, d), self.dtype)
+        pos = jnp.asarray(sincos_pos_embed(gh, gw, d, self.pos_embed_base), self.dtype)
         h = h.reshape(b, gh * gw, d) + pos[None]
 
-        c = layers.TimeEmbedding(
-            d,
-            self.freq_dim,
-            kind=self.time_embedding,
-            time_scale=self.time_scale,
-            fourier_scale=self.fourier_scale,
-            kernel_init=nn.initializers.normal(0.02),
-            name="time_embed",
-            **kw,
-        )(t)
-        if labels is not None:
-            c = c + layers.LabelEmbedding(
-                self.num_classes, d, dropout=self.label_dropout, name="label_embed", **kw
-            )(labels, train)
+        def embed(suffix: str, label_dropout: float) -> jax.Array:
+            c = layers.TimeEmbedding(
+                d,
+                self.freq_dim,
+                kind=self.time_embedding,
+                time_scale=self.time_scale,
+                fourier_scale=self.fourier_scale,
+                freq_shift=self.time_freq_shift,
+                time_offset=self.time_offset,
+                kernel_init=nn.initializers.normal(0.02),
+                name=f"time_embed{suffix}",
+                **kw,
+            )(t)
+            if labels is None:
+                return c
+            table = layers.LabelEmbedding(
+                self.num_classes, d, dropout=label_dropout, name=f"label_embed{suffix}", **kw
+            )
+            return c + table(labels, train)
+
+        if self.block_embedders:
+            if train and labels is not None and self.label_dropout > 0:  # one draw for every table
+                drop = jax.random.bernoulli(self.make_rng("dropout"), self.label_dropout, labels.shape)
+                labels = jnp.where(drop, self.num_classes, labels)
+            conds = [embed(f"_{i}", 0.0) for i in range(self.depth)]
+        else:
+            conds = [embed("", self.label_dropout)] * self.depth
+        c = conds[0]
 
         block_cls = nn.remat(DiTBlock, static_argnums=(3,)) if self.remat else DiTBlock
         routing = None
@@ -226,9 +259,17 @@ class DiT(nn.Module):
                 self.capacity_factor,
             )
         for i in range(self.depth):
-            h = block_cls(
-                d, self.num_heads, self.mlp_ratio, self.attention_impl, routing, name=f"block_{i}", **kw
-            )(h, c, train)
+            block = block_cls(
+                d,
+                self.num_heads,
+                self.mlp_ratio,
+                self.attention_impl,
+                routing,
+                self.mlp_norm_eps,
+                name=f"block_{i}",
+                **kw,
+            )
+            h = block(h, conds[i], train)
 
         shift, scale = jnp.split(
             layers.dense(2 * d, ("embed", "mlp"), kernel_init=layers.ZEROS, name="final_adaln", **kw)(

@@ -14,11 +14,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from diffax.models.convert import autoencoder_kl, files, table, unet_2d
+from diffax.models.convert import autoencoder_kl, dit, files, table, unet_2d
 from diffax.models.convert.table import ConversionError
 
-_CONVERTERS: tuple[ModuleType, ...] = (autoencoder_kl, unet_2d)
+_CONVERTERS: tuple[ModuleType, ...] = (autoencoder_kl, unet_2d, dit)
 
 
 def _by_class_name(name: str) -> ModuleType:
@@ -34,6 +35,10 @@ def _by_module(module: nn.Module) -> ModuleType:
         if isinstance(module, converter.MODULE):
             return converter
     raise ConversionError(f"to_diffusers: no diffusers layout for {type(module).__name__}.")
+
+
+def _init_shapes(module: nn.Module, init_args: tuple[Any, ...]) -> dict[str, tuple[int, ...]]:
+    return table.param_shapes(lambda: module.init(jax.random.key(0), *init_args)["params"])
 
 
 def from_diffusers(
@@ -56,8 +61,8 @@ def from_diffusers(
     """
     config, source = files.read_folder(folder)
     converter = _by_class_name(config.get("_class_name", ""))
-    module, init_args = converter.module_from_config(config, param_dtype=dtype, **fields)
-    shapes = table.param_shapes(lambda: module.init(jax.random.key(0), *init_args)["params"])
+    module, init_args = converter.module_from_config(config, source, param_dtype=dtype, **fields)
+    shapes = _init_shapes(module, init_args)
     params = table.load(
         converter.table(module, shapes), source, shapes, dtype=dtype, owner=f"from_diffusers({folder})"
     )
@@ -78,4 +83,46 @@ def to_diffusers(module: nn.Module, params: Any, folder: str | pathlib.Path) -> 
     files.write_folder(folder, config, tensors)
 
 
-__all__ = ["ConversionError", "from_diffusers", "to_diffusers"]
+class _TorchStateDict:
+    """A PyTorch state dict's tensors as float32 numpy arrays, converted one at a time when read."""
+
+    def __init__(self, state: dict[str, Any]):
+        self._state = state
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._state[key].float().numpy()
+
+
+def from_dit_checkpoint(
+    path: str | pathlib.Path, *, dtype: Any = jnp.float32, **fields: Any
+) -> tuple[nn.Module, Any]:
+    """Loads the original DiT release (facebookresearch/DiT, e.g. ``DiT-XL-2-256x256.pt``) into ``DiT``.
+
+    The file is a PyTorch pickle: it is read with ``torch.load(..., weights_only=True)``, which
+    unpickles tensors and plain containers only (the ``torch`` extra: ``pip install diffax[torch]``).
+    A training checkpoint's ``"ema"`` weights are taken (the paper's results use them).
+
+    Returns:
+      ``(module, params)``; ``module.apply({"params": params}, x, t, labels)`` at ``t = (i + 1) / 1000``
+      equals the original ``DiT.forward(x, i, labels)``.
+    """
+    try:
+        import torch
+    except ImportError as e:
+        raise ConversionError("from_dit_checkpoint: needs torch (pip install 'diffax[torch]').") from e
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "ema" in state:
+        state = state["ema"]
+    source = _TorchStateDict(state)
+    module, init_args = dit.module_from_original(source, param_dtype=dtype, **fields)
+    shapes = _init_shapes(module, init_args)
+    params = table.load(
+        dit.original_table(module, shapes), source, shapes, dtype=dtype, owner=f"from_dit_checkpoint({path})"
+    )
+    return module, params
+
+
+__all__ = ["ConversionError", "from_diffusers", "from_dit_checkpoint", "to_diffusers"]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from diffax.models.autoencoder import AutoencoderKL
 from diffax.models.convert import blocks
 from diffax.models.convert.files import read_config
-from diffax.models.convert.table import ConversionError, Entry, conv2d, group_norm
+from diffax.models.convert.table import ConversionError, Entry, Source, conv2d, group_norm
 
 CLASS_NAMES = ("AutoencoderKL",)
 MODULE = AutoencoderKL
@@ -32,8 +32,13 @@ FIXED = dict(act_fn="silu", shift_factor=None, latents_mean=None, latents_std=No
 INERT = ("sample_size", "force_upcast")  # tiling size and an fp16 switch
 
 
-def module_from_config(config: Mapping[str, Any], **fields: Any) -> tuple[AutoencoderKL, tuple[Any, ...]]:
-    """The diffax module of a diffusers ``AutoencoderKL`` config, and arguments for its ``init``."""
+def module_from_config(
+    config: Mapping[str, Any], source: Source, **fields: Any
+) -> tuple[AutoencoderKL, tuple[Any, ...]]:
+    """The diffax module of a diffusers ``AutoencoderKL`` config, and arguments for its ``init``.
+
+    ``source`` (the file's tensors) is not needed: the config says it all.
+    """
     c = read_config(config, owner="AutoencoderKL", defaults=DEFAULTS, inert=INERT, fixed=FIXED)
     channels = tuple(c["block_out_channels"])
     levels = len(channels)

@@ -250,6 +250,20 @@ def save(
     return out
 
 
+def source_shapes(
+    table: Sequence[Entry], shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
+    """The source tensors (first spellings) and shapes that ``table`` reads for parameters of ``shapes``."""
+    out = {}
+    for e in table:
+        for spellings in e.sources:
+            if e.path is None:
+                out[spellings[0]] = tuple(e.constant.shape)
+            else:
+                out[spellings[0]] = _source_shape(_part_shape(e, tuple(shapes[e.path])), e.layout)
+    return out
+
+
 def shapes_of(params: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every parameter's ``/``-joined path and shape in a params tree."""
     return {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}

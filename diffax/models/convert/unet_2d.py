@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from diffax.models.convert import blocks
 from diffax.models.convert.files import read_config
-from diffax.models.convert.table import ConversionError, Entry, conv2d, group_norm, linear
+from diffax.models.convert.table import ConversionError, Entry, Source, conv2d, group_norm, linear
 from diffax.models.unet import UNet
 
 CLASS_NAMES = ("UNet2DModel",)
@@ -55,8 +55,13 @@ def _error(message: str) -> ConversionError:
     return ConversionError(f"from_diffusers: UNet2DModel config {message}")
 
 
-def module_from_config(config: Mapping[str, Any], **fields: Any) -> tuple[UNet, tuple[Any, ...]]:
-    """The diffax module of a diffusers ``UNet2DModel`` config, and arguments for its ``init``."""
+def module_from_config(
+    config: Mapping[str, Any], source: Source, **fields: Any
+) -> tuple[UNet, tuple[Any, ...]]:
+    """The diffax module of a diffusers ``UNet2DModel`` config, and arguments for its ``init``.
+
+    ``source`` (the file's tensors) is not needed: the config says it all.
+    """
     c = read_config(config, owner="UNet2DModel", defaults=DEFAULTS, inert=INERT, fixed=FIXED)
     channels, levels = tuple(c["block_out_channels"]), len(c["block_out_channels"])
     down, up = tuple(c["down_block_types"]), tuple(c["up_block_types"])
