@@ -47,6 +47,7 @@ _SAMPLERS_OF = {
     "masked": ("masked_ancestral", "tau_leaping"),
     "autoregressive": (AR_SAMPLER,),
 }
+LOSS_OPTIONS = ("hybrid_coeff",)  # the fields of config.loss a token run reads besides its name
 # Passes over the held-out split, each with fresh (stratified) times and masks, for the bound.
 BOUND_PASSES = 4
 
@@ -61,7 +62,8 @@ def _fields(section: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return dict(_fields(config.loss), loss=config.loss.name)
+    """``make_loss``'s keywords; the Gaussian loss fields a saved config gets from ``base_config`` are not."""
+    return {k: config.loss[k] for k in LOSS_OPTIONS if k in config.loss} | dict(loss=config.loss.name)
 
 
 def build_process(config: ml_collections.ConfigDict) -> processes.D3PM | processes.MaskedProcess | None:
@@ -159,6 +161,13 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.loss.name: {config.loss.name!r} does not train process {name!r};"
             f" use one of {_LOSSES_OF[name]}."
+        )
+    from diffax import config as config_lib
+
+    unknown = sorted(set(config.loss) - {"name", *LOSS_OPTIONS, *config_lib.base_config().loss})
+    if unknown:
+        raise ValueError(
+            f"config.loss.{unknown[0]}: not an option of the token losses; known: {LOSS_OPTIONS}."
         )
     losses.make_loss(process, lambda *a: None, vocab_size=vocab, **_loss_kwargs(config))
     check_sampler(config)
