@@ -66,7 +66,7 @@ def text_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.ckpt.every_steps = config.log.every_steps = 3
         config.log.sample_every_steps = 0
         config.log.eval_every_steps = 6
-        config.evals.batch_size = config.evals.num_reference = 16
+        config.evals.num_reference = 16
         config.sampler.steps = 8
     return config
 
