@@ -2,10 +2,12 @@
 
 The functional core (schedules, forward process, parameterizations, losses), sampling, inversion and
 likelihood are re-exported here; ``diffax.schedules``, ``diffax.losses``, ``diffax.samplers``,
-``diffax.guidance``, ``diffax.inversion``, ``diffax.models`` and ``diffax.evaluation`` are public modules too.
+``diffax.guidance``, ``diffax.inversion``, ``diffax.models`` and ``diffax.evaluation`` are public modules too,
+as is ``diffax.discrete`` (categorical diffusion over tokens).
 """
 
 from diffax import (
+    discrete,
     evaluation,
     guidance,
     inversion,
@@ -30,6 +32,7 @@ __all__ = [
     "PREDICTIONS",
     "Schedule",
     "convert",
+    "discrete",
     "edm_preconditioning",
     "evaluation",
     "from_x0_eps",
