@@ -83,7 +83,12 @@ def _run(module, *args):
 def test_text_run_trains_evaluates_and_generates(tmp_path):
     workdir = tmp_path / "run"
     config = REPO / "experiments" / "text_mdlm.py"
-    _run("diffax.main", f"--config={config}:runlocal", f"--workdir={workdir}", "--config.log.eval_every_steps=0")
+    _run(
+        "diffax.main",
+        f"--config={config}:runlocal",
+        f"--workdir={workdir}",
+        "--config.log.eval_every_steps=0",
+    )
     _run("diffax.evaluate", f"--workdir={workdir}")
     record = json.loads((workdir / "eval" / "step_00000006.json").read_text())
     assert (
