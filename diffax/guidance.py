@@ -51,10 +51,12 @@ def _both_branches(model_fn, x, t, cond, null_cond):
     return out[:batch], out[batch:]
 
 
-def _classifier_free(model_fn, x, t, cond, *, scale, null_cond, rescale, interval):
+def _classifier_free(model_fn, x, t, cond, *, scale, null_cond, rescale, interval, channels=None):
     def guide():
         cond_out, uncond_out = _both_branches(model_fn, x, t, cond, null_cond)
         guided = uncond_out + scale * (cond_out - uncond_out)
+        if channels is not None:  # a mask, not a slice: ``channels`` travels as a runtime argument
+            guided = jnp.where(jnp.arange(guided.shape[-1]) < channels, guided, cond_out)
         rescaled = guided * (_per_example_std(cond_out) / _per_example_std(guided))
         guided = jnp.where(rescale > 0, rescale * rescaled + (1.0 - rescale) * guided, guided)
         if interval is None:
@@ -81,6 +83,7 @@ def classifier_free(
     null_cond: Any,
     rescale: float = 0.0,
     interval: tuple[float, float] | None = None,
+    channels: int | None = None,
 ) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
     """Classifier-free guidance: uncond + scale (cond - uncond), both branches in one batched call.
 
@@ -94,6 +97,9 @@ def classifier_free(
         output's per-example standard deviation and mixed in with weight phi (Lin et al. 2024, eq. 15-16).
       interval: guidance only at times t_lo <= t <= t_hi, the conditional model elsewhere (Kynkäänniemi
         et al. 2024); a call with no time inside evaluates the conditional branch alone.
+      channels: guide only the output's first ``channels`` channels; the rest (e.g. a learned
+        variance) are the conditional branch's. DiT's published samples guide 3 of 4 latent
+        channels (Peebles & Xie 2023, ``models.py::forward_with_cfg``). None: every channel.
 
     Returns:
       ``guided(x, t, cond)``, a ``jax.tree_util.Partial``.
@@ -105,7 +111,13 @@ def classifier_free(
     if interval is not None and not (len(interval) == 2 and interval[0] <= interval[1]):
         raise ValueError(f"interval must be (t_lo, t_hi) with t_lo <= t_hi; got {interval}.")
     return jax.tree_util.Partial(
-        _classifier_free, model_fn, scale=scale, null_cond=null_cond, rescale=rescale, interval=interval
+        _classifier_free,
+        model_fn,
+        scale=scale,
+        null_cond=null_cond,
+        rescale=rescale,
+        interval=interval,
+        channels=channels,
     )
 
 

@@ -17,7 +17,9 @@ Converting the standard FID weights (once, on a machine with PyTorch)::
     import numpy as np, torch
     from diffax.evaluation import inception_variables_from_torch, save_inception_variables
 
-    state_dict = torch.load("pt_inception-2015-12-05-6726825d.pth", map_location="cpu")
+    state_dict = torch.load(
+        "pt_inception-2015-12-05-6726825d.pth", map_location="cpu", weights_only=True
+    )  # tensors and plain containers only: no arbitrary unpickling
     arrays = {name: tensor.numpy() for name, tensor in state_dict.items()}
     save_inception_variables(inception_variables_from_torch(arrays), "inception_fid.npz")
 
@@ -245,7 +247,8 @@ def inception_variables_from_torch(state_dict: Mapping[str, ArrayLike]) -> dict:
     """Converts a torchvision-named FID Inception ``state_dict`` (numpy arrays) to Flax variables.
 
     Args:
-      state_dict: tensor name → array, e.g. ``{k: v.numpy() for k, v in torch.load(path).items()}``
+      state_dict: tensor name → array, e.g.
+        ``{k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}``
         of pytorch-fid's ``pt_inception-2015-12-05`` file. ``num_batches_tracked`` entries are
         ignored.
 
