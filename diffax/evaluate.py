@@ -16,6 +16,12 @@ to ``DIR/eval/step_<step>.json`` (or ``--out``) and as TensorBoard scalars ``eva
   ``diffax.evaluation.load_inception_variables``): FID and IS against ``config.evals.num_reference``
   images of the run's own input, and the floor against as many images of
   ``config.evals.heldout_split`` when set.
+
+    python -m diffax.evaluate --samples=FILE.npz --reference=REF.npz --inception_weights=W.npz
+
+scores a sample batch (``arr_0`` as ``diffax.generate --pretrained`` and the ADM evaluator write it,
+or ``images``) against an ADM reference batch (``arr_0`` images or ``mu``/``sigma`` statistics):
+``diffax.evaluation.fid_against_reference``.
 """
 
 from __future__ import annotations
@@ -148,7 +154,10 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("workdir", None, "Run directory written by diffax.main.", required=True)
+    flags.DEFINE_string("workdir", None, "Run directory written by diffax.main.")
+    flags.DEFINE_string("samples", None, "Instead of --workdir: a sample batch .npz (arr_0 or images).")
+    flags.DEFINE_string("reference", None, "With --samples: an ADM reference batch .npz (arr_0 or mu/sigma).")
+    flags.DEFINE_string("inception_weights", None, "With --samples: the InceptionV3 .npz weights.")
     flags.DEFINE_integer("num_samples", None, "Samples to evaluate (default: config.evals.num_samples).")
     flags.DEFINE_string("sampler", None, "Sampler name (default: the run's config.sampler.name).")
     flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sampler.steps).")
@@ -163,6 +172,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.num_samples is not None and FLAGS.num_samples < 2:
         raise app.UsageError(f"--num_samples={FLAGS.num_samples}: must be at least 2.")
+    if FLAGS.samples is not None:
+        return _score_sample_file()
+    if FLAGS.workdir is None:
+        raise app.UsageError("pass --workdir=DIR (a diffax run) or --samples=FILE --reference=REF.")
     config, sample_fn, params, step = generate.load_run(
         FLAGS.workdir,
         sampler=FLAGS.sampler,
@@ -201,6 +214,27 @@ def main(argv: list[str]) -> None:
     if writer is not None:
         writer.close()
     logging.info("wrote %s", out)
+    print(json.dumps(record, sort_keys=True))
+
+
+def _score_sample_file() -> None:
+    """``--samples``: FID of a sample batch against an ADM reference batch."""
+    import diffax.evaluation as evaluation
+
+    if FLAGS.reference is None or FLAGS.inception_weights is None:
+        raise app.UsageError("--samples needs --reference=REF.npz and --inception_weights=W.npz.")
+    extractor = functools.partial(
+        evaluation.inception_features_and_logits,
+        variables=evaluation.load_inception_variables(FLAGS.inception_weights),
+    )
+    try:
+        fid = evaluation.fid_against_reference(FLAGS.samples, FLAGS.reference, extractor=extractor)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    record = dict(samples=FLAGS.samples, reference=FLAGS.reference, fid=fid)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
     print(json.dumps(record, sort_keys=True))
 
 

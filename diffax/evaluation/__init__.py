@@ -38,6 +38,12 @@ from diffax.evaluation._inception import (
     save_inception_variables,
 )
 from diffax.evaluation._precision_recall import precision_recall
+from diffax.evaluation._reference_batch import (
+    fid_against_reference,
+    image_batch_stats,
+    read_image_batch,
+    reference_batch_stats,
+)
 from diffax.evaluation._scores import (
     ClassifierStats,
     inception_score,
@@ -71,8 +77,10 @@ __all__ = [
     "digits_targets",
     "evaluate_samples",
     "feature_mean_cov",
+    "fid_against_reference",
     "floor_fd",
     "frechet_distance",
+    "image_batch_stats",
     "inception_features_and_logits",
     "inception_score",
     "inception_score_from_stats",
@@ -86,7 +94,9 @@ __all__ = [
     "load_inception_variables",
     "merge_feature_stats",
     "precision_recall",
+    "read_image_batch",
     "reference_feature_stats",
+    "reference_batch_stats",
     "SampleJudge",
     "save_inception_variables",
     "to_digit_pixels",
