@@ -95,3 +95,29 @@ def test_dit_pipeline_decodes_through_the_vae_and_cli_writes_the_adm_layout(tmp_
     with np.load(out) as f:
         assert f["arr_0"].shape == (3, 8, 8, 3) and f["arr_0"].dtype == np.uint8  # decoded by the VAE
         assert f["labels"].shape == (3,) and f["labels"].max() < 1000 and len(np.unique(f["arr_0"])) > 1
+
+
+def test_vae_psnr_on_a_folder_of_images(tmp_path):
+    from PIL import Image
+
+    from diffax import models
+
+    vae = models.AutoencoderKL(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4)
+    params = vae.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(12, 10), (10, 16)]):  # cropped to the centre square, resized to 8x8
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    images = pretrained.load_images(tmp_path / "images", 8)
+    assert images.shape == (2, 8, 8, 3)
+    psnr, per_image = pretrained.reconstruction_psnr(vae, params, images)
+    decoded = vae.apply(
+        {"params": params},
+        vae.apply({"params": params}, images / 127.5 - 1.0, method="encode")[0],
+        method="decode",
+    )
+    mse = np.mean(
+        (np.clip(np.round((np.asarray(decoded) + 1) * 127.5), 0, 255) - images) ** 2, axis=(1, 2, 3)
+    )
+    np.testing.assert_allclose(per_image, 10 * np.log10(255**2 / mse), rtol=1e-4)
+    assert psnr == pytest.approx(per_image.mean())

@@ -79,8 +79,9 @@ def to_diffusers(module: nn.Module, params: Any, folder: str | pathlib.Path) -> 
     converter = _by_module(module)
     shapes = table.shapes_of(params)
     config = converter.config_from_module(module, shapes)
-    tensors = table.save(converter.table(module, shapes), params, owner="to_diffusers")
-    files.write_folder(folder, config, tensors)
+    rows = converter.table(module, shapes)
+    tensors = table.save(rows, params, owner="to_diffusers")
+    files.write_folder(folder, config, tensors, table.source_shapes(rows, shapes))
 
 
 class _TorchStateDict:

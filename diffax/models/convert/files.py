@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -13,23 +14,78 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
+# safetensors dtype names -> numpy (BF16 is widened to float32 on reading: numpy has no bfloat16).
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
 class SafetensorsSource:
-    """A safetensors file's tensors as numpy arrays, each read from disk only when asked for."""
+    """A safetensors file's tensors as numpy arrays, each read from disk only when asked for.
+
+    The format (an 8-byte little-endian header length, a JSON header of dtypes, shapes and byte
+    offsets, then the raw little-endian data) is read with plain file reads, no memory map, so
+    reading a checkpoint tensor by tensor holds one tensor at a time.
+    """
 
     def __init__(self, path: str | pathlib.Path):
-        from safetensors import safe_open
-
         self.path = str(path)
-        self._file = safe_open(self.path, framework="np")
+        with open(self.path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        self._header, self._start = header, 8 + length
 
     def keys(self) -> Iterable[str]:
-        return list(self._file.keys())
+        return list(self._header)
 
     def __getitem__(self, key: str) -> np.ndarray:
-        try:
-            return self._file.get_tensor(key)
-        except (TypeError, ValueError) as e:  # e.g. bfloat16, which numpy cannot hold
-            raise ConversionError(f"{self.path}: cannot read tensor {key!r} into numpy ({e}).") from e
+        info = self._header[key]
+        if info["dtype"] not in _DTYPES:
+            raise ConversionError(
+                f"{self.path}: tensor {key!r} has dtype {info['dtype']}, which diffax cannot read."
+            )
+        begin, end = info["data_offsets"]
+        with open(self.path, "rb") as f:
+            f.seek(self._start + begin)
+            data = np.frombuffer(
+                f.read(end - begin), dtype=np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
+            )
+        if info["dtype"] == "BF16":  # the high half of a float32
+            data = (data.astype(np.uint32) << 16).view(np.float32)
+        return data.reshape(info["shape"])
+
+
+def write_safetensors(
+    path: str | pathlib.Path, tensors: Iterable[tuple[str, np.ndarray]], shapes: Mapping[str, Any]
+) -> None:
+    """Writes float32 ``tensors`` (name, array) pairs as a safetensors file, one tensor at a time.
+
+    ``shapes`` gives every name's shape in the order the pairs come, so the header is written first.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        size = 4 * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for (name, array), expected in zip(tensors, shapes, strict=True):
+            if name != expected or tuple(array.shape) != tuple(shapes[name]):
+                raise ConversionError(f"write_safetensors: got {name} {array.shape}, expected {expected}.")
+            f.write(np.ascontiguousarray(array, "<f4").tobytes())
 
 
 def read_folder(folder: str | pathlib.Path) -> tuple[dict[str, Any], SafetensorsSource]:
@@ -48,15 +104,16 @@ def read_folder(folder: str | pathlib.Path) -> tuple[dict[str, Any], Safetensors
 
 
 def write_folder(
-    folder: str | pathlib.Path, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]
+    folder: str | pathlib.Path,
+    config: Mapping[str, Any],
+    tensors: Iterable[tuple[str, np.ndarray]],
+    shapes: Mapping[str, Any],
 ) -> None:
-    """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` into ``folder``."""
-    from safetensors.numpy import save_file
-
+    """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` (streamed) into ``folder``."""
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-    save_file(dict(tensors), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_safetensors(folder / WEIGHTS_NAME, tensors, shapes)
 
 
 def read_config(

@@ -19,7 +19,7 @@ parameter filled once, every shape as the network expects; errors name the key.
 """
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -231,23 +231,23 @@ def load(
 
 def save(
     table: Sequence[Entry], params: Mapping[str, Any], *, owner: str = "convert"
-) -> dict[str, np.ndarray]:
-    """The source-layout tensors of ``params`` by ``table`` (the inverse of ``load``), float32."""
-    flat = {k: np.asarray(v, np.float32) for k, v in _flatten(params).items()}
-    _check_params(table, {k: v.shape for k, v in flat.items()}, owner)
-    out: dict[str, np.ndarray] = {}
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The source-layout float32 tensors of ``params`` by ``table`` (the inverse of ``load``), one at a
+    time, in the order of ``source_shapes(table, ...)``."""
+    flat = _flatten(params)
+    _check_params(table, {k: tuple(np.shape(v)) for k, v in flat.items()}, owner)  # before any writing
+    return _source_tensors(table, flat)
+
+
+def _source_tensors(table: Sequence[Entry], flat: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
     for e in table:
         if e.path is None:
-            out[e.sources[0][0]] = np.asarray(e.constant, np.float32)
+            yield e.sources[0][0], np.asarray(e.constant, np.float32)
             continue
-        value = flat[e.path]
-        if e.join == "copies":
-            parts = [value] * len(e.sources)
-        else:
-            parts = np.split(value, len(e.sources), axis=-1)
+        value = np.asarray(flat[e.path], np.float32)
+        parts = [value] * len(e.sources) if e.join == "copies" else np.split(value, len(e.sources), axis=-1)
         for spellings, part in zip(e.sources, parts, strict=True):
-            out[spellings[0]] = np.ascontiguousarray(_to_source(part, e.layout))
-    return out
+            yield spellings[0], np.ascontiguousarray(_to_source(part, e.layout))
 
 
 def source_shapes(
