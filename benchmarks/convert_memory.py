@@ -20,24 +20,13 @@ import time
 
 import numpy as np
 
-XL = dict(
-    _class_name="DiTTransformer2DModel",
-    num_attention_heads=16,
-    attention_head_dim=72,
-    in_channels=4,
-    out_channels=8,
-    num_layers=28,
-    sample_size=32,
-    patch_size=2,
-    num_embeds_ada_norm=1000,
-)
-
 
 def write_checkpoint(folder: pathlib.Path) -> int:
     import diffusers
     import torch
 
     from diffax.models.convert import files
+    from diffax.models.convert.dit import DIT_XL_2_256_CONFIG as XL
 
     with torch.device("meta"):
         model = diffusers.DiTTransformer2DModel.from_config(XL)

@@ -14,18 +14,8 @@ from diffax.models.convert import table
 from tests.models import diffusers_reference as ref
 
 # facebook/DiT-XL-2-256's transformer config, narrowed (28 -> 3 blocks, 16 x 72 -> 4 x 16 channels).
-DIT_CONFIG = dict(
-    _class_name="DiTTransformer2DModel",
-    num_attention_heads=4,
-    attention_head_dim=16,
-    in_channels=4,
-    out_channels=8,
-    num_layers=3,
-    sample_size=8,
-    patch_size=2,
-    num_embeds_ada_norm=1000,
-)
-XL_CONFIG = dict(DIT_CONFIG, num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=32)
+XL_CONFIG = dit_convert.DIT_XL_2_256_CONFIG
+DIT_CONFIG = dict(XL_CONFIG, num_attention_heads=4, attention_head_dim=16, num_layers=3, sample_size=8)
 STEPS, LABELS = [0, 999], [7, 1000]  # the second label is the null class (classifier-free guidance)
 
 

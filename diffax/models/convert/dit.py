@@ -41,6 +41,18 @@ FIXED = dict(
     norm_type="ada_norm_zero",
     norm_elementwise_affine=False,
 )
+# facebook/DiT-XL-2-256's transformer: DiT-XL/2 on 32x32x4 SD-VAE latents, learned sigma, 1000 classes.
+DIT_XL_2_256_CONFIG = dict(
+    _class_name="DiTTransformer2DModel",
+    num_attention_heads=16,
+    attention_head_dim=72,
+    in_channels=4,
+    out_channels=8,
+    num_layers=28,
+    sample_size=32,
+    patch_size=2,
+    num_embeds_ada_norm=1000,
+)
 # Transformer2DModel's fields that a DiT leaves at their defaults.
 LEGACY_FIXED = dict(
     cross_attention_dim=None,
