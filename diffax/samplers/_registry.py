@@ -10,6 +10,7 @@ from diffax.samplers._base import Sampler
 from diffax.samplers.bdia import bdia
 from diffax.samplers.ddpm_ddim import ddim, ddpm
 from diffax.samplers.dpm_solver import multistep, singlestep
+from diffax.samplers.dpm_solver_v3 import dpm_solver_v3
 from diffax.samplers.edm import euler, heun
 from diffax.samplers.ode import AdaptiveSampler, ode
 from diffax.samplers.pndm import plms, pndm
@@ -47,6 +48,7 @@ REGISTRY: dict[str, Callable[..., Sampler | AdaptiveSampler]] = {
     "dpm_solver++_2m": _fixed(multistep, 2),
     "dpm_solver++_3m": _fixed(multistep, 3),
     "dpm_solver++_sde": _dpm_solver_sde,
+    "dpm_solver_v3": dpm_solver_v3,
     "unipc": unipc,
     "pndm": pndm,
     "plms": plms,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from diffax.samplers._base import Sampler, first_order_step, half_log_snr, normal_like, push_history
 from diffax.schedules import Schedule
 
-__all__ = ["phi_integrals", "exponential_coefficients", "singlestep", "multistep"]
+__all__ = ["phi_integrals", "exponential_coefficients", "singlestep", "multistep", "multistep_sum"]
 
 
 def phi_integrals(h: jax.Array, n: int, *, data: bool) -> list[jax.Array]:
@@ -122,6 +122,33 @@ def singlestep(order: int, *, data: bool) -> Sampler:
     return Sampler(init=lambda x: (), step=step, order=order, nfe_per_step=order, data_prediction=data)
 
 
+def multistep_sum(m_0, m_hist, lams, h, integrals, used, order: int) -> jax.Array:
+    """sum_k I_k m^(k) of DPM-Solver++(kM) with ``used`` (traced, < ``order``) history points.
+
+    m_0 is the newest output, m_hist the older ones (newest first) at half-log-SNRs lams[1:] (lams[0]
+    is m_0's); ``integrals`` = (I_0, I_1, I_2), scalars or arrays of m's shape (DPM-Solver-v3). With
+    r_j = (lambda_{j-1} - lambda_j) / h and D1_j the divided differences of ``multistep``'s docstring:
+    I_0 m_0 (order 1), I_0 (m_0 + D1_0 / 2) (order 2), I_0 m_0 + I_1 / h D1 + I_2 / h^2 D2 (order 3).
+    """
+    i0, i1, i2 = integrals
+    r = (lams[:-1] - lams[1:]) / h
+
+    def first_order():
+        return i0 * m_0
+
+    def second_order():
+        return i0 * (m_0 + 0.5 * (m_0 - m_hist[0]) / r[0])
+
+    def third_order():
+        d1_0 = (m_0 - m_hist[0]) / r[0]
+        d1_1 = (m_hist[0] - m_hist[1]) / r[1]
+        d1 = d1_0 + r[0] / (r[0] + r[1]) * (d1_0 - d1_1)
+        d2 = (d1_0 - d1_1) / (r[0] + r[1])
+        return i0 * m_0 + i1 / h * d1 + i2 / jnp.square(h) * d2
+
+    return jax.lax.switch(used, [first_order, second_order, third_order][:order])
+
+
 def multistep(order: int, *, sde: bool = False) -> Sampler:
     """Multistep DPM-Solver++(kM) in the data prediction, one evaluation per interval.
 
@@ -167,23 +194,8 @@ def multistep(order: int, *, sde: bool = False) -> Sampler:
         if sde:
             a, i0 = a * jnp.exp(-h), -jnp.expm1(-2.0 * h)
         lams = half_log_snr(schedule, jnp.concatenate([t[None].astype(t_hist.dtype), t_hist]))
-        r = (lams[:-1] - lams[1:]) / h  # r_j = (lambda_{j-1} - lambda_j) / h, lambda_{-1} = lambda_t
-
-        def first_order():
-            return i0 * x0
-
-        def second_order():
-            return i0 * (x0 + 0.5 * (x0 - m_hist[0]) / r[0])
-
-        def third_order():
-            d1_0 = (x0 - m_hist[0]) / r[0]
-            d1_1 = (m_hist[0] - m_hist[1]) / r[1]
-            d1 = d1_0 + r[0] / (r[0] + r[1]) * (d1_0 - d1_1)
-            d2 = (d1_0 - d1_1) / (r[0] + r[1])
-            return i0 * x0 + i1 / h * d1 + i2 / jnp.square(h) * d2
-
         used = jnp.where(schedule.sigma(s) > 0, jnp.minimum(i, num_hist), 0)
-        total = jax.lax.switch(used, [first_order, second_order, third_order][:order])
+        total = multistep_sum(x0, m_hist, lams, h, (i0, i1, i2), used, order)
         x_s = a.astype(x.dtype) * x + b.astype(x.dtype) * total
         if sde:
             x_s = x_s + (schedule.sigma(s) * jnp.sqrt(i0)).astype(x.dtype) * normal_like(key, x)
