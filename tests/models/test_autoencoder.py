@@ -16,13 +16,16 @@ def test_shapes_and_reconstruction_path():
     x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3), minval=-1, maxval=1)
     params = jax.jit(module.init)(jax.random.key(1), x)["params"]
     assert set(params) == {"encoder", "decoder", "quant_conv", "post_quant_conv"}
-    mean, logvar = module.apply({"params": params}, x, method="encode")
+    encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode"))
+    decode = jax.jit(lambda p, z: module.apply({"params": p}, z, method="decode"))
+    reconstruct = jax.jit(lambda p, x, *key: module.apply({"params": p}, x, *key))
+    mean, logvar = encode(params, x)
     assert mean.shape == logvar.shape == (2, 4, 4, 4)
     assert float(logvar.min()) >= LOGVAR_RANGE[0] and float(logvar.max()) <= LOGVAR_RANGE[1]
-    assert module.apply({"params": params}, mean, method="decode").shape == x.shape
-    rec, m, lv = module.apply({"params": params}, x)
-    np.testing.assert_allclose(rec, module.apply({"params": params}, mean, method="decode"), atol=1e-6)
-    rec_sampled, _, _ = module.apply({"params": params}, x, jax.random.key(2))
+    assert decode(params, mean).shape == x.shape
+    rec, _, _ = reconstruct(params, x)
+    np.testing.assert_allclose(rec, decode(params, mean), atol=1e-6)
+    rec_sampled, _, _ = reconstruct(params, x, jax.random.key(2))
     assert not np.allclose(rec_sampled, rec)
 
 
