@@ -8,6 +8,7 @@ from typing import Any
 
 from diffax.samplers._base import Sampler
 from diffax.samplers.bdia import bdia
+from diffax.samplers.consistency import consistency
 from diffax.samplers.ddpm_ddim import ddim, ddpm
 from diffax.samplers.dpm_solver import multistep, singlestep
 from diffax.samplers.dpm_solver_v3 import dpm_solver_v3
@@ -56,6 +57,7 @@ REGISTRY: dict[str, Callable[..., Sampler | AdaptiveSampler]] = {
     "euler_maruyama": euler_maruyama,
     "pc": pc,
     "ode": ode,
+    "consistency": consistency,
 }
 
 SAMPLERS: tuple[str, ...] = tuple(REGISTRY)
