@@ -38,7 +38,7 @@ LR_DECAYS = ("constant", "cosine")
 # Keyword arguments of diffax.sample itself (the other extra sampler fields are the sampler's options).
 _SAMPLE_OPTIONS = ("denoise_final", "thresholding")
 # Sections whose extra keys are keyword arguments of a registry (checked by building it).
-FREE_FORM = ("process", "model", "loss", "sampler")
+FREE_FORM = ("process", "model", "loss", "sampler", "trainer")
 
 
 class ConfigError(ValueError):
@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
+    # The objective: "diffusion" (config.loss) or a few-step trainer of diffax.fewstep with its options.
+    c.trainer = ml_collections.ConfigDict(dict(name="diffusion"))
+    c.teacher = ml_collections.ConfigDict(dict(workdir=""))  # a finished run that distillation reads
     c.input = ml_collections.ConfigDict(
         dict(
             dataset="digits",  # "digits", "mixture", or a tfds dataset name
@@ -393,6 +396,7 @@ def validate(
 
 def _check_diffusion(config: ml_collections.ConfigDict) -> None:
     """Checks the process, model, loss and sampler of a Gaussian diffusion run."""
+    import diffax.fewstep.trainers as fewstep_trainers
     import diffax.losses as losses
     import diffax.models as models
     import diffax.schedules as schedules
@@ -416,3 +420,4 @@ def _check_diffusion(config: ml_collections.ConfigDict) -> None:
         ),
     )
     check_sampler(config)
+    _check("config.trainer", lambda: fewstep_trainers.check(config))

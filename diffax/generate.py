@@ -36,7 +36,9 @@ SampleFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 
 def _prediction(config: ml_collections.ConfigDict) -> str:
-    """What the sampler's ``model_fn`` returns for this run's loss."""
+    """What the sampler's ``model_fn`` returns for this run's loss (a few-step trainer's network: x_0)."""
+    if config.trainer.name != "diffusion":
+        return "x0"
     return {"flow_matching": "flow", "edm": "x0"}.get(config.loss.name, config.loss.prediction)
 
 
@@ -81,9 +83,14 @@ def make_sampler(
     prediction = _prediction(config)
     # A learned-variance head's second half reaches only samplers that use it (ddpm, variance="learned").
     keep_variance = extra.get("variance") == "learned"
-    ts = samplers.timesteps(
-        schedule, num_steps=num_steps, spacing=s.spacing, t_start=s.t_start, t_end=s.t_end
-    )
+    own = None if parts.trainer is None else parts.trainer.sampling_grid(name, num_steps)
+    if own is None:
+        ts = samplers.timesteps(
+            schedule, num_steps=num_steps, spacing=s.spacing, t_start=s.t_start, t_end=s.t_end
+        )
+    else:  # a few-step trainer's own grid (and options) for its sampler
+        ts, options = own
+        extra = extra | options
 
     def network(params, x, t, cond):
         if config.loss.name == "edm":  # the net sees c_in x and c_noise (Karras et al. 2022, Table 1)
@@ -94,6 +101,9 @@ def make_sampler(
             return broadcast_to_data(c_skip, x) * x + broadcast_to_data(c_out, x) * out
         out = module.apply({"params": params}, x, t, cond, train=False)
         return out if keep_variance else out[..., : shape[-1]]
+
+    if parts.trainer is not None:  # the trainer's own network, e.g. a consistency function
+        network = parts.trainer.sampling_network()
 
     @functools.partial(jax.jit, static_argnums=1, out_shardings=sharding.replicated(mesh))
     def prior(key, num):

@@ -147,20 +147,12 @@ def train_and_evaluate(
     state, latest = ckpt.restore_latest_intact(target, pipeline)  # damaged newer ones are set aside
     if latest is None:
         state = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=state_shardings)()
+        state = train_state.start(state, parts)  # e.g. a distilled student starts at its teacher
         logging.info("initialised %d parameters", sum(x.size for x in jax.tree.leaves(state.params)))
     else:
         logging.info("restored step %d from %s", latest, ckpt.directory)
 
-    train_step = train_state.make_train_step(
-        parts.loss_fn,
-        parts.tx,
-        parts.lr_schedule,
-        ema_decays=config.ema.decays,
-        ema_warmup=config.ema.warmup,
-        ema_std_rels=config.ema.std_rels,
-        batch_images=config.input.batch_size,
-        accum_steps=config.optim.accum_steps,
-    )
+    train_step = train_state.config_train_step(config, parts)
     if config.optim.skip_nonfinite:
         train_step = nonfinite.skip_nonfinite_updates(train_step)
     step_fn = jax.jit(

@@ -222,10 +222,12 @@ class Parts:
     loss_fn: LossFn
     tx: optax.GradientTransformation
     lr_schedule: optax.Schedule
+    trainer: Any = None  # a few-step trainer (diffax.fewstep.trainers); None: diffusion
 
 
 def build(config: ml_collections.ConfigDict) -> Parts:
     """Builds the schedule, model, loss and optimizer that ``config`` names (nothing is allocated)."""
+    import diffax.fewstep.trainers as fewstep_trainers
     import diffax.losses as losses
     import diffax.models as models
     import diffax.schedules as schedules
@@ -241,7 +243,10 @@ def build(config: ml_collections.ConfigDict) -> Parts:
 
     loss_fn = losses.make_loss(schedule, apply_fn, loss=config.loss.name, **registry_kwargs(config.loss))
     tx, lr_schedule = make_optimizer(config.optim, total_steps=config.total_steps)
-    return Parts(schedule=schedule, module=module, loss_fn=loss_fn, tx=tx, lr_schedule=lr_schedule)
+    trainer = fewstep_trainers.build(config, schedule, module)
+    return Parts(
+        schedule=schedule, module=module, loss_fn=loss_fn, tx=tx, lr_schedule=lr_schedule, trainer=trainer
+    )
 
 
 def registry_kwargs(section: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -264,7 +269,7 @@ def state_initializer(config: ml_collections.ConfigDict, parts: Parts) -> Callab
         if system.is_token_run(config)
         else dict(image_shape=data.image_shape(config.input))
     )
-    return functools.partial(
+    init = functools.partial(
         init_state,
         parts.module,
         parts.tx,
@@ -273,3 +278,28 @@ def state_initializer(config: ml_collections.ConfigDict, parts: Parts) -> Callab
         num_ema=len(config.ema.decays) + len(config.ema.std_rels),
         **example,
     )
+    return init if parts.trainer is None else parts.trainer.initializer(init)
+
+
+def config_train_step(
+    config: ml_collections.ConfigDict, parts: Parts
+) -> Callable[[Any, Batch], tuple[Any, Any]]:
+    """The run's pure ``train_step``: :func:`make_train_step` on the loss, or the few-step trainer's."""
+    if parts.trainer is not None:
+        return parts.trainer.train_step(parts)
+    return make_train_step(
+        parts.loss_fn,
+        parts.tx,
+        parts.lr_schedule,
+        ema_decays=config.ema.decays,
+        ema_warmup=config.ema.warmup,
+        ema_std_rels=config.ema.std_rels,
+        batch_images=config.input.batch_size,
+        accum_steps=config.optim.accum_steps,
+    )
+
+
+def start(state: Any, parts: Parts) -> Any:
+    """A fresh run's first state: the initialised one, or what the few-step trainer starts from (a
+    distilled student starts at its teacher's weights)."""
+    return state if parts.trainer is None else parts.trainer.start(state)

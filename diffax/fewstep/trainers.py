@@ -1,0 +1,353 @@
+"""Few-step trainers as what the one training loop needs: a state pytree, a pure step, a sampling network.
+
+``config.trainer.name`` picks the objective (``"diffusion"``, the default, is ``diffax.train_state``'s
+own). A few-step trainer extends the ``TrainState`` with the target network (and the frozen teacher's
+parameters, checkpointed with the run so a resume needs nothing else), builds its ``train_step`` on
+``train_state.make_train_step`` (optimizer, sampling EMA, accumulation unchanged) and tells
+``diffax.generate`` how its network samples.
+
+Distillation reads the teacher run of ``config.teacher.workdir`` (its ``config.json`` and newest intact
+checkpoint, EMA parameters): the student starts from the teacher's weights, so both must share the
+data shape, schedule, network and prediction.
+
+References: Song et al. 2023 (CD, CT), Song & Dhariwal 2024 (iCT); see ``diffax.fewstep.consistency``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from diffax import train_state
+from diffax.fewstep import consistency as cm
+
+__all__ = ["TRAINERS", "FewStepState", "build", "check", "load_teacher", "teacher_range"]
+
+TRAINERS = ("diffusion", "consistency")
+TARGETS = ("teacher", "data")
+_CONSISTENCY_FIELDS = tuple(f.name for f in dataclasses.fields(cm.ConsistencySpec) if f.name != "total_steps")
+
+
+@flax.struct.dataclass
+class FewStepState(train_state.TrainState):
+    """``TrainState`` plus the target network theta^- and the frozen teacher (``()`` without one)."""
+
+    target_params: Any = None
+    teacher_params: Any = ()
+
+
+def _options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return train_state.registry_kwargs(config.trainer)
+
+
+def spec_of(config: ml_collections.ConfigDict) -> cm.ConsistencySpec:
+    """The ``ConsistencySpec`` of ``config.trainer`` (its consistency fields, K = ``total_steps``)."""
+    fields = {k: v for k, v in _options(config).items() if k in _CONSISTENCY_FIELDS}
+    return cm.ConsistencySpec(total_steps=config.total_steps, **fields)
+
+
+def teacher_range(schedule: Any) -> tuple[float, float]:
+    """The scaled noise levels sigma / alpha a network of ``schedule`` was trained on: the grid points
+    t = 1/T..1 of a discrete schedule, [t_min, t_max] of a continuous one (where finite)."""
+    import numpy as np
+
+    from diffax.schedules import DiscreteSchedule
+
+    if isinstance(schedule, DiscreteSchedule):
+        ts = np.array([1.0 / schedule.num_timesteps, 1.0])
+    else:
+        ts = np.array([schedule.t_min, schedule.t_max])
+    scaled = np.exp(-0.5 * np.asarray(schedule.log_snr(ts), np.float64))
+    return float(scaled[0]), float(scaled[1])
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Checks ``config.trainer`` and ``config.teacher``; raises ``ValueError`` naming the field."""
+    import diffax.schedules as schedules
+    from diffax import config as config_lib
+
+    name = config.trainer.name
+    if name not in TRAINERS:
+        raise ValueError(f"config.trainer.name: unknown trainer {name!r}; known: {', '.join(TRAINERS)}.")
+    if name == "diffusion":
+        return
+    options = _options(config)
+    unknown = sorted(set(options) - set(_CONSISTENCY_FIELDS) - {"target", "teacher_sampler"})
+    if unknown:
+        known = ", ".join(_CONSISTENCY_FIELDS + ("target", "teacher_sampler"))
+        raise ValueError(f"config.trainer.{unknown[0]}: no such option of {name!r}; known: {known}.")
+    try:
+        spec = spec_of(config)
+    except ValueError as e:
+        raise ValueError(f"config.trainer.{e}") from None
+    schedule = schedules.get(config.process.name, **train_state.registry_kwargs(config.process))
+    _check_levels(spec, schedule, "the student's schedule", config.process.name)
+    target = options.get("target", "data")
+    if target not in TARGETS:
+        raise ValueError(f"config.trainer.target: unknown {target!r}; known: {', '.join(TARGETS)}.")
+    workdir = config.teacher.workdir
+    if target == "data":
+        if workdir:
+            raise ValueError(
+                "config.teacher.workdir: consistency training (target='data') uses no teacher; unset it."
+            )
+        return
+    _check_teacher_sampler(options.get("teacher_sampler", "heun"))
+    if not workdir:
+        raise ValueError(
+            "config.teacher.workdir: distillation (trainer.target='teacher') needs a teacher run; pass "
+            "--config.teacher.workdir=DIR of a finished diffax.main run."
+        )
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise ValueError(
+            f"config.teacher.workdir: {workdir} holds no diffax run (no config.json); train the teacher "
+            "(python -m diffax.main --config=experiments/digits.py --workdir=DIR)."
+        )
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.listdir(
+        os.path.join(workdir, "checkpoints")
+    ):
+        raise ValueError(
+            f"config.teacher.workdir: {workdir} has no checkpoint yet; let the teacher run save one."
+        )
+    teacher = config_lib.load(workdir)
+    for field, what in (("input", "data shape"), ("process", "schedule"), ("model", "network")):
+        ours, theirs = _comparable(config[field], field), _comparable(teacher[field], field)
+        if ours != theirs:
+            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            k = diff[0]
+            raise ValueError(
+                f"config.{field}.{k}: the teacher's {what} has {k}={theirs.get(k)!r}, this run "
+                f"{ours.get(k)!r}; the student starts from the teacher's weights: use the teacher's."
+            )
+    for key in ("name", "prediction"):
+        if config.loss[key] != teacher.loss[key]:
+            raise ValueError(
+                f"config.loss.{key}: the teacher's network predicts with loss.{key}={teacher.loss[key]!r}, "
+                f"this run has {config.loss[key]!r}; use the teacher's."
+            )
+    teacher_schedule = schedules.get(teacher.process.name, **train_state.registry_kwargs(teacher.process))
+    _check_levels(spec, teacher_schedule, "the teacher's trained noise levels", teacher.process.name)
+
+
+_DATA_SHAPE = ("dataset", "image_size", "channels", "upsample", "labels", "num_classes")
+
+
+def _comparable(section: ml_collections.ConfigDict, field: str) -> dict[str, Any]:
+    values = section.to_dict()
+    if field == "input":
+        return {k: values.get(k) for k in _DATA_SHAPE}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def _check_levels(spec: cm.ConsistencySpec, schedule: Any, what: str, name: str) -> None:
+    """The student's levels [sigma_min, sigma_max] must map to times the network knows."""
+    low, high = teacher_range(schedule)
+    if spec.sigma_min < low * (1 - 1e-6) or spec.sigma_max > high * (1 + 1e-6):
+        raise ValueError(
+            f"config.trainer.sigma_min: the levels [{spec.sigma_min:g}, {spec.sigma_max:g}] (sigma/alpha) "
+            f"do not convert into {what} ({name}: [{low:.6g}, {high:.6g}]); set sigma_min >= {low:.6g} "
+            f"and sigma_max <= {high:.6g}."
+        )
+
+
+def _check_teacher_sampler(name: str) -> None:
+    import diffax.samplers as samplers
+
+    if name not in samplers.SAMPLERS:
+        raise ValueError(f"config.trainer.teacher_sampler: unknown sampler {name!r}.")
+    sampler = samplers.get(name)
+    if sampler.stochastic or getattr(sampler, "min_steps", 1) > 1 or not hasattr(sampler, "step"):
+        raise ValueError(
+            f"config.trainer.teacher_sampler: {name!r} is not a deterministic one-step method; use "
+            "'heun', 'euler', 'ddim' or 'dpm_solver_2'."
+        )
+
+
+def load_teacher(config: ml_collections.ConfigDict, like: Any) -> Any:
+    """The teacher run's sampling (EMA) parameters, placed like the pytree ``like``."""
+    from diffax import checkpoint, sharding
+    from diffax import config as config_lib
+
+    teacher = config_lib.load(config.teacher.workdir)
+    parts = train_state.build(teacher)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), devices=jax.local_devices())
+    state, _ = checkpoint.restore_latest(config.teacher.workdir, teacher, parts, mesh=mesh)
+    params = state.sampling_params()
+    return jax.tree.map(lambda ref, p: jax.device_put(p, ref.sharding), like, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsistencyTrainer:
+    """Consistency distillation (``target="teacher"``) or training (``target="data"``): CD, CT, iCT."""
+
+    config: ml_collections.ConfigDict
+    schedule: Any
+    module: Any
+
+    @property
+    def spec(self) -> cm.ConsistencySpec:
+        return spec_of(self.config)
+
+    @property
+    def distills(self) -> bool:
+        return _options(self.config).get("target", "data") == "teacher"
+
+    def _denoiser(self, *, train: bool) -> Callable[..., jax.Array]:
+        module = self.module
+
+        def apply_fn(params, x, t, cond, key):
+            rngs = {"dropout": key} if train else {}
+            return module.apply({"params": params}, x, t, cond, train=train, rngs=rngs)
+
+        return cm.scaled_denoiser(
+            self.schedule,
+            apply_fn,
+            prediction=self.config.loss.prediction,
+            edm_preconditioned=self.config.loss.name == "edm",
+        )
+
+    def consistency_fn(self, *, train: bool) -> Callable[..., jax.Array]:
+        """f(params, y, sigma, cond, key): the student's consistency function in scaled variables."""
+        denoise, spec = self._denoiser(train=train), self.spec
+
+        def f(params, y, sigma, cond, key):
+            return cm.consistency_function(
+                denoise(params, y, sigma, cond, key),
+                y,
+                sigma,
+                sigma_data=spec.sigma_data,
+                sigma_min=spec.sigma_min,
+            )
+
+        return f
+
+    def initializer(self, base: Callable[[], train_state.TrainState]) -> Callable[[], FewStepState]:
+        def init() -> FewStepState:
+            state = base()
+            fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+            teacher = jax.tree.map(jnp.copy, state.params) if self.distills else ()
+            return FewStepState(
+                **fields, target_params=jax.tree.map(jnp.copy, state.params), teacher_params=teacher
+            )
+
+        return init
+
+    def start(self, state: FewStepState) -> FewStepState:
+        """A fresh distillation run starts every copy (online, target, EMA, teacher) at the teacher."""
+        if not self.distills:
+            return state
+        teacher = load_teacher(self.config, state.params)
+        copy = functools.partial(jax.tree.map, jnp.copy)  # distinct buffers: the state is donated
+        return state.replace(
+            params=copy(teacher),
+            target_params=copy(teacher),
+            teacher_params=teacher,
+            ema_params=tuple(copy(teacher) for _ in state.ema_params),
+        )
+
+    def train_step(self, parts: train_state.Parts) -> Callable[..., Any]:
+        config, spec = self.config, self.spec
+        student_f = self.consistency_fn(train=True)
+        teacher_sampler = _options(config).get("teacher_sampler", "heun")
+        prediction, schedule = config.loss.prediction, self.schedule
+        # The teacher runs per example under vmap (its own interval each): XLA formulations batch there.
+        impls = {
+            f: "xla"
+            for f in ("attention_impl", "norm_impl", "resblock_impl", "conv_impl")
+            if hasattr(self.module, f)
+        }
+        module = self.module.clone(**impls)
+
+        def step(state: FewStepState, batch):
+            cond = batch.get("label")
+
+            def target_point(y_hi, sigma_hi, sigma_lo, x0, z):
+                import diffax.samplers as samplers
+
+                def model_fn(x, t):  # batch 1 inside teacher_step's vmap
+                    c = None if cond is None else cond[:1]  # labelled distillation is not offered
+                    return module.apply({"params": state.teacher_params}, x, t, c, train=False)[
+                        ..., : x.shape[-1]
+                    ]
+
+                return cm.teacher_step(
+                    samplers.get(teacher_sampler),
+                    model_fn,
+                    schedule,
+                    y_hi,
+                    sigma_hi,
+                    sigma_lo,
+                    prediction=prediction,
+                )
+
+            def loss_fn(params, batch, key):
+                cond = batch.get("label")
+                return cm.consistency_loss(
+                    spec,
+                    lambda y, s, k: student_f(params, y, s, cond, k),
+                    lambda y, s, k: student_f(state.target_params, y, s, cond, k),
+                    batch["image"],
+                    key,
+                    state.step,
+                    target_point=target_point if self.distills else None,
+                )
+
+            update = train_state.make_train_step(
+                loss_fn,
+                parts.tx,
+                parts.lr_schedule,
+                ema_decays=config.ema.decays,
+                ema_warmup=config.ema.warmup,
+                ema_std_rels=config.ema.std_rels,
+                batch_images=config.input.batch_size,
+                accum_steps=config.optim.accum_steps,
+            )
+            new, metrics = update(state, batch)
+            decay = spec.target_decay(state.step)
+            metrics |= {"num_scales": spec.scales(state.step), "target_decay": decay}
+            return new.replace(
+                target_params=cm.update_target(state.target_params, new.params, decay)
+            ), metrics
+
+        return step
+
+    def sampling_grid(self, sampler: str, num_steps: int) -> tuple[jax.Array, dict[str, Any]] | None:
+        """For the ``"consistency"`` sampler: the Karras grid from sigma_max to sigma_min in the
+        schedule's time, and the sampler's ``sigma_min``; ``None`` for any other sampler."""
+        if sampler != "consistency":
+            return None
+        import diffax.samplers as samplers
+
+        spec = self.spec
+        ends = [float(cm.schedule_time(self.schedule, s)) for s in (spec.sigma_max, spec.sigma_min)]
+        ts = samplers.timesteps(
+            self.schedule, num_steps=num_steps, spacing="karras", t_start=ends[0], t_end=ends[1]
+        )
+        return ts, {"sigma_min": spec.sigma_min}
+
+    def sampling_network(self) -> Callable[..., jax.Array]:
+        """network(params, x, t, cond) -> the consistency function's x_0 at the schedule's time t."""
+        f, schedule = self.consistency_fn(train=False), self.schedule
+
+        def network(params, x, t, cond):
+            alpha = schedule.alpha(t).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+            sigma = jnp.exp(-0.5 * schedule.log_snr(t)).astype(x.dtype)
+            return f(params, x / alpha, sigma, cond, None)
+
+        return network
+
+
+def build(config: ml_collections.ConfigDict, schedule: Any, module: Any) -> ConsistencyTrainer | None:
+    """The trainer ``config.trainer.name`` names (``None`` for plain diffusion)."""
+    name = config.trainer.name
+    if name == "diffusion":
+        return None
+    return {"consistency": ConsistencyTrainer}[name](config, schedule, module)

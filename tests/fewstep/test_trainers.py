@@ -1,0 +1,121 @@
+"""Few-step trainers in the one training loop: state, step, checkpoints, sampling, bad input."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from diffax import config as config_lib
+from diffax import generate, train, train_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from experiments import digits_cd, digits_ict, mixture  # noqa: E402
+
+
+def _consistency(config, **options):
+    config.trainer = ml_collections.ConfigDict(
+        dict(name="consistency", sigma_min=0.002, sigma_max=80.0, num_scales=6) | options
+    )
+    config.sampler = ml_collections.ConfigDict(
+        dict(config_lib.base_config().sampler) | dict(name="consistency", steps=2)
+    )
+    return config
+
+
+def _fake_teacher(path, config):
+    os.makedirs(os.path.join(path, "checkpoints", "8"), exist_ok=True)
+    config_lib.save(config, str(path))
+    return str(path)
+
+
+def test_experiment_files_validate_and_bad_teachers_get_one_line(tmp_path):
+    """The iCT and CD experiments are valid configs; a teacher that is missing, of another data shape or
+    schedule, or whose noise levels the student's cannot convert into, is named in one line."""
+    config_lib.validate(digits_ict.get_config())
+    teacher = _fake_teacher(tmp_path / "teacher", mixture.get_config())
+
+    def student(**changes):
+        config = _consistency(mixture.get_config(), target="teacher")
+        config.teacher.workdir = teacher
+        for field, value in changes.items():
+            section, key = field.split(".")
+            config[section][key] = value
+        return config
+
+    config_lib.validate(student())
+    cases = {
+        "teacher.workdir": (str(tmp_path / "nowhere"), "config.teacher.workdir: "),
+        "input.image_size": (16, "config.input.image_size: the teacher's data shape has image_size=8"),
+        "process.name": ("vp_cosine", "config.process.name: the teacher's schedule has name='vp_linear'"),
+        "trainer.sigma_max": (
+            500.0,
+            "config.trainer.sigma_min: the levels [0.002, 500] (sigma/alpha) do not convert",
+        ),
+        "trainer.teacher_sampler": ("ddpm", "config.trainer.teacher_sampler: 'ddpm' is not a deterministic"),
+        "trainer.distance": ("lpips", "config.trainer.distance: unknown 'lpips'"),
+    }
+    for field, (value, message) in cases.items():
+        with pytest.raises(config_lib.ConfigError) as error:
+            config_lib.validate(student(**{field: value}))
+        assert str(error.value).startswith(message) and "\n" not in str(error.value), (
+            field,
+            str(error.value),
+        )
+    cd = digits_cd.get_config()
+    cd.teacher.workdir = _fake_teacher(
+        tmp_path / "digits", ml_collections.ConfigDict(digits_cd.get_config().to_dict())
+    )
+    cd_teacher = config_lib.load(cd.teacher.workdir)
+    cd_teacher.trainer.name = "diffusion"
+    config_lib.save(cd_teacher, cd.teacher.workdir)
+    config_lib.validate(cd)
+    cd.trainer.sigma_min = 0.002  # below t = 1/1000 of the cosine teacher
+    with pytest.raises(
+        config_lib.ConfigError, match=r"^config.trainer.sigma_min: .* set sigma_min >= 0.00642"
+    ):
+        config_lib.validate(cd)
+
+
+@pytest.mark.slow
+def test_distillation_runs_resumes_and_samples_in_few_steps(tmp_path):
+    """A teacher run, then CD in the one loop: the student starts at the teacher (teacher weights frozen in
+    its checkpoint), mu = 0 keeps the target equal to the online weights, a resumed run continues, and
+    ``diffax.generate`` samples it with its own sampler at 1 and 2 steps."""
+    teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
+    teacher_config = mixture.get_config()
+    teacher_config.total_steps = 2
+    teacher_state = train.train_and_evaluate(teacher_config, teacher_dir)
+    config = _consistency(mixture.get_config(), target="teacher", teacher_sampler="euler")
+    config.teacher.workdir = teacher_dir
+    config.total_steps = 2
+    state = train.train_and_evaluate(config, student_dir)
+    teacher_ema = jax.device_get(teacher_state.sampling_params())
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(state.teacher_params)), jax.tree.leaves(teacher_ema), strict=False
+    ):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(state.target_params), jax.tree.leaves(state.params), strict=False):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(teacher_ema), strict=False)
+    )
+    assert 0 < moved < 0.05
+    config.total_steps = 4
+    resumed = train.train_and_evaluate(config, student_dir)
+    assert int(resumed.step) == 4
+    run_config, sample_fn, params, step = generate.load_run(student_dir, steps=1)
+    assert step == 4 and run_config.sampler.name == "consistency"
+    one = generate.sample_images(sample_fn, params, config=run_config, seed=0, num_samples=4)[0]
+    assert one.shape == (4, 8, 8, 1) and one.dtype == np.uint8
+    parts = train_state.build(run_config)
+    ts, options = parts.trainer.sampling_grid("consistency", 2)
+    assert options == {"sigma_min": 0.002} and ts.shape == (3,)
+    np.testing.assert_allclose(float(jnp.exp(-0.5 * parts.schedule.log_snr(ts[-1]))), 0.002, rtol=1e-3)
