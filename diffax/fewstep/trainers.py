@@ -28,10 +28,12 @@ import ml_collections
 
 from diffax import train_state
 from diffax.fewstep import consistency as cm
+from diffax.fewstep import progressive
 
 __all__ = ["TRAINERS", "FewStepState", "build", "check", "load_teacher", "teacher_range"]
 
-TRAINERS = ("diffusion", "consistency")
+TRAINERS = ("diffusion", "consistency", "progressive")
+_PROGRESSIVE_FIELDS = ("initial_steps", "final_steps", "steps_per_stage", "t_max")
 TARGETS = ("teacher", "data")
 _CONSISTENCY_FIELDS = tuple(f.name for f in dataclasses.fields(cm.ConsistencySpec) if f.name != "total_steps")
 
@@ -72,7 +74,6 @@ def teacher_range(schedule: Any) -> tuple[float, float]:
 def check(config: ml_collections.ConfigDict) -> None:
     """Checks ``config.trainer`` and ``config.teacher``; raises ``ValueError`` naming the field."""
     import diffax.schedules as schedules
-    from diffax import config as config_lib
 
     name = config.trainer.name
     if name not in TRAINERS:
@@ -80,15 +81,23 @@ def check(config: ml_collections.ConfigDict) -> None:
     if name == "diffusion":
         return
     options = _options(config)
-    unknown = sorted(set(options) - set(_CONSISTENCY_FIELDS) - {"target", "teacher_sampler"})
+    fields = (
+        _PROGRESSIVE_FIELDS if name == "progressive" else _CONSISTENCY_FIELDS + ("target", "teacher_sampler")
+    )
+    unknown = sorted(set(options) - set(fields))
     if unknown:
-        known = ", ".join(_CONSISTENCY_FIELDS + ("target", "teacher_sampler"))
-        raise ValueError(f"config.trainer.{unknown[0]}: no such option of {name!r}; known: {known}.")
+        raise ValueError(
+            f"config.trainer.{unknown[0]}: no such option of {name!r}; known: {', '.join(fields)}."
+        )
+    schedule = schedules.get(config.process.name, **train_state.registry_kwargs(config.process))
+    if name == "progressive":
+        _check_progressive(options, schedule)
+        _check_teacher(config)
+        return
     try:
         spec = spec_of(config)
     except ValueError as e:
         raise ValueError(f"config.trainer.{e}") from None
-    schedule = schedules.get(config.process.name, **train_state.registry_kwargs(config.process))
     _check_levels(spec, schedule, "the student's schedule", config.process.name)
     target = options.get("target", "data")
     if target not in TARGETS:
@@ -101,9 +110,33 @@ def check(config: ml_collections.ConfigDict) -> None:
             )
         return
     _check_teacher_sampler(options.get("teacher_sampler", "heun"))
+    teacher = _check_teacher(config)
+    teacher_schedule = schedules.get(teacher.process.name, **train_state.registry_kwargs(teacher.process))
+    _check_levels(spec, teacher_schedule, "the teacher's trained noise levels", teacher.process.name)
+
+
+def _check_progressive(options: dict[str, Any], schedule: Any) -> None:
+    initial, final = options.get("initial_steps", 256), options.get("final_steps", 1)
+    per_stage, t_max = options.get("steps_per_stage", 1000), options.get("t_max", schedule.t_max)
+    if not (final >= 1 and initial >= final and initial & (initial - 1) == 0 and final & (final - 1) == 0):
+        raise ValueError(
+            f"config.trainer.initial_steps: need powers of two initial_steps >= final_steps >= 1; got "
+            f"{initial}, {final}."
+        )
+    if per_stage < 1:
+        raise ValueError(f"config.trainer.steps_per_stage: {per_stage} must be >= 1.")
+    if not schedule.t_min < t_max <= schedule.t_max:
+        raise ValueError(f"config.trainer.t_max: {t_max} must lie in ({schedule.t_min}, {schedule.t_max}].")
+
+
+def _check_teacher(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The teacher run's config, checked against the student's; raises ``ValueError`` naming the field."""
+    from diffax import config as config_lib
+
+    workdir = config.teacher.workdir
     if not workdir:
         raise ValueError(
-            "config.teacher.workdir: distillation (trainer.target='teacher') needs a teacher run; pass "
+            "config.teacher.workdir: distillation needs a teacher run; pass "
             "--config.teacher.workdir=DIR of a finished diffax.main run."
         )
     if not os.path.isfile(os.path.join(workdir, "config.json")):
@@ -133,8 +166,7 @@ def check(config: ml_collections.ConfigDict) -> None:
                 f"config.loss.{key}: the teacher's network predicts with loss.{key}={teacher.loss[key]!r}, "
                 f"this run has {config.loss[key]!r}; use the teacher's."
             )
-    teacher_schedule = schedules.get(teacher.process.name, **train_state.registry_kwargs(teacher.process))
-    _check_levels(spec, teacher_schedule, "the teacher's trained noise levels", teacher.process.name)
+    return teacher
 
 
 _DATA_SHAPE = ("dataset", "image_size", "channels", "upsample", "labels", "num_classes")
@@ -185,49 +217,17 @@ def load_teacher(config: ml_collections.ConfigDict, like: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class ConsistencyTrainer:
-    """Consistency distillation (``target="teacher"``) or training (``target="data"``): CD, CT, iCT."""
+class _Trainer:
+    """What every few-step trainer shares: the state with target and teacher, the start at the teacher,
+    the frozen teacher network, and the update built on ``train_state.make_train_step``."""
 
     config: ml_collections.ConfigDict
     schedule: Any
     module: Any
 
     @property
-    def spec(self) -> cm.ConsistencySpec:
-        return spec_of(self.config)
-
-    @property
     def distills(self) -> bool:
-        return _options(self.config).get("target", "data") == "teacher"
-
-    def _denoiser(self, *, train: bool) -> Callable[..., jax.Array]:
-        module = self.module
-
-        def apply_fn(params, x, t, cond, key):
-            rngs = {"dropout": key} if train else {}
-            return module.apply({"params": params}, x, t, cond, train=train, rngs=rngs)
-
-        return cm.scaled_denoiser(
-            self.schedule,
-            apply_fn,
-            prediction=self.config.loss.prediction,
-            edm_preconditioned=self.config.loss.name == "edm",
-        )
-
-    def consistency_fn(self, *, train: bool) -> Callable[..., jax.Array]:
-        """f(params, y, sigma, cond, key): the student's consistency function in scaled variables."""
-        denoise, spec = self._denoiser(train=train), self.spec
-
-        def f(params, y, sigma, cond, key):
-            return cm.consistency_function(
-                denoise(params, y, sigma, cond, key),
-                y,
-                sigma,
-                sigma_data=spec.sigma_data,
-                sigma_min=spec.sigma_min,
-            )
-
-        return f
+        return True
 
     def initializer(self, base: Callable[[], train_state.TrainState]) -> Callable[[], FewStepState]:
         def init() -> FewStepState:
@@ -253,39 +253,96 @@ class ConsistencyTrainer:
             ema_params=tuple(copy(teacher) for _ in state.ema_params),
         )
 
-    def train_step(self, parts: train_state.Parts) -> Callable[..., Any]:
-        config, spec = self.config, self.spec
-        student_f = self.consistency_fn(train=True)
-        teacher_sampler = _options(config).get("teacher_sampler", "heun")
-        prediction, schedule = config.loss.prediction, self.schedule
-        # The teacher runs per example under vmap (its own interval each): XLA formulations batch there.
+    def teacher_model(
+        self, params: Any, cond: jax.Array | None
+    ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        """model_fn(x, t) of the frozen teacher at batch size 1 (distillation runs it per example under
+        vmap, each example on its own interval; the XLA formulations of the layers batch there)."""
         impls = {
             f: "xla"
             for f in ("attention_impl", "norm_impl", "resblock_impl", "conv_impl")
             if hasattr(self.module, f)
         }
         module = self.module.clone(**impls)
+        c = None if cond is None else cond[:1]  # labelled distillation is not offered
+
+        def model_fn(x, t):
+            return module.apply({"params": params}, x, t, c, train=False)[..., : x.shape[-1]]
+
+        return model_fn
+
+    def update(self, parts: train_state.Parts, loss_fn: Any) -> Callable[..., Any]:
+        """``train_state.make_train_step`` on ``loss_fn`` with the run's optimizer, EMA and accumulation."""
+        c = self.config
+        return train_state.make_train_step(
+            loss_fn,
+            parts.tx,
+            parts.lr_schedule,
+            ema_decays=c.ema.decays,
+            ema_warmup=c.ema.warmup,
+            ema_std_rels=c.ema.std_rels,
+            batch_images=c.input.batch_size,
+            accum_steps=c.optim.accum_steps,
+        )
+
+    def apply_fn(self, *, train: bool) -> Callable[..., jax.Array]:
+        module = self.module
+
+        def apply_fn(params, x, t, cond, key):
+            rngs = {"dropout": key} if train else {}
+            return module.apply({"params": params}, x, t, cond, train=train, rngs=rngs)
+
+        return apply_fn
+
+
+class ConsistencyTrainer(_Trainer):
+    """Consistency distillation (``target="teacher"``) or training (``target="data"``): CD, CT, iCT."""
+
+    @property
+    def spec(self) -> cm.ConsistencySpec:
+        return spec_of(self.config)
+
+    @property
+    def distills(self) -> bool:
+        return _options(self.config).get("target", "data") == "teacher"
+
+    def consistency_fn(self, *, train: bool) -> Callable[..., jax.Array]:
+        """f(params, y, sigma, cond, key): the student's consistency function in scaled variables."""
+        denoise = cm.scaled_denoiser(
+            self.schedule,
+            self.apply_fn(train=train),
+            prediction=self.config.loss.prediction,
+            edm_preconditioned=self.config.loss.name == "edm",
+        )
+        spec = self.spec
+
+        def f(params, y, sigma, cond, key):
+            denoised = denoise(params, y, sigma, cond, key)
+            return cm.consistency_function(
+                denoised, y, sigma, sigma_data=spec.sigma_data, sigma_min=spec.sigma_min
+            )
+
+        return f
+
+    def train_step(self, parts: train_state.Parts) -> Callable[..., Any]:
+        import diffax.samplers as samplers
+
+        config, spec, schedule = self.config, self.spec, self.schedule
+        student_f = self.consistency_fn(train=True)
+        teacher_sampler = samplers.get(_options(config).get("teacher_sampler", "heun"))
 
         def step(state: FewStepState, batch):
-            cond = batch.get("label")
+            teacher = self.teacher_model(state.teacher_params, batch.get("label"))
 
             def target_point(y_hi, sigma_hi, sigma_lo, x0, z):
-                import diffax.samplers as samplers
-
-                def model_fn(x, t):  # batch 1 inside teacher_step's vmap
-                    c = None if cond is None else cond[:1]  # labelled distillation is not offered
-                    return module.apply({"params": state.teacher_params}, x, t, c, train=False)[
-                        ..., : x.shape[-1]
-                    ]
-
                 return cm.teacher_step(
-                    samplers.get(teacher_sampler),
-                    model_fn,
+                    teacher_sampler,
+                    teacher,
                     schedule,
                     y_hi,
                     sigma_hi,
                     sigma_lo,
-                    prediction=prediction,
+                    prediction=config.loss.prediction,
                 )
 
             def loss_fn(params, batch, key):
@@ -300,17 +357,7 @@ class ConsistencyTrainer:
                     target_point=target_point if self.distills else None,
                 )
 
-            update = train_state.make_train_step(
-                loss_fn,
-                parts.tx,
-                parts.lr_schedule,
-                ema_decays=config.ema.decays,
-                ema_warmup=config.ema.warmup,
-                ema_std_rels=config.ema.std_rels,
-                batch_images=config.input.batch_size,
-                accum_steps=config.optim.accum_steps,
-            )
-            new, metrics = update(state, batch)
+            new, metrics = self.update(parts, loss_fn)(state, batch)
             decay = spec.target_decay(state.step)
             metrics |= {"num_scales": spec.scales(state.step), "target_decay": decay}
             return new.replace(
@@ -345,9 +392,92 @@ class ConsistencyTrainer:
         return network
 
 
-def build(config: ml_collections.ConfigDict, schedule: Any, module: Any) -> ConsistencyTrainer | None:
+class ProgressiveTrainer(_Trainer):
+    """Progressive distillation (Salimans & Ho 2022): ``initial_steps`` halved every ``steps_per_stage``
+    updates down to ``final_steps``; at each stage boundary the student becomes the teacher (kept in the
+    state, so a run resumes mid-stage). The student keeps the teacher's prediction type; the paper
+    finds eps-prediction unstable at few steps (Sec. 4), so an x- or v-predicting teacher suits it best."""
+
+    def _option(self, key: str) -> Any:
+        defaults = dict(initial_steps=256, final_steps=1, steps_per_stage=1000, t_max=self.schedule.t_max)
+        return _options(self.config).get(key, defaults[key])
+
+    def num_steps(self, step: Any) -> jax.Array:
+        return progressive.num_student_steps(
+            step,
+            initial_steps=self._option("initial_steps"),
+            steps_per_stage=self._option("steps_per_stage"),
+            final_steps=self._option("final_steps"),
+        )
+
+    def train_step(self, parts: train_state.Parts) -> Callable[..., Any]:
+        from diffax.parameterization import to_x0_eps
+        from diffax.process import q_sample
+
+        config, schedule, t_max = self.config, self.schedule, float(self._option("t_max"))
+        apply_fn, prediction = self.apply_fn(train=True), config.loss.prediction
+        per_stage = self._option("steps_per_stage")
+
+        def step(state: FewStepState, batch):
+            # A new stage starts: the student of the last one is the teacher now (Alg. 2, outer loop).
+            boundary = (state.step > 0) & (state.step % per_stage == 0)
+            teacher_params = jax.tree.map(
+                lambda p, t: jnp.where(boundary, p, t), state.params, state.teacher_params
+            )
+            teacher = self.teacher_model(teacher_params, batch.get("label"))
+            num = self.num_steps(state.step)
+
+            def loss_fn(params, batch, key):
+                x0, cond = batch["image"], batch.get("label")
+                index_key, noise_key, net_key = jax.random.split(key, 3)
+                i = jax.random.randint(index_key, (x0.shape[0],), 1, num + 1)
+                t = t_max * i.astype(jnp.float32) / num.astype(jnp.float32)
+                z_t = q_sample(schedule, x0, t, jax.random.normal(noise_key, x0.shape, x0.dtype))
+                target = jax.lax.stop_gradient(
+                    progressive.distillation_target(
+                        teacher, schedule, z_t, t, num, prediction=prediction, t_max=t_max
+                    )
+                )
+                out = apply_fn(params, z_t, t, cond, net_key)[..., : x0.shape[-1]]
+                x_hat = to_x0_eps(schedule, out, z_t, t, prediction=prediction)[0]
+                per_example = progressive.truncated_snr_weight(schedule, t) * cm.distance(
+                    x_hat, target, kind="l2"
+                )
+                return jnp.mean(per_example), {"loss_per_example": per_example, "t": t}
+
+            new, metrics = self.update(parts, loss_fn)(state.replace(teacher_params=teacher_params), batch)
+            return new, metrics | {"num_steps": num}
+
+        return step
+
+    def sampling_grid(self, sampler: str, num_steps: int) -> tuple[jax.Array, dict[str, Any]] | None:
+        """The student's uniform grid t_max i / K, i = K..0, for DDIM."""
+        if sampler != "ddim":
+            return None
+        return jnp.linspace(float(self._option("t_max")), 0.0, num_steps + 1, dtype=jnp.float32), {}
+
+    def sampling_network(self) -> Callable[..., jax.Array]:
+        """network(params, x, t, cond) -> the student's data prediction."""
+        from diffax.parameterization import to_x0_eps
+
+        apply_fn, schedule, prediction = (
+            self.apply_fn(train=False),
+            self.schedule,
+            self.config.loss.prediction,
+        )
+
+        def network(params, x, t, cond):
+            out = apply_fn(params, x, t, cond, None)[..., : x.shape[-1]]
+            return to_x0_eps(schedule, out, x, t, prediction=prediction)[0]
+
+        return network
+
+
+def build(config: ml_collections.ConfigDict, schedule: Any, module: Any) -> _Trainer | None:
     """The trainer ``config.trainer.name`` names (``None`` for plain diffusion)."""
     name = config.trainer.name
     if name == "diffusion":
         return None
-    return {"consistency": ConsistencyTrainer}[name](config, schedule, module)
+    return {"consistency": ConsistencyTrainer, "progressive": ProgressiveTrainer}[name](
+        config, schedule, module
+    )

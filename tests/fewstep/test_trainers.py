@@ -119,3 +119,29 @@ def test_distillation_runs_resumes_and_samples_in_few_steps(tmp_path):
     ts, options = parts.trainer.sampling_grid("consistency", 2)
     assert options == {"sigma_min": 0.002} and ts.shape == (3,)
     np.testing.assert_allclose(float(jnp.exp(-0.5 * parts.schedule.log_snr(ts[-1]))), 0.002, rtol=1e-3)
+
+    # Progressive distillation from the same teacher: 4 -> 2 steps after 2 updates; resumed at the stage
+    # boundary, the student of stage 0 becomes the teacher of stage 1.
+    pd = mixture.get_config()
+    pd.trainer = ml_collections.ConfigDict(
+        dict(name="progressive", initial_steps=4, final_steps=2, steps_per_stage=2)
+    )
+    pd.teacher.workdir = teacher_dir
+    pd.sampler.name = "ddim"
+    pd.total_steps = 2
+    pd.ckpt.every_steps = 2
+    stage0 = train.train_and_evaluate(pd, str(tmp_path / "pd"))
+    for a, b in zip(leaves(jax.device_get(stage0.teacher_params)), leaves(teacher_ema), strict=True):
+        np.testing.assert_array_equal(a, b)
+    student0 = jax.device_get(stage0.params)
+    pd.total_steps = 3
+    stage1 = train.train_and_evaluate(pd, str(tmp_path / "pd"))
+    for a, b in zip(leaves(jax.device_get(stage1.teacher_params)), leaves(student0), strict=True):
+        np.testing.assert_array_equal(a, b)
+    run_config, sample_fn, params, _ = generate.load_run(str(tmp_path / "pd"), steps=2)
+    assert generate.sample_images(sample_fn, params, config=run_config, seed=0, num_samples=4)[0].shape == (
+        4,
+        8,
+        8,
+        1,
+    )

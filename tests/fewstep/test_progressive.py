@@ -1,0 +1,48 @@
+"""Progressive distillation against exact answers: with the exact teacher of an analytic mixture, the
+target makes one student DDIM step land where two teacher DDIM steps land, on any schedule."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffax import samplers, schedules
+from diffax.fewstep import progressive
+from diffax.samplers.exact import toy_mixture
+
+MIXTURE = toy_mixture()
+
+
+@pytest.mark.parametrize("name, kwargs", [("vp_linear", {}), ("cosine", {"num_timesteps": 1000})])
+def test_one_student_step_lands_on_two_teacher_steps(name, kwargs):
+    schedule = schedules.get(name, **kwargs)
+    teacher = MIXTURE.model_fn(schedule, prediction="eps")
+    num_steps = 4
+    for i in (4, 2, 1):  # from t = 1 (pure noise on vp_linear) down to the last step, which ends at t = 0
+        t = i / num_steps
+        z_t = jax.random.normal(jax.random.key(i), (256, 2)) * float(schedule.sigma(t)) + float(
+            schedule.alpha(t)
+        )
+        target = progressive.distillation_target(
+            teacher, schedule, z_t, jnp.full((256,), t), num_steps, prediction="eps"
+        )
+        student = lambda x, s, target=target: target  # a perfect student: its x_0 prediction is the target
+        end = max(t - 1 / num_steps, 0.0)
+        one = samplers.sample(
+            student, schedule, z_t, sampler="ddim", timesteps=jnp.array([t, end]), prediction="x0"
+        )
+        two = samplers.sample(
+            teacher, schedule, z_t, sampler="ddim", timesteps=jnp.array([t, t - 0.5 / num_steps, end])
+        )
+        scale = float(jnp.max(jnp.abs(two)))
+        np.testing.assert_allclose(one, two, rtol=0, atol=2e-6 * max(scale, 1.0), err_msg=f"{name} i={i}")
+
+
+def test_stages_halve_and_weights_truncate():
+    steps = np.array([0, 99, 100, 250, 399, 10_000])
+    n = progressive.num_student_steps(steps, initial_steps=64, steps_per_stage=100, final_steps=4)
+    np.testing.assert_array_equal(n, [64, 64, 32, 16, 8, 4])
+    schedule = schedules.get("vp_linear")
+    t = jnp.array([0.01, 0.5, 0.99])
+    snr = np.exp(np.asarray(schedule.log_snr(t)))
+    np.testing.assert_allclose(progressive.truncated_snr_weight(schedule, t), np.maximum(snr, 1.0), rtol=1e-6)
