@@ -29,6 +29,11 @@ def _consistency(config, **options):
     return config
 
 
+def _assert_same(a, b):
+    for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def _fake_teacher(path, config):
     os.makedirs(os.path.join(path, "checkpoints", "8"), exist_ok=True)
     config_lib.save(config, str(path))
@@ -97,15 +102,11 @@ def test_distillation_runs_resumes_and_samples_in_few_steps(tmp_path):
     config.total_steps = 2
     state = train.train_and_evaluate(config, student_dir)
     teacher_ema = jax.device_get(teacher_state.sampling_params())
-    for a, b in zip(
-        jax.tree.leaves(jax.device_get(state.teacher_params)), jax.tree.leaves(teacher_ema), strict=False
-    ):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(state.target_params), jax.tree.leaves(state.params), strict=False):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _assert_same(state.teacher_params, teacher_ema)
+    _assert_same(state.target_params, state.params)
     moved = max(
         float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(teacher_ema), strict=False)
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(teacher_ema), strict=True)
     )
     assert 0 < moved < 0.05
     config.total_steps = 4
@@ -131,13 +132,11 @@ def test_distillation_runs_resumes_and_samples_in_few_steps(tmp_path):
     pd.total_steps = 2
     pd.ckpt.every_steps = 2
     stage0 = train.train_and_evaluate(pd, str(tmp_path / "pd"))
-    for a, b in zip(leaves(jax.device_get(stage0.teacher_params)), leaves(teacher_ema), strict=True):
-        np.testing.assert_array_equal(a, b)
+    _assert_same(stage0.teacher_params, teacher_ema)
     student0 = jax.device_get(stage0.params)
     pd.total_steps = 3
     stage1 = train.train_and_evaluate(pd, str(tmp_path / "pd"))
-    for a, b in zip(leaves(jax.device_get(stage1.teacher_params)), leaves(student0), strict=True):
-        np.testing.assert_array_equal(a, b)
+    _assert_same(stage1.teacher_params, student0)
     run_config, sample_fn, params, _ = generate.load_run(str(tmp_path / "pd"), steps=2)
     assert generate.sample_images(sample_fn, params, config=run_config, seed=0, num_samples=4)[0].shape == (
         4,
