@@ -287,8 +287,13 @@ def config_train_step(
     """The run's pure ``train_step``: :func:`make_train_step` on the loss, or the few-step trainer's."""
     if parts.trainer is not None:
         return parts.trainer.train_step(parts)
+    return loss_train_step(config, parts, parts.loss_fn)
+
+
+def loss_train_step(config: ml_collections.ConfigDict, parts: Parts, loss_fn: LossFn) -> Callable[..., Any]:
+    """:func:`make_train_step` on ``loss_fn`` with the run's optimizer, EMA and accumulation settings."""
     return make_train_step(
-        parts.loss_fn,
+        loss_fn,
         parts.tx,
         parts.lr_schedule,
         ema_decays=config.ema.decays,

@@ -18,6 +18,7 @@ from experiments import digits
 def get_config(arg=None):
     del arg
     config = digits.get_config()
+    config.optim.warmup_steps = 0
     config.trainer = ml_collections.ConfigDict(
         dict(
             name="consistency",
@@ -35,15 +36,19 @@ def get_config(arg=None):
     )
     config.teacher.workdir = "runs/digits"
     config.total_steps = 1200
+    return consistency_run(config, lr=1e-4, decay="constant", ema=0.99, sample_steps=1, save_every=300)
+
+
+def consistency_run(config, *, lr: float, decay: str, ema: float, sample_steps: int, save_every: int):
+    """What the digits consistency runs share: Adam, one sampling EMA, the consistency sampler."""
     config.optim.name = "adam"
-    config.optim.lr = 1e-4
-    config.optim.warmup_steps = 0
-    config.optim.decay = "constant"
-    config.ema.decays = (0.99,)
+    config.optim.lr = lr
+    config.optim.decay = decay
+    config.ema.decays = (ema,)
     config.sampler.name = "consistency"
-    config.sampler.steps = 1
+    config.sampler.steps = sample_steps
     config.sampler.thresholding = None
-    config.ckpt.every_steps = 300
-    config.log.sample_every_steps = 300
+    config.ckpt.every_steps = save_every
+    config.log.sample_every_steps = save_every
     config.log.eval_every_steps = 0
     return config

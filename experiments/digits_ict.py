@@ -11,7 +11,7 @@ curriculum 10 -> 1280 (here compressed into the run's steps), on the EDM process
 
 import ml_collections
 
-from experiments import digits
+from experiments import digits, digits_cd
 
 
 def get_config(arg=None):
@@ -41,14 +41,7 @@ def get_config(arg=None):
         )
     )
     config.total_steps = 2000
-    config.optim.name = "adam"
-    config.optim.lr = 1e-3
     config.optim.warmup_steps = 100
-    config.optim.decay = "cosine"
-    config.ema.decays = (0.999,)
-    config.sampler.name = "consistency"
-    config.sampler.steps = 2
-    config.sampler.thresholding = None
-    config.ckpt.every_steps = 500
-    config.log.eval_every_steps = 0
-    return config
+    return digits_cd.consistency_run(
+        config, lr=1e-3, decay="cosine", ema=0.999, sample_steps=2, save_every=500
+    )

@@ -271,20 +271,6 @@ class _Trainer:
 
         return model_fn
 
-    def update(self, parts: train_state.Parts, loss_fn: Any) -> Callable[..., Any]:
-        """``train_state.make_train_step`` on ``loss_fn`` with the run's optimizer, EMA and accumulation."""
-        c = self.config
-        return train_state.make_train_step(
-            loss_fn,
-            parts.tx,
-            parts.lr_schedule,
-            ema_decays=c.ema.decays,
-            ema_warmup=c.ema.warmup,
-            ema_std_rels=c.ema.std_rels,
-            batch_images=c.input.batch_size,
-            accum_steps=c.optim.accum_steps,
-        )
-
     def apply_fn(self, *, train: bool) -> Callable[..., jax.Array]:
         module = self.module
 
@@ -357,7 +343,7 @@ class ConsistencyTrainer(_Trainer):
                     target_point=target_point if self.distills else None,
                 )
 
-            new, metrics = self.update(parts, loss_fn)(state, batch)
+            new, metrics = train_state.loss_train_step(self.config, parts, loss_fn)(state, batch)
             decay = spec.target_decay(state.step)
             metrics |= {"num_scales": spec.scales(state.step), "target_decay": decay}
             return new.replace(
@@ -445,7 +431,9 @@ class ProgressiveTrainer(_Trainer):
                 )
                 return jnp.mean(per_example), {"loss_per_example": per_example, "t": t}
 
-            new, metrics = self.update(parts, loss_fn)(state.replace(teacher_params=teacher_params), batch)
+            new, metrics = train_state.loss_train_step(self.config, parts, loss_fn)(
+                state.replace(teacher_params=teacher_params), batch
+            )
             return new, metrics | {"num_steps": num}
 
         return step
