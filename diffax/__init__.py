@@ -7,6 +7,7 @@ as is ``diffax.discrete`` (categorical diffusion over tokens).
 """
 
 from diffax import (
+    adjoint,
     discrete,
     evaluation,
     guidance,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PREDICTIONS",
+    "adjoint",
     "Schedule",
     "convert",
     "discrete",
