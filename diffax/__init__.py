@@ -19,6 +19,7 @@ from diffax import (
     process,
     samplers,
     schedules,
+    superposition,
 )
 from diffax.likelihood import log_likelihood
 from diffax.losses import make_loss
@@ -56,6 +57,7 @@ __all__ = [
     "sample",
     "samplers",
     "schedules",
+    "superposition",
     "timesteps",
     "to_x0_eps",
 ]
