@@ -1,14 +1,18 @@
 """A transformer over token sequences: bidirectional for diffusion, causal for the autoregressive baseline.
 
 ``TokenTransformer.apply({"params": p}, tokens (B, L) int32, t (B,), cond=None, train=False)`` returns
-logits ``(B, L, out_dim)``. The input table has ``vocab_size + 1`` rows (the mask token of the masked
+logits ``(B, L, out_dim)``. Positions are rotary (relative offsets in every attention layer): with learned
+absolute positions a bidirectional masked model learned no use of its neighbours in 500 steps (4.17
+bits per masked token at t = 0.02, the unigram level), where the causal model, whose own input is
+the previous token, did. The input table has ``vocab_size + 1`` rows (the mask token of the masked
 processes, or BOS of the causal model). With ``time_conditioning`` every block is modulated by an
 embedding of ``t`` (adaLN-Zero as in DiT); without it (MDLM's default, RADD's time-free network)
 the modulation is a learned constant, so the network cannot depend on ``t``.
 
 References:
-  Peebles & Xie 2023 (DiT), Sec. 3.2 (adaLN-Zero blocks); Vaswani et al. 2017 (learned positions,
-  causal masking); Sahoo et al. 2024, App. B (MDLM's DiT backbone over tokens).
+  Peebles & Xie 2023 (DiT), Sec. 3.2 (adaLN-Zero blocks); Su et al. 2021 (rotary positions);
+  Vaswani et al. 2017 (causal masking); Sahoo et al. 2024, App. B (MDLM's DiT backbone over tokens,
+  with rotary embeddings).
 """
 
 from __future__ import annotations
@@ -23,6 +27,20 @@ from jax.typing import ArrayLike
 from diffax.models import layers
 
 Dtype = Any
+
+
+def rotary(x: jax.Array, *, base: float = 10000.0) -> jax.Array:
+    """Rotary position embedding of queries or keys ``(B, T, N, H)``: pairs ``(x_i, x_{i+H/2})`` turned by
+    ``t · base^(−2i/H)`` at position ``t``, so that ``q·k`` depends on positions only through their offset.
+
+    References: Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding", eq. 34.
+    """
+    t, h = x.shape[1], x.shape[-1]
+    freq = base ** (-jnp.arange(h // 2, dtype=jnp.float32) * 2.0 / h)
+    angle = jnp.arange(t, dtype=jnp.float32)[:, None] * freq[None, :]  # (T, H/2)
+    cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+    x1, x2 = x[..., : h // 2], x[..., h // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 class _Block(nn.Module):
@@ -48,6 +66,7 @@ class _Block(nn.Module):
             b, length, 3, heads, d // heads
         )
         q, k, v = (qkv[:, :, i] for i in range(3))
+        q, k = rotary(q), rotary(k)
         h = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal).reshape(b, length, d)
         h = layers.dense(d, ("heads", "embed"), name="attn_out", **kw)(h)
         if train and self.dropout > 0:
@@ -62,11 +81,11 @@ class _Block(nn.Module):
 
 
 class TokenTransformer(nn.Module):
-    """Transformer over ``seq_len`` tokens with learned positions.
+    """Transformer over ``seq_len`` tokens with rotary positions.
 
     Attributes:
       vocab_size: data tokens ``V``; the input table has ``V + 1`` rows.
-      seq_len: sequence length ``L`` (the positional table's size).
+      seq_len: sequence length ``L`` (inputs of another length are refused).
       out_dim: logits per position (``V`` by default; D3PM absorbing predicts ``V + 1`` states).
       hidden_size, depth, num_heads, mlp_ratio: the usual widths.
       causal: causal attention (the autoregressive baseline).
@@ -116,12 +135,7 @@ class TokenTransformer(nn.Module):
             nn.with_logical_partitioning(nn.initializers.normal(0.02), ("classes", "embed")),
             (self.vocab_size + 1, d),
         )
-        positions = self.param(
-            "positions",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
-            (self.seq_len, d),
-        )
-        x = (jnp.take(table, tokens, axis=0) + positions[None]).astype(self.dtype)
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype)  # positions enter through rotary q, k
         if self.time_conditioning:
             c = layers.TimeEmbedding(d, 256, **kw)(jnp.asarray(t, jnp.float32))
         else:
