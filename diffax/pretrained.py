@@ -13,7 +13,8 @@ sampling protocol its paper reported results with, and ``make_sample_fn`` builds
   from the conditional branch); ``guidance="standard"`` guides every eps channel. Latents are
   decoded by the SD VAE as ``vae.decode(z / scaling_factor)``.
 
-A pipeline folder's ``scheduler/scheduler_config.json`` overrides T and the betas when present.
+A ``scheduler/scheduler_config.json`` (pipeline folders) or ``scheduler_config.json`` beside the
+model's ``config.json`` sets T and the betas when present.
 Any diffax sampler runs these networks too (``sampler=``, ``steps=``).
 """
 
@@ -75,7 +76,8 @@ def _model_folder(folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path | No
             vae = folder / "vae" if (folder / "vae" / "config.json").is_file() else None
             scheduler = folder / "scheduler" / "scheduler_config.json"
             return folder / sub, vae, json.loads(scheduler.read_text()) if scheduler.is_file() else None
-    return folder, None, None
+    scheduler = folder / "scheduler_config.json"  # a single-model repository (google/ddpm-cifar10-32)
+    return folder, None, json.loads(scheduler.read_text()) if scheduler.is_file() else None
 
 
 def _with_scheduler(protocol: Protocol, scheduler: dict[str, Any] | None) -> Protocol:
@@ -98,17 +100,24 @@ def load(folder: str | pathlib.Path, *, vae: str | pathlib.Path | None = None, *
     """A published model (a diffusers model or pipeline folder) with its paper's sampling protocol.
 
     Args:
-      folder: a ``UNet2DModel`` (DDPM protocol) or DiT (DiT protocol) folder, or a pipeline folder
-        holding ``unet/`` or ``transformer/`` (and ``scheduler/``, ``vae/``).
+      folder: a ``UNet2DModel`` (DDPM protocol) or DiT (DiT protocol) folder, a pipeline folder
+        holding ``unet/`` or ``transformer/`` (and ``scheduler/``, ``vae/``), or the original DiT
+        release's ``.pt`` file (``models.from_dit_checkpoint``).
       vae: an ``AutoencoderKL`` folder for latent models (default: the pipeline's ``vae/``).
       **fields: network fields to set (e.g. ``attention_impl="cpu"``).
 
     Raises:
       ConversionError: a folder that does not load, or a latent model without a VAE.
     """
-    net_folder, pipeline_vae, scheduler = _model_folder(pathlib.Path(folder))
-    module, params = models.from_diffusers(net_folder, **fields)
-    config = json.loads((net_folder / "config.json").read_text())
+    path = pathlib.Path(folder)
+    if path.suffix == ".pt":  # the original DiT release: a state dict, read with weights_only=True
+        net_folder, pipeline_vae, scheduler = path, None, None
+        module, params = models.from_dit_checkpoint(path, **fields)
+        config = {"in_channels": params["patch"]["kernel"].shape[2]}
+    else:
+        net_folder, pipeline_vae, scheduler = _model_folder(path)
+        module, params = models.from_diffusers(net_folder, **fields)
+        config = json.loads((net_folder / "config.json").read_text())
     if isinstance(module, models.DiT):
         side = module.pos_embed_base * module.patch_size
         shape, protocol, classes = (side, side, config.get("in_channels", 4)), DIT, module.num_classes

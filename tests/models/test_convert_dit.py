@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffax import models
+from diffax import models, pretrained
 from diffax.models.convert import dit as dit_convert
 from diffax.models.convert import table
 from tests.models import diffusers_reference as ref
@@ -133,6 +133,8 @@ def test_original_checkpoint_matches_original_semantics(tmp_path):
     assert (module.num_heads, module.depth, module.time_freq_shift, module.mlp_norm_eps) == (6, 2, 0.0, 1e-6)
     x, t, labels = _inputs()
     ref.assert_close_to_scale(_apply(module, params, x, t, labels), _expected(model, x), what="DiT output")
+    with pytest.raises(models.ConversionError, match="latent DiT; pass --vae"):  # generate --pretrained=X.pt
+        pretrained.load(tmp_path / "DiT-S-2.pt")
     state = torch.load(tmp_path / "DiT-S-2.pt", weights_only=True)
     state["pos_embed"] = state["pos_embed"] * 2
     torch.save(state, tmp_path / "bad.pt")
