@@ -18,6 +18,7 @@ from diffax import (
     parameterization,
     process,
     samplers,
+    schedule_search,
     schedules,
     superposition,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "q_transition",
     "sample",
     "samplers",
+    "schedule_search",
     "schedules",
     "superposition",
     "timesteps",

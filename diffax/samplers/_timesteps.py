@@ -55,6 +55,7 @@ def timesteps(
     t_start: float | None = None,
     t_end: float | None = None,
     rho: float = 7.0,
+    path: str | None = None,
 ) -> jax.Array:
     """A decreasing time grid t_0 = t_start > ... > t_N = t_end for sampling.
 
@@ -66,7 +67,8 @@ def timesteps(
       - ``"karras"``: sigma~ = sigma / alpha uniform in sigma~^(1/rho) (Karras et al. 2022, eq. 5);
       - for ``DiscreteSchedule`` also diffusers' integer grids ``"leading"`` (i = k floor(T / N)),
         ``"trailing"`` (i = round(T - k T / N) - 1) and ``"linspace"`` (round(linspace(0, T-1, N))),
-        mapped to t = (i + 1) / T and followed by t_end (default 0, the anchor x_0).
+        mapped to t = (i + 1) / T and followed by t_end (default 0, the anchor x_0);
+      - ``"file"``: the grid stored at ``path`` by ``diffax.schedule_search.save`` (a searched grid).
 
     Args:
       schedule: the noise schedule.
@@ -77,6 +79,7 @@ def timesteps(
       t_end: the last time; default ``t_min`` (or 1e-3 of the range above it where sigma(t_min) = 0;
         0 for the integer spacings).
       rho: the exponent of the ``"karras"`` spacing.
+      path: the ``.npz`` of the ``"file"`` spacing.
 
     Returns:
       ``ts``, float32 of shape (num_steps + 1,), strictly decreasing.
@@ -84,10 +87,12 @@ def timesteps(
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1; got {num_steps}.")
     num_steps = int(num_steps)
+    if spacing == "file":
+        return _file_timesteps(schedule, num_steps, path)
     if spacing in INTEGER_SPACINGS:
         return _integer_timesteps(schedule, num_steps, spacing, t_start, t_end)
     if spacing not in SPACINGS:
-        known = SPACINGS + (INTEGER_SPACINGS if isinstance(schedule, DiscreteSchedule) else ())
+        known = SPACINGS + (INTEGER_SPACINGS if isinstance(schedule, DiscreteSchedule) else ()) + ("file",)
         raise ValueError(f"Unknown spacing {spacing!r}; known spacings: {', '.join(known)}.")
     t_start, t_end = default_range(schedule, t_start, t_end)
     schedule.check_t(np.array([t_start, t_end]), name="t_start/t_end")
@@ -146,3 +151,19 @@ def _integer_timesteps(schedule, num_steps, spacing, t_start, t_end) -> jax.Arra
     if not 0.0 <= t_end < grid[-1]:
         raise ValueError(f"t_end must lie in [0, {grid[-1]:g}) for this grid; got {t_end:g}.")
     return jnp.asarray(np.append(grid, t_end), jnp.float32)
+
+
+def _file_timesteps(schedule: Schedule, num_steps: int, path: str | None) -> jax.Array:
+    """A stored grid (``schedule_search.save``), checked against num_steps and the schedule."""
+    if path is None:
+        raise ValueError('spacing="file" needs path=<.npz written by diffax.schedule_search.save>.')
+    with np.load(path, allow_pickle=False) as z:
+        if "timesteps" not in z:
+            raise ValueError(f"{path}: no 'timesteps' array (write it with diffax.schedule_search.save).")
+        ts = np.asarray(z["timesteps"], np.float32)
+    if ts.shape != (num_steps + 1,):
+        raise ValueError(f"{path} holds a {ts.shape[0] - 1}-step grid; num_steps={num_steps}.")
+    if not np.all(np.diff(ts) < 0):
+        raise ValueError(f"{path}: the grid is not strictly decreasing.")
+    schedule.check_t(ts, name="timesteps")
+    return jnp.asarray(ts)
