@@ -132,12 +132,16 @@ def make_denoiser(
     prediction: str,
     threshold: float | None = None,
     learned_variance: bool = False,
+    epsilon_scale: float | None = None,
 ) -> Denoiser:
     """Wraps ``model_fn(x, t)`` into ``denoise(x, t) -> (x0, eps)`` for a scalar time ``t``.
 
     With ``threshold`` the data prediction is dynamically thresholded and eps recomputed from it as
     (x - alpha x_0) / sigma, so both stay consistent with x. With ``learned_variance`` the model returns
-    twice x's last axis, [prediction, v], and the denoiser returns (x0, eps, v).
+    twice x's last axis, [prediction, v], and the denoiser returns (x0, eps, v). With ``epsilon_scale``
+    b the noise prediction is divided by b and x_0 recomputed from it, Epsilon Scaling against exposure
+    bias (Ning et al. 2024, "Elucidating the Exposure Bias in Diffusion Models", eq. 14, constant
+    lambda_t = b).
     """
 
     def denoise(x: jax.Array, t: jax.Array) -> tuple[jax.Array, ...]:
@@ -153,6 +157,9 @@ def make_denoiser(
             out, v = jnp.split(out, 2, axis=-1)
             extra = (v,)
         x0, eps = to_x0_eps(schedule, out, x, t_batch, prediction=prediction)
+        if epsilon_scale is not None:
+            eps = eps / jnp.asarray(epsilon_scale, eps.dtype)
+            x0 = (x - schedule.sigma(t).astype(x.dtype) * eps) / schedule.alpha(t).astype(x.dtype)
         if threshold is not None:
             x0 = dynamic_threshold(x0, percentile=threshold)
             alpha, sigma = schedule.alpha(t).astype(x.dtype), schedule.sigma(t).astype(x.dtype)

@@ -29,6 +29,7 @@ class _Config(NamedTuple):
     threshold: float | None
     denoise_final: bool
     inverse: bool
+    epsilon_scale: float | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("model_static", "config"))
@@ -42,6 +43,7 @@ def _run(model_dynamic, schedule, x, ts, key, *, model_static, config: _Config):
         prediction=config.prediction,
         threshold=config.threshold,
         learned_variance=getattr(sampler, "learned_variance", False),
+        epsilon_scale=config.epsilon_scale,
     )
     if config.inverse:
         ts = ts[::-1]
@@ -74,6 +76,7 @@ def _execute(
     denoise_final: bool,
     inverse: bool,
     return_info: bool,
+    epsilon_scale: float | None = None,
 ):
     """Checks every argument before anything compiles, then runs the compiled program."""
     sampler = get(name, **options)
@@ -108,6 +111,8 @@ def _execute(
             )
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"thresholding is a percentile in (0, 1]; got {threshold}.")
+    if epsilon_scale is not None and not float(epsilon_scale) > 0:
+        raise ValueError(f"epsilon_scale must be > 0 (about 1.00-1.02); got {epsilon_scale}.")
     if _concrete(ts):
         _check_grid(
             schedule,
@@ -115,7 +120,13 @@ def _execute(
             last_needs_noise=inverse or denoise_final or isinstance(sampler, AdaptiveSampler),
         )
     config = _Config(
-        name, tuple(sorted(options.items())), prediction, threshold, bool(denoise_final), inverse
+        name,
+        tuple(sorted(options.items())),
+        prediction,
+        threshold,
+        bool(denoise_final),
+        inverse,
+        None if epsilon_scale is None else float(epsilon_scale),
     )
     model_dynamic, model_static = split_callable(model_fn)
     x, info = _run(model_dynamic, schedule, x, ts, key, model_static=model_static, config=config)
@@ -156,6 +167,7 @@ def sample(
     return_info: bool = False,
     denoise_final: bool = False,
     thresholding: float | None = None,
+    epsilon_scale: float | None = None,
     **sampler_kwargs: Any,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Integrates the reverse process from ``x_T`` at ts[0] to ts[-1] in one jitted program.
@@ -175,6 +187,8 @@ def sample(
       denoise_final: finish with x_0 = the data prediction at ts[-1] (one more evaluation).
       thresholding: dynamic-thresholding percentile (Saharia et al. 2022) for data-prediction
         samplers, applied to every data prediction; None disables it.
+      epsilon_scale: b of Epsilon Scaling (Ning et al. 2024) against exposure bias: every sampler sees
+        eps / b and the matching x_0 (b slightly above 1, e.g. 1.005); None disables it.
       **sampler_kwargs: the sampler's options (e.g. ``eta`` for ``"ddim"``).
 
     Returns:
@@ -200,6 +214,7 @@ def sample(
         denoise_final=denoise_final,
         inverse=False,
         return_info=return_info,
+        epsilon_scale=epsilon_scale,
     )
 
 

@@ -327,3 +327,19 @@ def test_new_parameters_and_inputs_do_not_retrace():
     assert not np.allclose(outs[0], outs[1])
     with pytest.raises(AssertionError):  # a new shape does retrace, and the check notices
         samplers.sample(model, sched, jnp.zeros((4, 2)), sampler="ddim", timesteps=ts)
+
+
+def test_epsilon_scaling_divides_the_noise_prediction(vp, mixture_model):
+    """Epsilon Scaling (Ning et al. 2024): b = 1 is the plain sampler; one DDIM step with b sees eps / b."""
+    x_T = jax.random.normal(jax.random.key(0), (8, 2))
+    ts = jnp.array([1.0, 0.5], jnp.float32) * (1 - 1e-3)
+    plain = samplers.sample(mixture_model, vp, x_T, sampler="ddim", timesteps=ts)
+    same = samplers.sample(mixture_model, vp, x_T, sampler="ddim", timesteps=ts, epsilon_scale=1.0)
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(plain))
+    scaled = samplers.sample(mixture_model, vp, x_T, sampler="ddim", timesteps=ts, epsilon_scale=1.02)
+    t, s = ts
+    eps = mixture_model(x_T, jnp.full((8,), t)) / 1.02
+    expected = vp.alpha(s) * (x_T - vp.sigma(t) * eps) / vp.alpha(t) + vp.sigma(s) * eps
+    np.testing.assert_allclose(np.asarray(scaled), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="epsilon_scale"):
+        samplers.sample(mixture_model, vp, x_T, sampler="ddim", timesteps=ts, epsilon_scale=0.0)
