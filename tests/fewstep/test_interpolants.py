@@ -59,7 +59,7 @@ def test_losses_are_minimised_by_the_exact_velocity_and_denoiser(kind, g):
 @pytest.mark.parametrize("diffusion", [0.0, 1.0])
 def test_ode_and_sde_samplers_keep_the_marginals(diffusion):
     interpolant = interpolants.Interpolant("trig", 1.0)
-    t0, t1, n = 0.02, 0.98, 4000
+    t0, t1, n = 0.02, 0.98, 3000
     rng = np.random.default_rng(1)
     a, c, gamma = (float(v) for v in interpolant.coefficients(t0))
     x_start = a * MIXTURE.sample(rng, n) + math.sqrt(c * c + gamma * gamma) * rng.standard_normal((n, 2))

@@ -23,9 +23,9 @@ def test_one_student_step_lands_on_two_teacher_steps(name, kwargs):
         z_t = jax.random.normal(jax.random.key(i), (256, 2)) * float(schedule.sigma(t)) + float(
             schedule.alpha(t)
         )
-        target = progressive.distillation_target(
-            teacher, schedule, z_t, jnp.full((256,), t), num_steps, prediction="eps"
-        )
+        target = jax.jit(
+            lambda z, t: progressive.distillation_target(teacher, schedule, z, t, num_steps, prediction="eps")
+        )(z_t, jnp.full((256,), t))
         student = lambda x, s, target=target: target  # a perfect student: its x_0 prediction is the target
         end = max(t - 1 / num_steps, 0.0)
         one = samplers.sample(

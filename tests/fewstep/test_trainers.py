@@ -91,8 +91,8 @@ def test_experiment_files_validate_and_bad_teachers_get_one_line(tmp_path):
 @pytest.mark.slow
 def test_distillation_runs_resumes_and_samples_in_few_steps(tmp_path):
     """A teacher run, then CD in the one loop: the student starts at the teacher (teacher weights frozen in
-    its checkpoint), mu = 0 keeps the target equal to the online weights, a resumed run continues, and
-    ``diffax.generate`` samples it with its own sampler at 1 and 2 steps."""
+    its checkpoint), mu = 0 keeps the target equal to the online weights, and ``diffax.generate`` samples
+    it with its own sampler; then PD, resumed at a stage boundary."""
     teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
     teacher_config = mixture.get_config()
     teacher_config.total_steps = 2
@@ -109,11 +109,8 @@ def test_distillation_runs_resumes_and_samples_in_few_steps(tmp_path):
         for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(teacher_ema), strict=True)
     )
     assert 0 < moved < 0.05
-    config.total_steps = 4
-    resumed = train.train_and_evaluate(config, student_dir)
-    assert int(resumed.step) == 4
     run_config, sample_fn, params, step = generate.load_run(student_dir, steps=1)
-    assert step == 4 and run_config.sampler.name == "consistency"
+    assert step == 2 and run_config.sampler.name == "consistency"
     one = generate.sample_images(sample_fn, params, config=run_config, seed=0, num_samples=4)[0]
     assert one.shape == (4, 8, 8, 1) and one.dtype == np.uint8
     parts = train_state.build(run_config)
