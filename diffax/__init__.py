@@ -21,6 +21,7 @@ from diffax import (
     schedule_search,
     schedules,
     superposition,
+    svdd,
 )
 from diffax.likelihood import log_likelihood
 from diffax.losses import make_loss
@@ -60,6 +61,7 @@ __all__ = [
     "schedule_search",
     "schedules",
     "superposition",
+    "svdd",
     "timesteps",
     "to_x0_eps",
 ]
