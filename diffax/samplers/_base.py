@@ -133,6 +133,7 @@ def make_denoiser(
     threshold: float | None = None,
     learned_variance: bool = False,
     epsilon_scale: float | None = None,
+    time_shift: tuple[float, float] | None = None,
 ) -> Denoiser:
     """Wraps ``model_fn(x, t)`` into ``denoise(x, t) -> (x0, eps)`` for a scalar time ``t``.
 
@@ -141,11 +142,16 @@ def make_denoiser(
     twice x's last axis, [prediction, v], and the denoiser returns (x0, eps, v). With ``epsilon_scale``
     b the noise prediction is divided by b and x_0 recomputed from it, Epsilon Scaling against exposure
     bias (Ning et al. 2024, "Elucidating the Exposure Bias in Diffusion Models", eq. 14, constant
-    lambda_t = b).
+    lambda_t = b). With ``time_shift = (window, cutoff)`` the model is queried, per example and while
+    t > cutoff, at the time tau of 9 in [t - window, t + window] whose noise variance sigma_tau^2 is
+    closest to the example's variance, and x_0 is read at tau (the Time-Shift Sampler, Li et al. 2024,
+    "Alleviating Exposure Bias in Diffusion Models through Sampling with Shifted Time Steps", Alg. 1-2).
     """
 
     def denoise(x: jax.Array, t: jax.Array) -> tuple[jax.Array, ...]:
         t_batch = jnp.full((x.shape[0],), t, dtype=jnp.result_type(t, jnp.float32))
+        if time_shift is not None:
+            t_batch = _shifted_times(schedule, x, t_batch, *time_shift)
         out = model_fn(x, t_batch)
         extra = ()
         if learned_variance:
@@ -167,6 +173,17 @@ def make_denoiser(
         return (x0, eps, *extra)
 
     return denoise
+
+
+def _shifted_times(schedule: Schedule, x: jax.Array, t: jax.Array, window: float, cutoff: float) -> jax.Array:
+    """Per example, the time in [t - window, t + window] (9 candidates, inside the schedule's range)
+    whose sigma^2 is closest to the example's variance; t itself at or below ``cutoff``."""
+    candidates = t[:, None] + jnp.linspace(-window, window, 9, dtype=t.dtype)[None]
+    candidates = jnp.clip(candidates, schedule.t_min, schedule.t_max)
+    variance = jnp.var(x.reshape(x.shape[0], -1), axis=1)
+    gap = jnp.abs(jnp.square(schedule.sigma(candidates)) - variance[:, None].astype(t.dtype))
+    shifted = jnp.take_along_axis(candidates, jnp.argmin(gap, axis=1)[:, None], axis=1)[:, 0]
+    return jnp.where(t > cutoff, shifted, t)
 
 
 def integrate(

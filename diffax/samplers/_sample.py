@@ -30,6 +30,7 @@ class _Config(NamedTuple):
     denoise_final: bool
     inverse: bool
     epsilon_scale: float | None = None
+    time_shift: tuple[float, float] | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("model_static", "config"))
@@ -44,6 +45,7 @@ def _run(model_dynamic, schedule, x, ts, key, *, model_static, config: _Config):
         threshold=config.threshold,
         learned_variance=getattr(sampler, "learned_variance", False),
         epsilon_scale=config.epsilon_scale,
+        time_shift=config.time_shift,
     )
     if config.inverse:
         ts = ts[::-1]
@@ -77,6 +79,7 @@ def _execute(
     inverse: bool,
     return_info: bool,
     epsilon_scale: float | None = None,
+    time_shift: tuple[float, float] | None = None,
 ):
     """Checks every argument before anything compiles, then runs the compiled program."""
     sampler = get(name, **options)
@@ -113,6 +116,12 @@ def _execute(
             raise ValueError(f"thresholding is a percentile in (0, 1]; got {threshold}.")
     if epsilon_scale is not None and not float(epsilon_scale) > 0:
         raise ValueError(f"epsilon_scale must be > 0 (about 1.00-1.02); got {epsilon_scale}.")
+    if time_shift is not None:
+        if len(time_shift) != 2 or not 0 < float(time_shift[0]) < float(time_shift[1]):
+            raise ValueError(
+                f"time_shift must be (window, cutoff) with 0 < window < cutoff; got {time_shift}."
+            )
+        time_shift = (float(time_shift[0]), float(time_shift[1]))
     if _concrete(ts):
         _check_grid(
             schedule,
@@ -127,6 +136,7 @@ def _execute(
         bool(denoise_final),
         inverse,
         None if epsilon_scale is None else float(epsilon_scale),
+        time_shift,
     )
     model_dynamic, model_static = split_callable(model_fn)
     x, info = _run(model_dynamic, schedule, x, ts, key, model_static=model_static, config=config)
@@ -168,6 +178,7 @@ def sample(
     denoise_final: bool = False,
     thresholding: float | None = None,
     epsilon_scale: float | None = None,
+    time_shift: tuple[float, float] | None = None,
     **sampler_kwargs: Any,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Integrates the reverse process from ``x_T`` at ts[0] to ts[-1] in one jitted program.
@@ -189,6 +200,8 @@ def sample(
         samplers, applied to every data prediction; None disables it.
       epsilon_scale: b of Epsilon Scaling (Ning et al. 2024) against exposure bias: every sampler sees
         eps / b and the matching x_0 (b slightly above 1, e.g. 1.005); None disables it.
+      time_shift: ``(window, cutoff)`` of the Time-Shift Sampler (Li et al. 2024): above ``cutoff``
+        the model is queried at the nearby time whose noise level matches each example's variance.
       **sampler_kwargs: the sampler's options (e.g. ``eta`` for ``"ddim"``).
 
     Returns:
@@ -215,6 +228,7 @@ def sample(
         inverse=False,
         return_info=return_info,
         epsilon_scale=epsilon_scale,
+        time_shift=time_shift,
     )
 
 

@@ -343,3 +343,32 @@ def test_epsilon_scaling_divides_the_noise_prediction(vp, mixture_model):
     np.testing.assert_allclose(np.asarray(scaled), np.asarray(expected), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="epsilon_scale"):
         samplers.sample(mixture_model, vp, x_T, sampler="ddim", timesteps=ts, epsilon_scale=0.0)
+
+
+def test_time_shift_queries_the_time_matching_the_variance(vp):
+    """Above the cutoff the model sees, per example, the candidate time whose sigma^2 is closest to the
+    example's variance; at or below it, t itself; a cutoff above every time is the plain sampler."""
+    from diffax.samplers import make_denoiser
+
+    seen = []
+
+    def model(x, t):
+        seen.append(t)
+        return jnp.zeros_like(x)
+
+    x = jnp.stack(
+        [jnp.full((64,), v) * jnp.tile(jnp.array([1.0, -1.0]), 32) for v in (0.5, 0.9)]
+    )  # var .25, .81
+    denoise = make_denoiser(model, vp, prediction="eps", time_shift=(0.2, 0.3))
+    denoise(x, jnp.float32(0.5))  # eagerly, so the model records concrete times
+    candidates = 0.5 + np.linspace(-0.2, 0.2, 9)
+    sig2 = np.asarray(vp.sigma(jnp.asarray(candidates))) ** 2
+    expected = [candidates[np.argmin(np.abs(sig2 - v))] for v in (0.25, 0.81)]
+    np.testing.assert_allclose(np.asarray(seen[-1]), expected, rtol=1e-6)
+    denoise(x, jnp.float32(0.25))
+    np.testing.assert_allclose(np.asarray(seen[-1]), [0.25, 0.25])
+    x_T = jax.random.normal(jax.random.key(0), (8, 2))
+    ts = samplers.timesteps(vp, num_steps=4)
+    plain = samplers.sample(model, vp, x_T, sampler="ddim", timesteps=ts)
+    never = samplers.sample(model, vp, x_T, sampler="ddim", timesteps=ts, time_shift=(0.01, 2.0))
+    np.testing.assert_array_equal(np.asarray(never), np.asarray(plain))
