@@ -366,7 +366,10 @@ def validate(
     _require(e.batch_size >= 1, "config.evals.batch_size", f"{e.batch_size} must be positive.")
     _require(e.inception_size >= 75, "config.evals.inception_size", f"{e.inception_size} must be >= 75.")
     _require(e.num_reference >= 2, "config.evals.num_reference", f"{e.num_reference} must be at least 2.")
-    if config.log.eval_every_steps:
+    from diffax.autoencoding import system as autoencoder_system
+
+    autoencoder_run = autoencoder_system.is_autoencoder_run(config)
+    if config.log.eval_every_steps and not autoencoder_run:  # autoencoders: held-out PSNR
         check_evaluation(config)
     for field in ("ckpt.every_steps", "ckpt.keep", "log.every_steps", "log.num_samples"):
         section, key = field.split(".")
@@ -376,6 +379,8 @@ def validate(
         from diffax.discrete import system
 
         _check("config", lambda: system.check(config))
+    elif autoencoder_run:
+        _check("config", lambda: autoencoder_system.check(config))
     else:
         _check_diffusion(config)
 

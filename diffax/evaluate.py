@@ -108,6 +108,10 @@ def make_evaluation(
 
     if system.is_token_run(config):  # held-out bits per character (diffax.discrete.system)
         return system.make_evaluation(config, num_samples=num_samples)
+    from diffax.autoencoding import system as autoencoder_system
+
+    if autoencoder_system.is_autoencoder_run(config):  # held-out PSNR (diffax.autoencoding.system)
+        return autoencoder_system.make_evaluation(config, num_samples=num_samples)
     num = config.evals.num_samples if num_samples is None else num_samples
     batch = min(num, config.evals.batch_size)
     labels = np.arange(batch, dtype=np.int32) % max(config.input.num_classes, 1)

@@ -74,6 +74,10 @@ def make_sampler(
 
     if system.is_token_run(config):  # tokens (N, L) int32 instead of images
         return system.make_sampler(config, parts, mesh=mesh, sampler=sampler, steps=steps)
+    from diffax.autoencoding import system as autoencoder_system
+
+    if autoencoder_system.is_autoencoder_run(config):  # reconstructions of held-out images
+        return autoencoder_system.make_reconstructor(config, parts, mesh=mesh)
     s = config.sampler
     name = s.name if sampler is None else sampler
     num_steps = s.steps if steps is None else steps

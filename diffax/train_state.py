@@ -231,10 +231,13 @@ def build(config: ml_collections.ConfigDict) -> Parts:
     import diffax.losses as losses
     import diffax.models as models
     import diffax.schedules as schedules
+    from diffax.autoencoding import system as autoencoder_system
     from diffax.discrete import system
 
     if system.is_token_run(config):
         return system.build(config)
+    if autoencoder_system.is_autoencoder_run(config):
+        return autoencoder_system.build(config)
     schedule = schedules.get(config.process.name, **registry_kwargs(config.process))
     module = models.from_config(config.model)
 
@@ -262,7 +265,11 @@ def example_cond(config: ml_collections.ConfigDict) -> jax.Array | None:
 def state_initializer(config: ml_collections.ConfigDict, parts: Parts) -> Callable[[], TrainState]:
     """``init()`` building the (boxed) initial state of a run; see :func:`init_state`."""
     import diffax.data as data
+    from diffax.autoencoding import system as autoencoder_system
     from diffax.discrete import system
+
+    if autoencoder_system.is_autoencoder_run(config):
+        return autoencoder_system.state_initializer(config, parts)
 
     example = (
         system.init_state_kwargs(config)
@@ -284,7 +291,12 @@ def state_initializer(config: ml_collections.ConfigDict, parts: Parts) -> Callab
 def config_train_step(
     config: ml_collections.ConfigDict, parts: Parts
 ) -> Callable[[Any, Batch], tuple[Any, Any]]:
-    """The run's pure ``train_step``: :func:`make_train_step` on the loss, or the few-step trainer's."""
+    """The run's pure ``train_step``: :func:`make_train_step` on the loss, the autoencoder recipe's
+    (``diffax.autoencoding.system``), or the few-step trainer's."""
+    from diffax.autoencoding import system as autoencoder_system
+
+    if autoencoder_system.is_autoencoder_run(config):
+        return autoencoder_system.make_train_step(config, parts)
     if parts.trainer is not None:
         return parts.trainer.train_step(parts)
     return loss_train_step(config, parts, parts.loss_fn)

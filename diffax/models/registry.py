@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from diffax.models.autoencoder import AutoencoderKL
 from diffax.models.dit import DiT
 from diffax.models.unet import UNet
 
@@ -20,6 +21,16 @@ _DIT_G = (40, 1408, 16)
 _DIT_MOE = (("s", 8, 2), ("s", 16, 2), ("b", 8, 2), ("l", 8, 2), ("xl", 8, 2), ("g", 16, 2))
 
 PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    # Rombach et al. 2022, App. G: the KL autoencoders; f8 is the Stable Diffusion VAE (kl-f8, z = 4),
+    # f4 the LDM kl-f4 (z = 3); LDM's `autoencoder_kl_*` configs, 2 residual blocks per level.
+    "autoencoder_kl_f8": (
+        AutoencoderKL,
+        dict(base_channels=128, channel_mult=(1, 2, 4, 4), latent_channels=4),
+    ),
+    "autoencoder_kl_f4": (
+        AutoencoderKL,
+        dict(base_channels=128, channel_mult=(1, 2, 4), latent_channels=3, scaling_factor=1.0),
+    ),
     # Ho et al. 2020, App. B: 35.7M parameters at 32x32x3.
     "unet_ddpm_cifar10": (
         UNet,

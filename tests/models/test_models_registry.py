@@ -138,7 +138,7 @@ def test_time_must_have_batch_shape():
         jax.eval_shape(lambda: module.init(jax.random.key(0), x, jnp.zeros(())))
 
 
-@pytest.mark.parametrize("name", sorted(models.PRESETS))
+@pytest.mark.parametrize("name", sorted(n for n in models.PRESETS if not n.startswith("autoencoder")))
 def test_every_parameter_is_named_and_large_ones_shard_over_fsdp(name):
     shape = (1, 64, 64, 3) if "imagenet64" in name else (1, 32, 32, 3) if "unet" in name else LATENT
     params = models.abstract_params(models.get(name), shape)
