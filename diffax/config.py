@@ -114,6 +114,20 @@ def base_config() -> ml_collections.ConfigDict:
     )
     # std_rels: power-function EMAs (Karras et al. 2024) after the decays, snapshotted with every
     # checkpoint into DIR/ema_snapshots/ for post-hoc reconstruction (diffax.posthoc_ema).
+    # Latent runs (input.dataset="latents", input.data_dir=the cache): the frozen VAE (exactly one of
+    # workdir, a diffax autoencoder run, and pretrained, a diffusers AutoencoderKL folder), the images
+    # the cache job encodes (source: an input section) and the latent scale (0: 1/std from the cache).
+    c.vae = ml_collections.ConfigDict(
+        dict(
+            workdir="",
+            pretrained="",
+            scale=0.0,
+            cache_shard_size=512,
+            source=ml_collections.ConfigDict(
+                dict(dataset="digits", split="train", upsample=4, data_dir="", image_size=32)
+            ),
+        )
+    )
     c.ema = ml_collections.ConfigDict(dict(decays=(0.9999,), warmup=False, std_rels=()))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1))
     c.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
@@ -172,6 +186,8 @@ def _require(ok: bool, field: str, message: str) -> None:
 def _check_input(c: ml_collections.ConfigDict) -> None:
     _require(c.batch_size > 0, "config.input.batch_size", f"{c.batch_size} must be positive.")
     _require(c.image_size > 0, "config.input.image_size", f"{c.image_size} must be positive.")
+    if c.dataset == "latents":  # checked with the VAE (diffax.latent.check)
+        return
     if c.dataset == "digits":
         _require(
             c.split in digits_lib.SPLITS,
@@ -253,10 +269,16 @@ def check_sampler(config: ml_collections.ConfigDict) -> None:
         _require(config.input.labels, "config.sampler.guidance_scale", "needs a labelled run (input.labels).")
 
 
+def digits_run(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run's images are digits (directly, or the latents of digits): digits metrics apply."""
+    source = config.vae.source.dataset if config.input.dataset == "latents" else config.input.dataset
+    return source == "digits"
+
+
 def check_evaluation(config: ml_collections.ConfigDict) -> None:
     """Checks that ``diffax.evaluate`` can measure this run; raises :class:`ConfigError`."""
     e = config.evals
-    if config.input.dataset == "digits" or config.input.dataset in TEXT_DATASETS:
+    if digits_run(config) or config.input.dataset in TEXT_DATASETS:
         return
     _require(
         bool(e.inception_weights),
@@ -382,6 +404,10 @@ def validate(
     elif autoencoder_run:
         _check("config", lambda: autoencoder_system.check(config))
     else:
+        if config.input.dataset == "latents":
+            from diffax import latent
+
+            _check("config", lambda: latent.check(config))
         _check_diffusion(config)
 
     devices = jax.devices() if devices is None else devices

@@ -68,7 +68,7 @@ def reference(config: ml_collections.ConfigDict, num_samples: int) -> dict[str, 
     """
     import diffax.evaluation as evaluation
 
-    if config.input.dataset == "digits":
+    if config_lib.digits_run(config):  # digits, or latents of digits decoded by the VAE
         return evaluation.digits_reference(num_samples)
     config_lib.check_evaluation(config)
     extractor = functools.partial(
@@ -204,7 +204,7 @@ def main(argv: list[str]) -> None:
         seed=config.seed if FLAGS.seed is None else FLAGS.seed,
         metrics=metrics,
     )
-    if config.input.dataset == "digits":
+    if config_lib.digits_run(config):
         record["targets"] = evaluation.digits_targets(metrics)
     if "bits_per_char" in metrics:  # token runs: the headline number at the top level
         record["bits_per_char"] = metrics["bits_per_char"]

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from PIL import Image
 
-from diffax import checkpoint, data, sharding, train_state
+from diffax import checkpoint, data, latent, sharding, train_state
 from diffax import config as config_lib
 
 SampleFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -137,6 +137,9 @@ def make_sampler(
             **extra,
         )
 
+    if latent.is_latent_run(config):  # latent samples decoded through the frozen VAE
+        decode = latent.decoder(config)
+        return lambda params, key, labels: decode(sample_fn(params, key, labels))
     return sample_fn
 
 

@@ -19,7 +19,17 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffax import checkpoint, data, generate, nonfinite, posthoc_ema, sharding, summaries, train_state
+from diffax import (
+    checkpoint,
+    data,
+    generate,
+    latent,
+    nonfinite,
+    posthoc_ema,
+    sharding,
+    summaries,
+    train_state,
+)
 from diffax import config as config_lib
 from diffax import evaluate as evaluate_lib
 
@@ -120,6 +130,7 @@ def train_and_evaluate(
     """
     # Everything that can be wrong with the config fails here, in one line, before compiling.
     config_lib.validate(config, workdir=workdir, devices=devices)
+    config = latent.with_scale(config)  # a latent run records its scale in config.json
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     batch_sharding = sharding.batch_sharding(mesh)
     config_lib.save(config, workdir)
@@ -131,7 +142,7 @@ def train_and_evaluate(
     )
 
     # Input, model, loss, optimizer.
-    pipeline = data.make_pipeline(config.input, seed=config.seed)
+    pipeline = data.make_pipeline(config.input, seed=config.seed, latent_scale=config.vae.scale)
     parts = train_state.build(config)
 
     # State: shapes and logical axes first, then shardings from the rules, then the real state.

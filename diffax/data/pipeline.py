@@ -16,7 +16,8 @@ import numpy as np
 from diffax.data import digits as digits_lib
 from diffax.data import mixture as mixture_lib
 
-BUILTIN_DATASETS = ("digits", "mixture", "text", "markov")  # text, markov: token runs (data/text.py)
+# text, markov: token runs (data/text.py); latents: cached VAE posteriors (diffax.latent)
+BUILTIN_DATASETS = ("digits", "mixture", "text", "markov", "latents")
 
 
 class Pipeline(Protocol):
@@ -179,6 +180,7 @@ def make_pipeline(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    latent_scale: float = 0.0,
 ) -> Pipeline:
     """Builds the input pipeline that ``input_config`` describes, for one process.
 
@@ -187,6 +189,7 @@ def make_pipeline(
       seed: data seed.
       process_index: this process (default ``jax.process_index()``).
       process_count: number of processes (default ``jax.process_count()``).
+      latent_scale: for ``"latents"``: the scale of the latents (0: the cache's ``1 / std``).
 
     Returns:
       A :class:`Pipeline` yielding local batches of ``batch_size / process_count`` examples.
@@ -201,6 +204,10 @@ def make_pipeline(
         from diffax.data import text  # imported here: text.py builds on this module
 
         return text.make_token_pipeline(cfg, **shard)
+    if cfg.dataset == "latents":
+        from diffax import latent  # imported here: diffax.latent builds on this module
+
+        return latent.LatentPipeline(cfg, scale=latent_scale, **shard)
     if cfg.dataset == "digits":
         images, labels = digits_lib.load_digits(split=cfg.split, upsample=cfg.upsample)
         return ArrayPipeline(images, labels if cfg.labels else None, random_flip=cfg.random_flip, **shard)

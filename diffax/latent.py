@@ -1,0 +1,317 @@
+"""Latent diffusion: a frozen VAE, its cached posteriors, the latent scale, and decoding samples.
+
+A latent run trains any diffax network on ``scale · z`` with ``z`` drawn afresh every step from the
+cached posterior ``N(mean, e^logvar)`` of each training image (``config.input.dataset="latents"``,
+``config.input.data_dir`` the cache), and decodes its samples ``z / scale`` through the VAE, so
+``diffax.generate`` and ``diffax.evaluate`` give images. The VAE is ``config.vae.workdir`` (a diffax
+autoencoder run, its newest checkpoint) or ``config.vae.pretrained`` (a diffusers ``AutoencoderKL``
+folder); it never trains here. The cache is written once:
+
+    python -m diffax.latent --config=experiments/digits_latent.py
+
+which encodes ``config.vae.source`` (an input section, e.g. the digits train split) in shards of
+``config.vae.cache_shard_size`` images to ``CACHE/shard_<i>.npz`` (``mean``, ``logvar``, ``label``;
+each written beside and renamed into place, so a killed job resumes at the first missing shard), then
+the scale ``1 / std`` of one posterior draw per training latent (Rombach et al. 2022, Sec. 4.3.2 and
+the ``scale_by_std`` of LDM; logged, in ``CACHE/metadata.json``, and copied into the run's
+``config.json`` as ``config.vae.scale``).
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from diffax.data.pipeline import _StepDerived
+
+METADATA = "metadata.json"
+CACHE_FORMAT = 1
+
+
+def is_latent_run(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config`` trains on cached VAE latents."""
+    return config.input.dataset == "latents"
+
+
+def load_vae(vae_config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """``(module, params)`` of the frozen VAE of ``config.vae`` (exactly one of workdir/pretrained).
+
+    Raises:
+      ValueError: one line naming ``config.vae.workdir`` or ``config.vae.pretrained``.
+    """
+    import diffax.models as models
+
+    if bool(vae_config.workdir) == bool(vae_config.pretrained):
+        raise ValueError(
+            "config.vae.workdir: set exactly one of config.vae.workdir (a diffax autoencoder run) and"
+            " config.vae.pretrained (a diffusers AutoencoderKL folder)."
+        )
+    if vae_config.pretrained:
+        check_pretrained_class(vae_config.pretrained)
+        return models.from_diffusers(vae_config.pretrained)
+    from diffax import checkpoint, sharding, train_state
+    from diffax import config as config_lib
+    from diffax.autoencoding import system as autoencoder_system
+
+    try:
+        run = config_lib.load(vae_config.workdir)
+    except OSError as e:
+        raise ValueError(
+            f"config.vae.workdir: {vae_config.workdir} has no config.json ({e.strerror})."
+        ) from None
+    if not autoencoder_system.is_autoencoder_run(run):
+        raise ValueError(
+            f"config.vae.workdir: {vae_config.workdir} is a {run.loss.name!r} run, not an autoencoder run"
+            " (loss contperceptual)."
+        )
+    parts = train_state.build(run)
+    mesh = sharding.make_mesh(
+        ml_collections.ConfigDict(dict(data=-1, fsdp=1)), devices=jax.local_devices()[:1]
+    )
+    try:
+        state, _ = checkpoint.restore_latest(vae_config.workdir, run, parts, mesh=mesh)
+    except FileNotFoundError as e:
+        raise ValueError(f"config.vae.workdir: {e}") from None
+    return parts.module, state.params["autoencoder"]
+
+
+def check_pretrained_class(folder: str) -> None:
+    """Raises a one-line ``ValueError`` naming ``config.vae.pretrained`` unless ``folder`` holds a
+    diffusers ``AutoencoderKL``."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            class_name = json.load(f).get("_class_name", "")
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"config.vae.pretrained: cannot read {folder}/config.json ({type(e).__name__})."
+        ) from None
+    if class_name != "AutoencoderKL":
+        raise ValueError(
+            f"config.vae.pretrained: {folder} holds a {class_name or 'model of unknown class'}, not an"
+            " AutoencoderKL; name a VAE folder (e.g. stabilityai/sd-vae-ft-ema saved locally)."
+        )
+
+
+def encoder(module: Any) -> Any:
+    """``encode(params, images) -> (mean, logvar)``, jitted."""
+    return jax.jit(lambda params, x: module.apply({"params": params}, x, method="encode"))
+
+
+def source_images(vae_config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+    """All images of ``config.vae.source`` in [-1, 1] (unflipped, in order) and their labels."""
+    source = vae_config.source
+    if source.dataset == "digits":
+        from diffax.data import digits as digits_lib
+
+        images, labels = digits_lib.load_digits(split=source.split, upsample=source.upsample)
+        return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0), labels
+    import tensorflow_datasets as tfds
+
+    ds = tfds.load(source.dataset, split=source.split, data_dir=source.data_dir or None, shuffle_files=False)
+    images, labels = [], []
+    for example in tfds.as_numpy(ds):
+        image = jax.image.resize(
+            example["image"].astype(np.float32), (source.image_size,) * 2 + (3,), "bilinear"
+        )
+        images.append(np.asarray(image) / 127.5 - 1.0)
+        labels.append(example.get("label", 0))
+    return np.stack(images).astype(np.float32), np.asarray(labels, np.int32)
+
+
+def _shard_path(cache: str, index: int) -> str:
+    return os.path.join(cache, f"shard_{index:05d}.npz")
+
+
+def write_cache(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Encodes ``config.vae.source`` into ``config.input.data_dir`` (resumable) and returns its metadata."""
+    cache, v = config.input.data_dir, config.vae
+    module, params = load_vae(v)
+    encode = encoder(module)
+    images, labels = source_images(v)
+    os.makedirs(cache, exist_ok=True)
+    size = int(v.cache_shard_size)
+    num_shards = -(-len(images) // size)
+    for index in range(num_shards):
+        path = _shard_path(cache, index)
+        if os.path.exists(path):
+            logging.info("shard %d/%d already cached", index + 1, num_shards)
+            continue
+        chunk = slice(index * size, (index + 1) * size)
+        means, logvars = [], []
+        for start in range(chunk.start, min(chunk.stop, len(images)), 100):
+            mean, logvar = jax.device_get(encode(params, images[start : min(start + 100, chunk.stop)]))
+            means.append(mean)
+            logvars.append(logvar)
+        with open(path + ".partial", "wb") as f:
+            np.savez(f, mean=np.concatenate(means), logvar=np.concatenate(logvars), label=labels[chunk])
+        os.replace(path + ".partial", path)
+        logging.info("cached shard %d/%d", index + 1, num_shards)
+    mean, logvar, _ = read_shards(cache, num_shards)
+    draw = mean + np.exp(0.5 * logvar) * np.random.default_rng(0).standard_normal(mean.shape).astype(
+        np.float32
+    )
+    scale = float(1.0 / draw.std())
+    metadata = dict(
+        format=CACHE_FORMAT,
+        num_images=int(len(mean)),
+        num_shards=num_shards,
+        latent_shape=list(mean.shape[1:]),
+        scale=scale,
+        latent_std=float(draw.std()),
+        source=v.source.to_dict(),
+        vae=dict(workdir=v.workdir, pretrained=v.pretrained),
+    )
+    with open(os.path.join(cache, METADATA + ".partial"), "w") as f:
+        json.dump(metadata, f, indent=2)
+    os.replace(os.path.join(cache, METADATA + ".partial"), os.path.join(cache, METADATA))
+    logging.info("latent scale 1/std = %.6f (std %.4f of %d latents)", scale, draw.std(), len(mean))
+    return metadata
+
+
+def read_metadata(cache: str) -> dict[str, Any]:
+    """The cache's metadata.
+
+    Raises:
+      ValueError: one line naming ``config.input.data_dir`` for a missing or damaged cache.
+    """
+    path = os.path.join(cache or "", METADATA)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"config.input.data_dir: no latent cache at {cache!r} (no {METADATA}); write it first with"
+            " python -m diffax.latent --config=<this experiment>."
+        )
+    try:
+        with open(path) as f:
+            metadata = json.load(f)
+        assert metadata["format"] == CACHE_FORMAT and metadata["num_shards"] >= 1
+    except (ValueError, KeyError, AssertionError, TypeError):
+        raise ValueError(
+            f"config.input.data_dir: {path} is damaged; delete the cache and rerun python -m diffax.latent."
+        ) from None
+    return metadata
+
+
+def read_shards(cache: str, num_shards: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mean, logvar, label)`` of every shard, concatenated.
+
+    Raises:
+      ValueError: one line naming ``config.input.data_dir`` when a shard is missing or damaged.
+    """
+    parts = []
+    for index in range(num_shards):
+        path = _shard_path(cache, index)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = (f["mean"], f["logvar"], f["label"])
+            assert arrays[0].shape == arrays[1].shape and len(arrays[2]) == len(arrays[0])
+        except FileNotFoundError:
+            raise ValueError(
+                f"config.input.data_dir: {path} is missing; rerun python -m diffax.latent to finish it."
+            ) from None
+        except Exception:  # a truncated or altered file: zip, npy or shape errors
+            raise ValueError(
+                f"config.input.data_dir: {path} is damaged; delete it and rerun python -m diffax.latent."
+            ) from None
+        parts.append(arrays)
+    mean, logvar, label = (np.concatenate(a) for a in zip(*parts, strict=True))
+    return mean.astype(np.float32), logvar.astype(np.float32), label.astype(np.int32)
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Checks a latent run's cache and VAE against its input and model, before compiling.
+
+    Raises:
+      ValueError: one line naming the field.
+    """
+    metadata = read_metadata(config.input.data_dir)
+    h, w, c = metadata["latent_shape"]
+    if c != config.input.channels:
+        raise ValueError(
+            f"config.input.channels: {config.input.channels} but the VAE's latents have {c} channels;"
+            f" set it to {c}."
+        )
+    if h != config.input.image_size or w != config.input.image_size:
+        raise ValueError(
+            f"config.input.image_size: {config.input.image_size} but the cached latents are {h}x{w};"
+            f" set it to {h}."
+        )
+    v = config.vae
+    if bool(v.workdir) == bool(v.pretrained):
+        raise ValueError(
+            "config.vae.workdir: a latent run decodes through its VAE; set exactly one of config.vae.workdir"
+            " and config.vae.pretrained."
+        )
+    if v.pretrained:
+        check_pretrained_class(v.pretrained)
+    elif not os.path.isfile(os.path.join(v.workdir, "config.json")):
+        raise ValueError(f"config.vae.workdir: {v.workdir} is not a diffax run (no config.json).")
+
+
+def with_scale(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with ``config.vae.scale`` taken from the cache when it is 0 (so the run records it)."""
+    if not is_latent_run(config) or config.vae.scale:
+        return config
+    scale = read_metadata(config.input.data_dir)["scale"]
+    logging.info("latent scale from the cache: %.6f", scale)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.vae.scale = float(scale)
+    return config
+
+
+class LatentPipeline(_StepDerived):
+    """Cached posteriors visited in a fresh permutation every epoch; each batch draws
+    ``scale · (mean + e^{logvar/2} ε)`` with ε from ``(seed, step)``."""
+
+    def __init__(self, input_config: ml_collections.ConfigDict, *, scale: float, **shard):
+        super().__init__(**shard)
+        metadata = read_metadata(input_config.data_dir)
+        self.mean, self.logvar, self.labels = read_shards(input_config.data_dir, metadata["num_shards"])
+        self.scale = np.float32(scale or metadata["scale"])
+        self.with_labels = bool(input_config.labels)
+
+    def get(self, step: int) -> dict[str, np.ndarray]:
+        n = len(self.mean)
+        positions = step * self.global_batch + np.arange(self.local_slice.start, self.local_slice.stop)
+        epochs, offsets = np.divmod(positions, n)
+        indices = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            perm = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
+            indices[epochs == epoch] = perm[offsets[epochs == epoch]]
+        eps = np.random.default_rng([self.seed, step, 0x6C6174]).standard_normal(
+            (self.global_batch, *self.mean.shape[1:]), np.float32
+        )[self.local_slice]
+        z = self.mean[indices] + np.exp(0.5 * self.logvar[indices]) * eps
+        batch = {"image": (self.scale * z).astype(np.float32)}
+        if self.with_labels:
+            batch["label"] = self.labels[indices]
+        return batch
+
+
+def decoder(config: ml_collections.ConfigDict) -> Any:
+    """``decode(z_scaled) -> images`` through the run's frozen VAE (``z / scale``), jitted."""
+    module, params = load_vae(config.vae)
+    scale = float(config.vae.scale or read_metadata(config.input.data_dir)["scale"])
+    decode = jax.jit(lambda z: module.apply({"params": params}, z / scale, method="decode"))
+    return decode
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    try:
+        write_cache(FLAGS.config)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+
+
+if __name__ == "__main__":
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "A latent experiment file.", lock_config=False)
+    app.run(main)
