@@ -274,13 +274,7 @@ class LatentPipeline(_StepDerived):
         self.with_labels = bool(input_config.labels)
 
     def get(self, step: int) -> dict[str, np.ndarray]:
-        n = len(self.mean)
-        positions = step * self.global_batch + np.arange(self.local_slice.start, self.local_slice.stop)
-        epochs, offsets = np.divmod(positions, n)
-        indices = np.empty_like(positions)
-        for epoch in np.unique(epochs):
-            perm = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
-            indices[epochs == epoch] = perm[offsets[epochs == epoch]]
+        indices = self.epoch_indices(step, len(self.mean))
         eps = np.random.default_rng([self.seed, step, 0x6C6174]).standard_normal(
             (self.global_batch, *self.mean.shape[1:]), np.float32
         )[self.local_slice]

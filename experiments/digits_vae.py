@@ -14,6 +14,7 @@ latent model: ``experiments/digits_latent.py``.
 
 import ml_collections
 
+from diffax.autoencoding import system
 from experiments import common
 
 
@@ -35,20 +36,8 @@ def get_config(arg=None):
         conv_impl="cpu",
         norm_impl="cpu",
     )
-    config.loss = ml_collections.ConfigDict(
-        dict(
-            name="contperceptual",
-            kl_weight=1e-6,
-            disc_start=600,
-            disc_weight=0.5,
-            disc_factor=1.0,
-            perceptual_weight=0.0,
-            learn_logvar=True,
-            logvar_init=0.0,
-            disc_layers=2,
-            disc_channels=32,
-        )
-    )
+    loss = dict(system.LOSS_DEFAULTS, disc_start=600, disc_layers=2, disc_channels=32)
+    config.loss = ml_collections.ConfigDict(dict(name=system.LOSS_NAME, **loss))
     config.input.dataset = "digits"
     config.input.upsample = 4
     config.input.image_size = 32

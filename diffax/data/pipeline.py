@@ -67,6 +67,18 @@ class _ProcessShare:
 class _StepDerived(_ProcessShare):
     """A pipeline whose batch is a pure function of ``(seed, step)``: its position needs no saving."""
 
+    def epoch_indices(self, step: int, n: int) -> np.ndarray:
+        """This process's rows of step ``step`` among ``n`` examples visited in a fresh permutation
+        per epoch: global example ``p`` is ``perm_e[p mod n]`` of epoch ``e = p div n``, ``perm_e``
+        drawn from ``(seed, e)``."""
+        positions = step * self.global_batch + np.arange(self.local_slice.start, self.local_slice.stop)
+        epochs, offsets = np.divmod(positions, n)
+        indices = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            perm = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
+            indices[epochs == epoch] = perm[offsets[epochs == epoch]]
+        return indices
+
     def save(self, directory: str, step: int, *, keep: int) -> None:
         del directory, step, keep
 
@@ -98,14 +110,7 @@ class ArrayPipeline(_StepDerived):
         self.images, self.labels, self.random_flip = images, labels, random_flip
 
     def _indices(self, step: int) -> np.ndarray:
-        n = len(self.images)
-        positions = step * self.global_batch + np.arange(self.local_slice.start, self.local_slice.stop)
-        epochs, offsets = np.divmod(positions, n)
-        indices = np.empty_like(positions)
-        for epoch in np.unique(epochs):
-            perm = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
-            indices[epochs == epoch] = perm[offsets[epochs == epoch]]
-        return indices
+        return self.epoch_indices(step, len(self.images))
 
     def get(self, step: int) -> dict[str, np.ndarray]:
         indices = self._indices(step)
