@@ -43,6 +43,7 @@ __all__ = [
     "consistency_function",
     "consistency_loss",
     "distance",
+    "ect_lower_level",
     "ict_num_scales",
     "karras_sigmas",
     "lognormal_index_probs",
@@ -55,7 +56,7 @@ __all__ = [
 
 DISTANCES = ("l2", "l1", "pseudo_huber")
 WEIGHTINGS = ("uniform", "inverse_dsigma")
-CURRICULA = ("fixed", "cm", "ict")
+CURRICULA = ("fixed", "cm", "ict", "ect")
 INDEX_DISTRIBUTIONS = ("uniform", "lognormal")
 
 
@@ -255,6 +256,22 @@ def distance(x: ArrayLike, y: ArrayLike, *, kind: str) -> jax.Array:
     raise ValueError(f"Unknown distance {kind!r}; known: {', '.join(DISTANCES)}.")
 
 
+def ect_lower_level(sigma: ArrayLike, step: ArrayLike, spec: ConsistencySpec) -> jax.Array:
+    """ECT's smaller level r = sigma (1 - q^-(s+1) (1 + k sigmoid(-b sigma))) at stage s = step //
+    ``ect_stage_steps``, clamped to sigma_min (where f is the identity, so the target is the noised data
+    itself, as ECT's r = 0 falls back to y). The gap sigma - r halves every stage for q = 2.
+
+    References: Geng et al. 2024, "Consistency Models Made Easy" (ECT), Sec. 3 and ``ECMLoss`` of the
+    reference code (q = 2, k = 8, b = 1).
+    """
+    sigma = jnp.asarray(sigma, jnp.float32)
+    stage = (jnp.asarray(step, jnp.int32) // spec.ect_stage_steps).astype(jnp.float32)
+    ratio = 1.0 - jnp.power(spec.ect_q, -(stage + 1.0)) * (
+        1.0 + spec.ect_k * jax.nn.sigmoid(-spec.ect_b * sigma)
+    )
+    return jnp.maximum(sigma * ratio, spec.sigma_min)
+
+
 def update_target(target: Any, params: Any, decay: ArrayLike) -> Any:
     """theta^- <- stopgrad(mu theta^- + (1 - mu) theta) (CM Alg. 2/3); mu = 0 gives theta exactly."""
     decay = jnp.asarray(decay, jnp.float32)
@@ -273,7 +290,9 @@ class ConsistencySpec:
       sigma_min, sigma_max, rho: the Karras grid (scaled noise levels) and its exponent.
       sigma_data: the data scale of the parameterization.
       curriculum: ``"fixed"`` (N = ``num_scales``, mu = ``mu``), ``"cm"`` (N(k), mu(k) of CT from
-        ``s0``, ``s1``, ``mu0``) or ``"ict"`` (doubling from ``s0`` to ``s1``, mu = 0).
+        ``s0``, ``s1``, ``mu0``), ``"ict"`` (doubling from ``s0`` to ``s1``, mu = 0) or ``"ect"``
+        (continuous levels: sigma lognormal, the smaller level r(sigma) of :func:`ect_lower_level`
+        with ``ect_q``, ``ect_k``, ``ect_b`` and a stage every ``ect_stage_steps``; mu = 0).
       index: ``"uniform"`` over the N - 1 intervals or ``"lognormal"`` (``p_mean``, ``p_std``).
       distance, weighting: see :func:`distance` and ``WEIGHTINGS``.
       total_steps: K of the curricula.
@@ -294,6 +313,10 @@ class ConsistencySpec:
     p_std: float = 2.0
     distance: str = "l2"
     weighting: str = "uniform"
+    ect_q: float = 2.0
+    ect_k: float = 8.0
+    ect_b: float = 1.0
+    ect_stage_steps: int = 1000
     total_steps: int = 1
 
     def __post_init__(self):
@@ -319,10 +342,12 @@ class ConsistencySpec:
     @property
     def max_scales(self) -> int:
         """The largest N the curriculum reaches (the static size of the padded grid)."""
-        return {"fixed": self.num_scales, "cm": self.s1 + 1, "ict": self.s1 + 1}[self.curriculum]
+        return {"fixed": self.num_scales, "cm": self.s1 + 1, "ict": self.s1 + 1, "ect": 2}[self.curriculum]
 
     def scales(self, step: ArrayLike) -> jax.Array:
-        """N at training step ``step`` (int32)."""
+        """N at training step ``step`` (int32; 0 for ECT's continuous levels)."""
+        if self.curriculum == "ect":
+            return jnp.int32(0)
         if self.curriculum == "fixed":
             return jnp.int32(self.num_scales)
         if self.curriculum == "cm":
@@ -375,13 +400,26 @@ def consistency_loss(
     """
     index_key, noise_key, net_key = jax.random.split(key, 3)
     batch = x0.shape[0]
+    if spec.curriculum == "ect":
+        sigma_hi = jnp.clip(
+            jnp.exp(spec.p_mean + spec.p_std * jax.random.normal(index_key, (batch,))),
+            spec.sigma_min * 1.001,
+            spec.sigma_max,
+        )
+        sigma_lo = ect_lower_level(sigma_hi, step, spec)
+        return _pair_loss(spec, student, target, x0, noise_key, net_key, sigma_lo, sigma_hi, target_point)
     sigmas, n = spec.grid(step)
     if spec.index == "uniform":
         i = jax.random.randint(index_key, (batch,), 0, n - 1)
     else:
         probs = lognormal_index_probs(sigmas, n, p_mean=spec.p_mean, p_std=spec.p_std)
         i = jax.random.choice(index_key, probs.shape[0], (batch,), p=probs)
-    sigma_lo, sigma_hi = sigmas[i], sigmas[i + 1]
+    return _pair_loss(spec, student, target, x0, noise_key, net_key, sigmas[i], sigmas[i + 1], target_point)
+
+
+def _pair_loss(spec, student, target, x0, noise_key, net_key, sigma_lo, sigma_hi, target_point):
+    """The weighted distance of the online network at sigma_hi and the target network at sigma_lo."""
+    batch = x0.shape[0]
     z = jax.random.normal(noise_key, x0.shape, x0.dtype)
     b = lambda c: broadcast_to_data(c, x0).astype(x0.dtype)
     y_hi = x0 + b(sigma_hi) * z

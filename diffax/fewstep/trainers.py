@@ -103,6 +103,9 @@ def check(config: ml_collections.ConfigDict) -> None:
     if target not in TARGETS:
         raise ValueError(f"config.trainer.target: unknown {target!r}; known: {', '.join(TARGETS)}.")
     workdir = config.teacher.workdir
+    if target == "data" and spec.curriculum == "ect":  # data targets, but the start is a diffusion run
+        _check_teacher_levels(config, spec)
+        return
     if target == "data":
         if workdir:
             raise ValueError(
@@ -110,6 +113,12 @@ def check(config: ml_collections.ConfigDict) -> None:
             )
         return
     _check_teacher_sampler(options.get("teacher_sampler", "heun"))
+    _check_teacher_levels(config, spec)
+
+
+def _check_teacher_levels(config: ml_collections.ConfigDict, spec: cm.ConsistencySpec) -> None:
+    import diffax.schedules as schedules
+
     teacher = _check_teacher(config)
     teacher_schedule = schedules.get(teacher.process.name, **train_state.registry_kwargs(teacher.process))
     _check_levels(spec, teacher_schedule, "the teacher's trained noise levels", teacher.process.name)
@@ -226,14 +235,20 @@ class _Trainer:
     module: Any
 
     @property
-    def distills(self) -> bool:
+    def keeps_teacher(self) -> bool:
+        """Whether the frozen teacher is part of the state (its network makes the targets)."""
+        return True
+
+    @property
+    def starts_from_teacher(self) -> bool:
+        """Whether a fresh run starts at the teacher run's weights."""
         return True
 
     def initializer(self, base: Callable[[], train_state.TrainState]) -> Callable[[], FewStepState]:
         def init() -> FewStepState:
             state = base()
             fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-            teacher = jax.tree.map(jnp.copy, state.params) if self.distills else ()
+            teacher = jax.tree.map(jnp.copy, state.params) if self.keeps_teacher else ()
             return FewStepState(
                 **fields, target_params=jax.tree.map(jnp.copy, state.params), teacher_params=teacher
             )
@@ -241,15 +256,15 @@ class _Trainer:
         return init
 
     def start(self, state: FewStepState) -> FewStepState:
-        """A fresh distillation run starts every copy (online, target, EMA, teacher) at the teacher."""
-        if not self.distills:
+        """A fresh distillation or ECT run starts every copy (online, target, EMA, teacher) at the teacher."""
+        if not self.starts_from_teacher:
             return state
         teacher = load_teacher(self.config, state.params)
         copy = functools.partial(jax.tree.map, jnp.copy)  # distinct buffers: the state is donated
         return state.replace(
             params=copy(teacher),
             target_params=copy(teacher),
-            teacher_params=teacher,
+            teacher_params=teacher if self.keeps_teacher else (),
             ema_params=tuple(copy(teacher) for _ in state.ema_params),
         )
 
@@ -289,8 +304,12 @@ class ConsistencyTrainer(_Trainer):
         return spec_of(self.config)
 
     @property
-    def distills(self) -> bool:
+    def keeps_teacher(self) -> bool:  # distillation: the teacher's sampler step makes the target point
         return _options(self.config).get("target", "data") == "teacher"
+
+    @property
+    def starts_from_teacher(self) -> bool:  # ECT tunes a diffusion run into a consistency model
+        return self.keeps_teacher or self.spec.curriculum == "ect"
 
     def consistency_fn(self, *, train: bool) -> Callable[..., jax.Array]:
         """f(params, y, sigma, cond, key): the student's consistency function in scaled variables."""
@@ -340,7 +359,7 @@ class ConsistencyTrainer(_Trainer):
                     batch["image"],
                     key,
                     state.step,
-                    target_point=target_point if self.distills else None,
+                    target_point=target_point if self.keeps_teacher else None,
                 )
 
             new, metrics = train_state.loss_train_step(self.config, parts, loss_fn)(state, batch)

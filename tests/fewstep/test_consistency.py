@@ -94,6 +94,27 @@ def test_grids_curricula_and_constants():
     np.testing.assert_allclose(cm.distance(x, y, kind="l1"), [1.0, 2.0])
 
 
+def test_ect_levels_halve_their_gap_per_stage_and_stop_at_sigma_min():
+    """ECT's r(sigma) (Geng et al. 2024, q = 2, k = 8, b = 1): sigma - r = sigma 2^-(s+1) (1 + 8
+    sigmoid(-sigma)) halves every stage, and is clamped at sigma_min, where f is the identity."""
+    spec = cm.ConsistencySpec(curriculum="ect", ect_stage_steps=100, sigma_min=EPS)
+    sigma = jnp.array([0.01, 0.5, 3.0, 10.0, 40.0])  # the first two below r = 0 at stage 0: clamped
+    gaps = [np.asarray(sigma - cm.ect_lower_level(sigma, step, spec)) for step in (0, 99, 100, 300)]
+    expected = np.asarray(sigma) * 0.5 * (1 + 8 / (1 + np.exp(np.asarray(sigma))))
+    np.testing.assert_allclose(gaps[0][2:], expected[2:], rtol=1e-5)
+    np.testing.assert_array_equal(gaps[0], gaps[1])
+    np.testing.assert_allclose(gaps[2][2:], gaps[0][2:] / 2, rtol=1e-5)
+    np.testing.assert_allclose(gaps[3][2:], gaps[0][2:] / 8, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cm.ect_lower_level(sigma[:2], 0, spec)), np.float32(EPS))
+    x0 = jnp.zeros((64, 2))
+    identity = lambda y, s, key: y
+    _, aux = cm.consistency_loss(spec, identity, identity, x0, jax.random.key(0), 0)
+    # f = identity on the same noise: y_hi - y_lo = (sigma - r) z, so l2 / (sigma - r)^2 is mean(z^2).
+    gap = aux["sigma"] - cm.ect_lower_level(aux["sigma"], 0, spec)
+    assert float(jnp.min(aux["sigma"])) > EPS and float(jnp.min(gap)) > 0
+    assert 0.6 < float(jnp.mean(aux["loss_per_example"] / gap**2)) < 1.4
+
+
 def test_teacher_chain_converges_to_the_float64_ode_map():
     """The consistency function of the exact-score teacher is the ODE map to sigma_min: the Heun chain on
     Karras grids converges to the float64 DOP853 solution at order 2 (measured rms: N=18 0.05, 1280

@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from experiments import digits_cd, digits_ict, mixture  # noqa: E402
+from experiments import digits_cd, digits_ect, digits_ict, mixture  # noqa: E402
 
 
 def _consistency(config, **options):
@@ -81,6 +81,14 @@ def test_experiment_files_validate_and_bad_teachers_get_one_line(tmp_path):
     cd_teacher.trainer.name = "diffusion"
     config_lib.save(cd_teacher, cd.teacher.workdir)
     config_lib.validate(cd)
+    ect = digits_ect.get_config()
+    ect.teacher.workdir = cd.teacher.workdir
+    config_lib.validate(ect)  # data targets, started from the teacher run
+    ect.teacher.workdir = ""
+    with pytest.raises(
+        config_lib.ConfigError, match=r"^config.teacher.workdir: distillation needs a teacher"
+    ):
+        config_lib.validate(ect)
     cd.trainer.sigma_min = 0.002  # below t = 1/1000 of the cosine teacher
     with pytest.raises(
         config_lib.ConfigError, match=r"^config.trainer.sigma_min: .* set sigma_min >= 0.00642"
