@@ -9,23 +9,15 @@ sigmoid(-b sigma))) on the same noise, q = 2, k = 8, b = 1, the gap halved every
 pseudo-Huber distance divided by sigma - r. Levels start at the teacher's smallest trained one.
 """
 
-import ml_collections
-
-from experiments import digits, digits_cd
+from experiments import digits_cd
 
 
 def get_config(arg=None):
-    del arg
-    config = digits.get_config()
-    config.optim.warmup_steps = 0
-    config.trainer = ml_collections.ConfigDict(
+    config = digits_cd.get_config(arg)  # the teacher, its weights as the start, levels from 0.0065
+    config.trainer.update(
         dict(
-            name="consistency",
             target="data",
             curriculum="ect",
-            sigma_min=0.0065,
-            sigma_max=80.0,
-            sigma_data=0.5,
             p_mean=-1.1,
             p_std=2.0,
             ect_q=2.0,
@@ -36,7 +28,6 @@ def get_config(arg=None):
             weighting="inverse_dsigma",
         )
     )
-    config.teacher.workdir = "runs/digits"
     config.total_steps = 1000
     return digits_cd.consistency_run(
         config, lr=1e-4, decay="constant", ema=0.99, sample_steps=1, save_every=250
