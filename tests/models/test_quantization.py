@@ -1,0 +1,155 @@
+"""Post-training quantization: the quantizers' bounds, the calibration sets, Q-Diffusion's skip split
+on the U-Net, int8 execution equal to fake quantization (U-Net and DiT), W8A8 near full precision, the
+temporal layers of TFMQ-DM, and the Orbax round trip."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffax import models, quantization
+from diffax.quantization import _quantizers as q
+
+
+def test_weight_codes_are_within_bits_and_half_a_step():
+    kernel = jax.random.normal(jax.random.key(0), (3, 3, 5, 7))
+    for bits in (4, 8):
+        scale = q.weight_scale(kernel, bits)
+        codes = q.weight_codes(kernel, scale, bits)
+        assert codes.dtype == jnp.int8 and int(jnp.abs(codes).max()) == 2 ** (bits - 1) - 1
+        error = jnp.abs(q.fake_quant_weight(kernel, scale, bits) - kernel)
+        assert bool(jnp.all(error <= scale / 2 + 1e-7))
+        assert bool(jnp.all(q.search_weight_scale(kernel, bits) <= scale + 1e-9))
+
+
+def test_activation_zero_is_exact_and_error_is_half_a_step():
+    x = jnp.linspace(-0.3, 2.0, 1001)
+    scale, zero = q.activation_params(-0.3, 2.0, 8)
+    fq = q.fake_quant_activation(x, scale, zero, 8)
+    assert float(q.fake_quant_activation(jnp.zeros(()), scale, zero, 8)) == 0.0
+    assert float(jnp.max(jnp.abs(fq - x))) <= float(scale) / 2 + 1e-6
+    assert float(jax.grad(lambda v: jnp.sum(q.fake_quant_activation(v, scale, zero, 8)))(x)[3]) == 1.0
+
+
+def test_calibration_sets_follow_their_step_distributions():
+    steps, n = 20, 16
+    xs = np.arange(steps * n, dtype=np.float32).reshape(steps, n, 1)
+    ts = np.repeat(np.linspace(1.0, 0.0, steps)[:, None], n, axis=1)
+    picked = {
+        m: quantization.calibration_set(xs, ts, method=m, num_samples=200)[0][:, 0] // n
+        for m in ("single", "uniform", "normal")
+    }
+    assert set(picked["single"]) == {steps // 2}
+    assert np.all(np.bincount(picked["uniform"].astype(int), minlength=steps) == 10)
+    assert abs(picked["normal"].mean() - 0.5 * steps) < 1.5 and 4 < picked["normal"].std() < 8
+    with pytest.raises(ValueError, match="calibration method 'x'"):
+        quantization.calibration_set(xs, ts, method="x", num_samples=4)
+
+
+def _perturbed(params):
+    """Zero-initialised output layers made non-zero so every layer shapes the output."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    return jax.tree.unflatten(
+        tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    )
+
+
+def _trajectories(shape, steps=4, n=16):
+    xs = np.stack([np.asarray(jax.random.normal(jax.random.key(k), (n, *shape))) for k in range(steps)])
+    ts = np.repeat(np.linspace(0.9, 0.1, steps, dtype=np.float32)[:, None], n, axis=1)
+    return xs, ts
+
+
+@pytest.fixture(scope="module")
+def unet():
+    module = models.get(
+        "unet_ddpm_cifar10",
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        norm_groups=4,
+        dropout=0.0,
+    )
+    x, t = jnp.zeros((1, 8, 8, 1)), jnp.ones((1,))
+    params = _perturbed(nn.meta.unbox(module.init(jax.random.key(1), x, t, train=False)["params"]))
+    return module, params
+
+
+def _relative(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def test_unet_skip_splits_name_the_concatenated_inputs(unet):
+    module, params = unet
+    x, t = jnp.zeros((2, 8, 8, 1)), jnp.ones((2,))
+    inputs = quantization.capture_inputs(module.apply, {"params": params}, x, t, train=False)
+    splits = quantization.unet_skip_splits(module)
+    assert set(splits) <= set(inputs)
+    # up1_0 reads concat(mid (16), down1_0 (16)); up0_0 concat(upsampled level 1 (16), down0_resample (8)).
+    assert (splits["up1_0_res/Conv_0"], inputs["up1_0_res/Conv_0"].shape[-1]) == (16, 32)
+    assert (splits["up0_0_res/Conv_2"], inputs["up0_0_res/Conv_2"].shape[-1]) == (16, 24)
+
+
+def test_quantized_unet_int8_equals_fake_and_w8_is_near_full_precision(unet, tmp_path):
+    module, params = unet
+    xs, ts = _trajectories((8, 8, 1))
+    x, t = xs[1], ts[1]
+    full = module.apply({"params": params}, x, t, train=False)
+    errors = {}
+    for bits in (8, 4):
+        model = quantization.calibrate(
+            module,
+            params,
+            (xs, ts),
+            method="uniform",
+            weight_bits=bits,
+            num_samples=32,
+            batch_size=16,
+            splits=quantization.unet_skip_splits(module),
+        )
+        assert model.spec.groups["up1_0_res/Conv_0"] == (0, 16, 32)
+        fake = model.apply({"params": params}, x, t, train=False)
+        real = dataclasses.replace(model, mode="int8").apply({"params": params}, x, t, train=False)
+        np.testing.assert_allclose(real, fake, atol=2e-5 * float(jnp.abs(fake).max()))
+        errors[bits] = _relative(fake, full)
+    assert errors[8] < 0.03 < errors[4] < 0.5
+    quantization.save(str(tmp_path / "q"), model)
+    loaded = quantization.load(str(tmp_path / "q"), module)
+    assert loaded.spec == model.spec
+    np.testing.assert_array_equal(loaded.apply({"params": params}, x, t, train=False), fake)
+
+
+def test_tfmq_recalibrates_only_the_temporal_layers(unet):
+    module, params = unet
+    trajectories = _trajectories((8, 8, 1))
+    kw = dict(weight_bits=4, num_samples=32, batch_size=16)
+    uniform = quantization.calibrate(module, params, trajectories, method="uniform", **kw)
+    tfmq = quantization.calibrate(module, params, trajectories, method="tfmq", **kw)
+    changed = {
+        key
+        for key in uniform.state
+        if not all(np.array_equal(uniform.state[key][f], tfmq.state[key][f]) for f in ("codes", "a_scale"))
+    }
+    temporal = {key for key in uniform.state if quantization.is_temporal(key)}
+    assert "time_embed/Dense_0" in temporal and "up1_0_res/Dense_0" in temporal
+    assert changed and changed <= temporal
+
+
+def test_quantized_dit_int8_equals_fake():
+    module = models.get(
+        "dit_s_2", depth=2, hidden_size=32, num_heads=2, num_classes=None, learned_variance=False, freq_dim=32
+    )
+    x, t = jax.random.normal(jax.random.key(0), (4, 8, 8, 1)), jnp.linspace(0.2, 0.8, 4)
+    params = _perturbed(nn.meta.unbox(module.init(jax.random.key(1), x, t, train=False)["params"]))
+    xs, ts = _trajectories((8, 8, 1), steps=2, n=8)
+    model = quantization.calibrate(module, params, (xs, ts), method="normal", weight_bits=8, num_samples=16)
+    assert any(k.endswith("/adaln") for k in model.state) and "patch" in model.state
+    fake = model.apply({"params": params}, x, t, train=False)
+    real = dataclasses.replace(model, mode="int8").apply({"params": params}, x, t, train=False)
+    np.testing.assert_allclose(real, fake, atol=2e-5 * float(jnp.abs(fake).max()))
+    assert _relative(fake, module.apply({"params": params}, x, t, train=False)) < 0.05
