@@ -24,6 +24,7 @@ flags.DEFINE_list(
     "std_rels", ["0.02", "0.03", "0.05", "0.075", "0.1", "0.15", "0.2", "0.25"], "sigma_rel values."
 )
 flags.DEFINE_integer("num_samples", 500, "Samples per evaluation.")
+flags.DEFINE_integer("step", None, "Snapshot step to compare the runs at (default: each run's newest).")
 flags.DEFINE_string("out", "benchmarks/results/posthoc_ema_digits", "Output path without extension.")
 FLAGS = flags.FLAGS
 
@@ -34,12 +35,17 @@ def main(argv):
     rows = []
     for workdir in FLAGS.workdirs:
         config, sample_fn, ema_params, step = generate.load_run(workdir)
-        raw = generate.load_run(workdir, ema=False)[2]
         run_eval = evaluate.make_evaluation(config, sample_fn, num_samples=FLAGS.num_samples)
         name = os.path.basename(os.path.normpath(workdir))
-        candidates = [("raw", None, raw), (f"EMA {config.ema.decays[0]} (warmup)", None, ema_params)]
+        candidates = []
+        if FLAGS.step is None or FLAGS.step == step:  # the checkpoint's raw and classic-EMA parameters
+            raw = generate.load_run(workdir, ema=False)[2]
+            candidates = [("raw", None, raw), (f"EMA {config.ema.decays[0]} (warmup)", None, ema_params)]
+        step = step if FLAGS.step is None else FLAGS.step
         for std_rel in std_rels:
-            params, info = posthoc_ema.reconstruct_from_workdir(workdir, config, ema_params, std_rel=std_rel)
+            params, info = posthoc_ema.reconstruct_from_workdir(
+                workdir, config, ema_params, std_rel=std_rel, step=step
+            )
             candidates.append((f"post-hoc σ_rel={std_rel}", (std_rel, info["response_l2_error"]), params))
         for label, posthoc, params in candidates:
             tick = time.perf_counter()
@@ -93,8 +99,9 @@ def _write(rows, std_rels):
         curve = [r for r in mine if r["std_rel"] is not None]
         xs, ys = [r["std_rel"] for r in curve], [r["fd"] for r in curve]
         line = ax.plot(xs, ys, "o-", label=f"{run}: post-hoc")[0]
-        classic = [r for r in mine if r["params"].startswith("EMA")][0]
-        ax.axhline(classic["fd"], color=line.get_color(), ls="--", lw=1, label=f"{run}: {classic['params']}")
+        for classic in [r for r in mine if r["params"].startswith("EMA")]:
+            label = f"{run}: {classic['params']}"
+            ax.axhline(classic["fd"], color=line.get_color(), ls="--", lw=1, label=label)
     ax.axhline(rows[0]["fd_floor"], color="gray", ls=":", lw=1, label="train vs held-out floor")
     ax.set_xlabel("σ_rel (post-hoc EMA length)")
     ax.set_ylabel("digits FD")

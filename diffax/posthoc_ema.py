@@ -169,15 +169,21 @@ def snapshot_steps(workdir: str) -> list[int]:
 
 
 def reconstruct_from_workdir(
-    workdir: str, config: ml_collections.ConfigDict, params_like: Any, *, std_rel: float
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    params_like: Any,
+    *,
+    std_rel: float,
+    step: int | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """The parameters of a power-function EMA with ``std_rel`` at the run's newest snapshot.
+    """The parameters of a power-function EMA with ``std_rel`` at the run's newest snapshot (or ``step``).
 
     Args:
       workdir: the run directory.
       config: the run's config (its ``ema.std_rels`` name the tracked profiles).
       params_like: a parameter pytree (arrays or ``jax.ShapeDtypeStruct`` with shardings) to restore into.
       std_rel: the EMA length to reconstruct.
+      step: a snapshot step to reconstruct at, from the snapshots up to it (default: the newest).
 
     Returns:
       ``(params, info)``; ``info`` holds the snapshot steps, images, coefficients and the response's
@@ -188,6 +194,10 @@ def reconstruct_from_workdir(
     """
     _, std_rels = tracked_profiles(config)
     steps = snapshot_steps(workdir)
+    if step is not None:
+        if step not in steps:
+            raise FileNotFoundError(f"--workdir={workdir}: no post-hoc EMA snapshot of step {step}.")
+        steps = [s for s in steps if s <= step]
     if not std_rels or not steps:
         raise FileNotFoundError(
             f"--workdir={workdir}: no post-hoc EMA snapshots in {SNAPSHOT_DIR}/; train with "

@@ -138,7 +138,7 @@ def quantized_layer(
         xg, cg = x[..., part], codes[..., part, :]
         if mode == "fake":
             xq = q.fake_quant_activation(xg, a_scale, a_zero, spec.act_bits).astype(jnp.float32)
-            wq = cg.astype(jnp.float32) * w_scale[g]
+            wq = cg.astype(jnp.float32) * q.channelwise(w_scale[g], cg.ndim)
             xq = _pad(module, xq, cg.shape, 0.0)
             out = out + _linear(module, xq, wq, precision=jax.lax.Precision.HIGHEST)
         else:  # codes shifted to int8; the pad value is the zero point, whose product is subtracted
@@ -147,9 +147,10 @@ def quantized_layer(
             zero = (a_zero - shift).astype(jnp.int32)
             acc = _linear(module, _pad(module, xq, cg.shape, zero.astype(jnp.int8)), cg)
             correction = zero * jnp.sum(cg.astype(jnp.int32), axis=tuple(range(cg.ndim - 1)))
-            out = out + (acc - correction).astype(jnp.float32) * (a_scale * w_scale[g])
+            rescale = q.channelwise(a_scale * w_scale[g], acc.ndim)
+            out = out + (acc - q.channelwise(correction, acc.ndim)).astype(jnp.float32) * rescale
     if "bias" in state:
-        out = out + state["bias"]
+        out = out + q.channelwise(state["bias"], out.ndim)
     return out.astype(x.dtype)
 
 

@@ -15,6 +15,12 @@ from jax.typing import ArrayLike
 CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(20))
 
 
+def channelwise(v: ArrayLike, ndim: int) -> jax.Array:
+    """A per-output-channel vector shaped to broadcast against a rank-``ndim`` array (channels last)."""
+    v = jnp.asarray(v)
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
 def weight_scale(kernel: ArrayLike, bits: int, *, clip: ArrayLike = 1.0) -> jax.Array:
     """Per-output-channel step ``clip * max|w_c| / (2^(b-1) - 1)``; shape ``(cout,)``."""
     kernel = jnp.asarray(kernel, jnp.float32)
@@ -25,12 +31,14 @@ def weight_scale(kernel: ArrayLike, bits: int, *, clip: ArrayLike = 1.0) -> jax.
 def weight_codes(kernel: ArrayLike, scale: ArrayLike, bits: int) -> jax.Array:
     """Signed integer codes ``clip(round(w / s_c))`` (int8 storage for ``bits <= 8``)."""
     top = 2 ** (bits - 1) - 1
-    return jnp.clip(jnp.round(jnp.asarray(kernel, jnp.float32) / scale), -top, top).astype(jnp.int8)
+    kernel = jnp.asarray(kernel, jnp.float32)
+    return jnp.clip(jnp.round(kernel / channelwise(scale, kernel.ndim)), -top, top).astype(jnp.int8)
 
 
 def fake_quant_weight(kernel: ArrayLike, scale: ArrayLike, bits: int) -> jax.Array:
     """``s_c q``: the kernel after quantization, in float32."""
-    return weight_codes(kernel, scale, bits).astype(jnp.float32) * scale
+    codes = weight_codes(kernel, scale, bits)
+    return codes.astype(jnp.float32) * channelwise(scale, codes.ndim)
 
 
 def search_weight_scale(kernel: ArrayLike, bits: int) -> jax.Array:

@@ -21,7 +21,7 @@ def test_weight_codes_are_within_bits_and_half_a_step():
         codes = q.weight_codes(kernel, scale, bits)
         assert codes.dtype == jnp.int8 and int(jnp.abs(codes).max()) == 2 ** (bits - 1) - 1
         error = jnp.abs(q.fake_quant_weight(kernel, scale, bits) - kernel)
-        assert bool(jnp.all(error <= scale / 2 + 1e-7))
+        assert bool(jnp.all(error <= q.channelwise(scale, 4) / 2 + 1e-7))
         assert bool(jnp.all(q.search_weight_scale(kernel, bits) <= scale + 1e-9))
 
 
@@ -95,29 +95,59 @@ def test_unet_skip_splits_name_the_concatenated_inputs(unet):
     assert (splits["up0_0_res/Conv_2"], inputs["up0_0_res/Conv_2"].shape[-1]) == (16, 24)
 
 
-def test_quantized_unet_int8_equals_fake_and_w8_is_near_full_precision(unet, tmp_path):
+class _ThreeLayers(nn.Module):
+    @nn.compact
+    def __call__(self, x, t, train=False):
+        h = nn.Conv(6, (3, 3))(x)
+        h = nn.Conv(6, (3, 3), strides=2, padding=((1, 1), (1, 1)))(nn.silu(h))
+        return nn.Dense(3)(h)
+
+
+def test_int8_execution_equals_fake_quantization_layer_for_layer():
+    """Same codes, same steps: int8 products with int32 sums and the zero point folded in (SAME and
+    explicit padding, stride 2, a split input, a Dense) equal the float32 fake-quantized layers."""
+    module = _ThreeLayers()
+    x, t = jax.random.normal(jax.random.key(0), (4, 8, 8, 5)) + 0.7, jnp.zeros((4,))
+    params = module.init(jax.random.key(1), x, t)["params"]
+    xs, ts = np.stack([np.asarray(x)] * 2), np.zeros((2, 4), np.float32)
+    model = quantization.calibrate(
+        module,
+        params,
+        (xs, ts),
+        method="uniform",
+        weight_bits=8,
+        num_samples=8,
+        batch_size=4,
+        splits={"Conv_0": 2},
+    )
+    assert model.spec.groups["Conv_0"] == (0, 2, 5)
+    fake = model.apply({"params": params}, x, t)
+    real = dataclasses.replace(model, mode="int8").apply({"params": params}, x, t)
+    np.testing.assert_allclose(real, fake, atol=1e-6 * float(jnp.abs(fake).max()))
+
+
+def test_quantized_unet_w8a8_is_near_full_precision_in_int8_too(unet, tmp_path):
+    """End to end, a float rounding difference can flip a later layer's input code, so int8 is held to
+    a fraction of the quantization error itself."""
     module, params = unet
     xs, ts = _trajectories((8, 8, 1))
     x, t = xs[1], ts[1]
     full = module.apply({"params": params}, x, t, train=False)
-    errors = {}
-    for bits in (8, 4):
-        model = quantization.calibrate(
-            module,
-            params,
-            (xs, ts),
-            method="uniform",
-            weight_bits=bits,
-            num_samples=32,
-            batch_size=16,
-            splits=quantization.unet_skip_splits(module),
-        )
-        assert model.spec.groups["up1_0_res/Conv_0"] == (0, 16, 32)
-        fake = model.apply({"params": params}, x, t, train=False)
-        real = dataclasses.replace(model, mode="int8").apply({"params": params}, x, t, train=False)
-        np.testing.assert_allclose(real, fake, atol=2e-5 * float(jnp.abs(fake).max()))
-        errors[bits] = _relative(fake, full)
-    assert errors[8] < 0.03 < errors[4] < 0.5
+    model = quantization.calibrate(
+        module,
+        params,
+        (xs, ts),
+        method="uniform",
+        weight_bits=8,
+        num_samples=32,
+        batch_size=16,
+        splits=quantization.unet_skip_splits(module),
+    )
+    assert model.spec.groups["up1_0_res/Conv_0"] == (0, 16, 32)
+    fake = model.apply({"params": params}, x, t, train=False)
+    real = dataclasses.replace(model, mode="int8").apply({"params": params}, x, t, train=False)
+    assert _relative(fake, full) < 0.03
+    assert _relative(real, fake) < 0.5 * _relative(fake, full)
     quantization.save(str(tmp_path / "q"), model)
     loaded = quantization.load(str(tmp_path / "q"), module)
     assert loaded.spec == model.spec
@@ -140,9 +170,16 @@ def test_tfmq_recalibrates_only_the_temporal_layers(unet):
     assert changed and changed <= temporal
 
 
-def test_quantized_dit_int8_equals_fake():
+def test_quantized_dit_w8a8_is_near_full_precision_in_int8_too():
     module = models.get(
-        "dit_s_2", depth=2, hidden_size=32, num_heads=2, num_classes=None, learned_variance=False, freq_dim=32
+        "dit_s_2",
+        depth=2,
+        hidden_size=32,
+        num_heads=2,
+        num_classes=None,
+        label_dropout=0.0,
+        learned_variance=False,
+        freq_dim=32,
     )
     x, t = jax.random.normal(jax.random.key(0), (4, 8, 8, 1)), jnp.linspace(0.2, 0.8, 4)
     params = _perturbed(nn.meta.unbox(module.init(jax.random.key(1), x, t, train=False)["params"]))
@@ -151,5 +188,5 @@ def test_quantized_dit_int8_equals_fake():
     assert any(k.endswith("/adaln") for k in model.state) and "patch" in model.state
     fake = model.apply({"params": params}, x, t, train=False)
     real = dataclasses.replace(model, mode="int8").apply({"params": params}, x, t, train=False)
-    np.testing.assert_allclose(real, fake, atol=2e-5 * float(jnp.abs(fake).max()))
-    assert _relative(fake, module.apply({"params": params}, x, t, train=False)) < 0.05
+    error = _relative(fake, module.apply({"params": params}, x, t, train=False))
+    assert error < 0.05 and _relative(real, fake) < 0.5 * error
