@@ -270,15 +270,22 @@ def check_sampler(config: ml_collections.ConfigDict) -> None:
 
 
 def digits_run(config: ml_collections.ConfigDict) -> bool:
-    """Whether the run's images are digits (directly, or the latents of digits): digits metrics apply."""
+    """Whether the run generates digits (directly, or as latents of digits): digits metrics apply.
+    An autoencoder run reconstructs instead (held-out PSNR, ``diffax.autoencoding``)."""
+    from diffax.autoencoding import system as autoencoder_system
+
     source = config.vae.source.dataset if config.input.dataset == "latents" else config.input.dataset
-    return source == "digits"
+    return source == "digits" and not autoencoder_system.is_autoencoder_run(config)
 
 
 def check_evaluation(config: ml_collections.ConfigDict) -> None:
     """Checks that ``diffax.evaluate`` can measure this run; raises :class:`ConfigError`."""
     e = config.evals
+    from diffax.autoencoding import system as autoencoder_system
+
     if digits_run(config) or config.input.dataset in TEXT_DATASETS:
+        return
+    if autoencoder_system.is_autoencoder_run(config):  # held-out PSNR needs no extra file
         return
     _require(
         bool(e.inception_weights),
