@@ -36,7 +36,7 @@ from diffax.train_state import registry_kwargs
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_DECAYS = ("constant", "cosine")
 # Keyword arguments of diffax.sample itself (the other extra sampler fields are the sampler's options).
-_SAMPLE_OPTIONS = ("denoise_final", "thresholding")
+_SAMPLE_OPTIONS = ("denoise_final", "thresholding", "clip_denoised")
 # Sections whose extra keys are keyword arguments of a registry (checked by building it).
 FREE_FORM = ("process", "model", "loss", "sampler", "trainer")
 

@@ -131,15 +131,17 @@ def make_denoiser(
     *,
     prediction: str,
     threshold: float | None = None,
+    clip: bool = False,
     learned_variance: bool = False,
     epsilon_scale: float | None = None,
     time_shift: tuple[float, float] | None = None,
 ) -> Denoiser:
     """Wraps ``model_fn(x, t)`` into ``denoise(x, t) -> (x0, eps)`` for a scalar time ``t``.
 
-    With ``threshold`` the data prediction is dynamically thresholded and eps recomputed from it as
-    (x - alpha x_0) / sigma, so both stay consistent with x. With ``learned_variance`` the model returns
-    twice x's last axis, [prediction, v], and the denoiser returns (x0, eps, v). With ``epsilon_scale``
+    With ``threshold`` the data prediction is dynamically thresholded (with ``clip`` clipped to
+    [-1, 1]) and eps recomputed from it as (x - alpha x_0) / sigma, so both stay consistent with x.
+    With ``learned_variance`` the model returns twice x's last axis, [prediction, v], and the
+    denoiser returns (x0, eps, v). With ``epsilon_scale``
     b the noise prediction is divided by b and x_0 recomputed from it, Epsilon Scaling against exposure
     bias (Ning et al. 2024, "Elucidating the Exposure Bias in Diffusion Models", eq. 14, constant
     lambda_t = b). With ``time_shift = (window, cutoff)`` the model is queried, per example and while
@@ -166,8 +168,8 @@ def make_denoiser(
         if epsilon_scale is not None:
             eps = eps / jnp.asarray(epsilon_scale, eps.dtype)
             x0 = (x - schedule.sigma(t).astype(x.dtype) * eps) / schedule.alpha(t).astype(x.dtype)
-        if threshold is not None:
-            x0 = dynamic_threshold(x0, percentile=threshold)
+        if threshold is not None or clip:
+            x0 = jnp.clip(x0, -1.0, 1.0) if clip else dynamic_threshold(x0, percentile=threshold)
             alpha, sigma = schedule.alpha(t).astype(x.dtype), schedule.sigma(t).astype(x.dtype)
             eps = (x - alpha * x0) / sigma
         return (x0, eps, *extra)

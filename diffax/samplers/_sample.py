@@ -31,6 +31,7 @@ class _Config(NamedTuple):
     inverse: bool
     epsilon_scale: float | None = None
     time_shift: tuple[float, float] | None = None
+    clip: bool = False
 
 
 @functools.partial(jax.jit, static_argnames=("model_static", "config"))
@@ -43,6 +44,7 @@ def _run(model_dynamic, schedule, x, ts, key, *, model_static, config: _Config):
         schedule,
         prediction=config.prediction,
         threshold=config.threshold,
+        clip=config.clip,
         learned_variance=getattr(sampler, "learned_variance", False),
         epsilon_scale=config.epsilon_scale,
         time_shift=config.time_shift,
@@ -80,6 +82,7 @@ def _execute(
     return_info: bool,
     epsilon_scale: float | None = None,
     time_shift: tuple[float, float] | None = None,
+    clip: bool = False,
 ):
     """Checks every argument before anything compiles, then runs the compiled program."""
     sampler = get(name, **options)
@@ -106,12 +109,14 @@ def _execute(
             raise ValueError(f"Sampler {name!r} is stochastic: pass key=jax.random.key(seed).")
     else:
         key = None
+    if (threshold is not None or clip) and not sampler.data_prediction:
+        raise ValueError(
+            f"thresholding and clip_denoised apply to data-prediction samplers; {name!r} is not one (use "
+            "e.g. 'dpm_solver++_2m', 'ddim', 'unipc')."
+        )
     if threshold is not None:
-        if not sampler.data_prediction:
-            raise ValueError(
-                f"thresholding applies to data-prediction samplers; {name!r} is not one (use e.g. "
-                "'dpm_solver++_2m', 'ddim', 'unipc')."
-            )
+        if clip:
+            raise ValueError("thresholding and clip_denoised both bound the data prediction; choose one.")
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"thresholding is a percentile in (0, 1]; got {threshold}.")
     if epsilon_scale is not None and not float(epsilon_scale) > 0:
@@ -137,6 +142,7 @@ def _execute(
         inverse,
         None if epsilon_scale is None else float(epsilon_scale),
         time_shift,
+        bool(clip),
     )
     model_dynamic, model_static = split_callable(model_fn)
     x, info = _run(model_dynamic, schedule, x, ts, key, model_static=model_static, config=config)
@@ -179,6 +185,7 @@ def sample(
     thresholding: float | None = None,
     epsilon_scale: float | None = None,
     time_shift: tuple[float, float] | None = None,
+    clip_denoised: bool = False,
     **sampler_kwargs: Any,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Integrates the reverse process from ``x_T`` at ts[0] to ts[-1] in one jitted program.
@@ -202,6 +209,9 @@ def sample(
         eps / b and the matching x_0 (b slightly above 1, e.g. 1.005); None disables it.
       time_shift: ``(window, cutoff)`` of the Time-Shift Sampler (Li et al. 2024): above ``cutoff``
         the model is queried at the nearby time whose noise level matches each example's variance.
+      clip_denoised: clip every data prediction to [-1, 1] instead (static thresholding, as DDPM's
+        sampler does; Ho et al. 2020, Sec. 3.3 and its code): saturated pixels are cut without
+        rescaling the others, so an exact -1 background stays -1.
       **sampler_kwargs: the sampler's options (e.g. ``eta`` for ``"ddim"``).
 
     Returns:
@@ -224,6 +234,7 @@ def sample(
         options=sampler_kwargs,
         prediction=prediction,
         threshold=thresholding,
+        clip=clip_denoised,
         denoise_final=denoise_final,
         inverse=False,
         return_info=return_info,

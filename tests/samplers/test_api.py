@@ -219,6 +219,20 @@ def test_thresholded_sampling_ends_in_the_unit_box():
     assert np.abs(plain).max() > 1.5 and np.abs(clipped).max() <= 1.0 + 1e-6
 
 
+def test_clip_denoised_cuts_without_rescaling():
+    """One DDIM step to the anchor returns the data prediction clipped to [-1, 1], in-range values exact."""
+    sched = schedules.get("linear", num_timesteps=100)
+    ts = jnp.array([0.5, 0.0])
+    x_T = 3.0 * jax.random.normal(jax.random.key(0), (64, 2))
+    out = np.asarray(
+        samplers.sample(_gaussian_eps, sched, x_T, sampler="ddim", timesteps=ts, clip_denoised=True)
+    )
+    t = jnp.full((64,), 0.5)
+    x0 = np.asarray((x_T - sched.sigma(0.5) * _gaussian_eps(x_T, t)) / sched.alpha(0.5))
+    assert np.any(np.abs(x0) > 1.0) and np.any(np.abs(x0) < 1.0)
+    np.testing.assert_allclose(out, np.clip(x0, -1.0, 1.0), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["unipc", "dpm_solver++_3m"])
 def test_bfloat16_state_keeps_its_dtype(vp, mixture_model, name):
     """float32 schedule coefficients must not promote a bfloat16 state (the scan carry keeps it)."""
@@ -251,6 +265,8 @@ def test_bfloat16_state_keeps_its_dtype(vp, mixture_model, name):
         ({"sampler": "ddpm", "key": None}, "key="),
         ({"sampler": "dpm_solver_2", "thresholding": 0.99}, "data-prediction"),
         ({"sampler": "ddim", "thresholding": 1.5}, "percentile"),
+        ({"sampler": "dpm_solver_2", "clip_denoised": True}, "data-prediction"),
+        ({"sampler": "ddim", "thresholding": 0.9, "clip_denoised": True}, "choose one"),
         ({"sampler": "ode", "timesteps": jnp.array([1.0, 0.0])}, "sigma = 0"),
         ({"sampler": "ddim", "timesteps": jnp.array([1.0, 0.0]), "denoise_final": True}, "sigma = 0"),
         ({"sampler": "ode", "solver": "rk4"}, "known solvers"),
