@@ -66,7 +66,8 @@ import optax
 
 import diffax
 from diffax import models, perf, samplers
-from diffax.models import cpu_kernels, layers
+from diffax.kernels.cpu import ffi as cpu_kernels
+from diffax.models import layers
 from diffax.train_state import TrainState, make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

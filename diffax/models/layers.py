@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from diffax.models import cpu_kernels, winograd
+from diffax.kernels.cpu import ffi as cpu_kernels
+from diffax.kernels.cpu import winograd
 
 Dtype = Any
 Initializer = Any

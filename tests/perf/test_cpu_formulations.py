@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from diffax import models
-from diffax.models import cpu_kernels, layers
+from diffax.kernels.cpu import ffi as cpu_kernels
+from diffax.models import layers
 
 
 def _attention64(q, k, v):

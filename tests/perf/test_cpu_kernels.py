@@ -24,7 +24,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffax.models import cpu_kernels, layers, winograd
+from diffax.kernels.cpu import ffi as cpu_kernels
+from diffax.kernels.cpu import winograd
+from diffax.models import layers
 
 pytestmark = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler: the kernel cannot be built"

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from diffax import models
-from diffax.models import layers, winograd
+from diffax.kernels.cpu import winograd
+from diffax.models import layers
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 

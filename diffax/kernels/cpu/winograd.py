@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.models import cpu_kernels
+from diffax.kernels.cpu import ffi as cpu_kernels
 
 # Interpolation points of F(m, 3) besides the point at infinity. For m = 4, {0, 1, -1, 2, -1/2} (points
 # and their reciprocals, as Barabasz et al., "Error Analysis and Improving the Accuracy of Winograd
