@@ -66,6 +66,7 @@ import optax
 
 import diffax
 from diffax import models, perf, samplers
+from diffax.kernels.cpu import attention as cpu_attention
 from diffax.kernels.cpu import ffi as cpu_kernels
 from diffax.models import layers
 from diffax.train_state import TrainState, make_train_step
@@ -137,7 +138,8 @@ def build_task(
     x0 = jax.random.normal(data_key, (batch, 32, 32, 3))
     params = jax.jit(lambda k: net.init(k, x0[:1], jnp.full((1,), 0.5), train=False)["params"])(init_key)
     info = {
-        **{field: layers.resolve_impl(value) for field, value in impls.items()},
+        # What "auto" lowers to on this (CPU) backend, for the record.
+        **{field: "cpu" if value == "auto" else value for field, value in impls.items()},
         "compute_dtype": compute_dtype,
     }
 
@@ -369,8 +371,8 @@ def _settings() -> dict[str, Any]:
         **perf.settings_in_force(),
         "cpu": _cpu_name(),
         "cores": len(os.sched_getaffinity(0)),
-        "l2_cache_bytes": layers.l2_cache_bytes(),
-        "attention_block_bytes": layers.ATTENTION_BLOCK_BYTES,
+        "l2_cache_bytes": cpu_attention.l2_cache_bytes(),
+        "attention_block_bytes": cpu_attention.ATTENTION_BLOCK_BYTES,
         "cpu_attention_kernel": cpu_kernels.available(),
     }
 

@@ -8,8 +8,9 @@ is split over all of them; parameters are split by the models' logical axis name
 array is a global ``jax.Array``.
 """
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -68,6 +69,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """A full copy on every device."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def under_mesh(mesh: Mesh, fn: Callable) -> Callable:
+    """``fn`` called with ``mesh`` in context (``jax.set_mesh``): where it is traced, kernels that run
+    per device (Pallas attention on TPU, ``diffax.kernels.tpu``) find the mesh to ``shard_map`` over."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, *, accum_steps: int = 1, process_count: int = 1) -> None:

@@ -166,11 +166,14 @@ def train_and_evaluate(
     train_step = train_state.config_train_step(config, parts)
     if config.optim.skip_nonfinite:
         train_step = nonfinite.skip_nonfinite_updates(train_step)
-    step_fn = jax.jit(
-        train_step,
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
+    step_fn = sharding.under_mesh(
+        mesh,
+        jax.jit(
+            train_step,
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, sharding.replicated(mesh)),
+            donate_argnums=0,
+        ),
     )
     sample_fn = generate.make_sampler(config, parts, mesh=mesh)
     sampler = functools.partial(generate.sample_images, sample_fn, config=config)

@@ -1,15 +1,18 @@
 """Building blocks shared by the U-Net and DiT: attention, GroupNorm(+SiLU), time and label embeddings.
 
 Convolution, attention and GroupNorm each live in exactly one function here, behind an ``impl`` switch:
-``"xla"`` is the plain formulation (the default), ``"cpu"`` a formulation that XLA's CPU backend
-fuses better (see ``/work/shared/PERF-NOTES.md``); the two agree in value and gradient.
+``"xla"`` is the plain formulation (the default); ``"cpu"`` the CPU formulation of ``diffax.kernels.cpu``
+(its C++ kernels when traced on the CPU backend, which makes a CPU-only program, else XLA formulations
+that XLA's CPU backend fuses better); ``"auto"`` chooses by the platform the program is lowered for
+(``jax.lax.platform_dependent``), so one traced program carries the CPU formulation on CPU, the fused
+attention of ``diffax.kernels.tpu`` and ``diffax.kernels.gpu`` on TPU and GPU, and plain XLA elsewhere:
+it exports for every platform. All forms agree in value and gradient.
 
 Every parameter carries logical axis names (Flax partitioning metadata); ``LOGICAL_AXIS_RULES``
 maps them onto a ``("data", "fsdp", "expert")`` device mesh.
 """
 
 import functools
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,8 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from diffax.kernels.cpu import ffi as cpu_kernels
+from diffax.kernels.cpu import attention as cpu_attention
+from diffax.kernels.cpu import group_norm as cpu_group_norm
 from diffax.kernels.cpu import winograd
+from diffax.kernels.gpu import attention as gpu_attention
+from diffax.kernels.tpu import attention as tpu_attention
 
 Dtype = Any
 Initializer = Any
@@ -122,9 +128,9 @@ def conv(
     (values and gradients equal up to rounding), every other one as ``"xla"``: ``winograd.conv3x3``
     (derivatives of every order, forward mode included), or with ``train=True``
     ``winograd.conv3x3_train`` (a Winograd backward pass too; reverse mode only). ``"auto"``:
-    ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
+    ``"cpu"`` where the program is lowered for the CPU, ``"xla"`` elsewhere.
     """
-    impl = resolve_impl(impl, owner="conv")
+    check_impl(impl, owner="conv")
     return nn.Conv(
         features,
         (kernel_size, kernel_size),
@@ -134,28 +140,31 @@ def conv(
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, *axes)),
         bias_init=nn.with_logical_partitioning(ZEROS, axes[1:]),
-        conv_general_dilated=(
-            functools.partial(winograd.conv_general_dilated, train=train) if impl == "cpu" else None
-        ),
+        conv_general_dilated=None if impl == "xla" else functools.partial(_conv_general_dilated, impl, train),
         name=name,
     )
 
 
-def resolve_impl(impl: str, owner: str = "resolve_impl") -> str:
-    """The formulation ``impl`` stands for: ``"auto"`` is ``"cpu"`` on the CPU backend, else ``"xla"``.
+def _conv_general_dilated(
+    impl: str, train: bool, lhs: jax.Array, rhs: jax.Array, *args, **kwargs
+) -> jax.Array:
+    """``winograd.conv_general_dilated`` (``impl="cpu"``), or with ``"auto"`` where the program is
+    lowered for the CPU and ``lax.conv_general_dilated`` elsewhere."""
 
-    Raises a ValueError naming ``owner`` for a value outside ``IMPLS``.
-    """
+    def cpu(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+        return winograd.conv_general_dilated(lhs, rhs, *args, **kwargs, train=train)
+
+    if impl == "cpu":
+        return cpu(lhs, rhs)
+    return jax.lax.platform_dependent(
+        lhs, rhs, cpu=cpu, default=lambda lhs, rhs: jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+    )
+
+
+def check_impl(impl: str, owner: str) -> None:
+    """Raises a ValueError naming ``owner`` for an ``impl`` outside ``IMPLS``."""
     if impl not in IMPLS:
         raise ValueError(f"{owner}: impl={impl!r}; use one of {IMPLS}.")
-    if impl == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "xla"
-    return impl
-
-
-def _channelwise(v: jax.Array, ndim: int) -> jax.Array:
-    """Reshapes (B, C) to (B, 1, ..., 1, C) with ``ndim`` axes in all (explicit, no rank promotion)."""
-    return v.reshape(v.shape[0], *([1] * (ndim - 2)), v.shape[-1])
 
 
 def group_norm(
@@ -183,16 +192,10 @@ def group_norm(
       epsilon: added to the group variance.
       modulation: optional pair of (B, C) arrays (scale, shift).
       silu: apply SiLU at the end.
-      impl: ``"xla"``: mean and variance over a (B, *spatial, G, C/G) view. ``"cpu"``: on the CPU
-        backend, the C++ kernel ``cpu_group_norm.cc`` (``cpu_kernels``: one example's slab at a time,
-        the moments in two exact passes, then normalisation, affine, modulation and SiLU in a third;
-        its own backward with ``train=True``, XLA's form below differentiated with ``train=False``)
-        wherever it builds; elsewhere, or without it, per-channel sums first (the group means, then
-        the squared deviations from them: ``_group_moments``), folded with the affine and modulation
-        into one per-channel scale and shift, applied with the SiLU in a single pass; with
-        ``train=True`` the moments' backward is one expression in x and
-        the SiLU pass's backward recomputes the pre-activation (custom VJPs: reverse mode only).
-        ``"auto"``: ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
+      impl: ``"xla"``: mean and variance over a (B, *spatial, G, C/G) view. ``"cpu"``:
+        ``diffax.kernels.cpu.group_norm`` (the C++ kernel when traced on the CPU backend, else
+        per-channel sums folded into one scale and shift). ``"auto"``: ``"cpu"`` where the program is
+        lowered for the CPU, ``"xla"`` elsewhere.
       train: the form to differentiate in reverse mode only (a train step). With ``False`` every
         form is differentiable in every mode, forward mode included (the exact likelihood's JVPs).
 
@@ -203,157 +206,33 @@ def group_norm(
       Wu & He, "Group Normalization", 2018, Eq. (1)-(3); Dhariwal & Nichol, "Diffusion Models Beat
       GANs on Image Synthesis", 2021, Sec. 3 (AdaGN: ``y_s * GroupNorm(h) + y_b``).
     """
-    impl = resolve_impl(impl, owner="group_norm")
+    check_impl(impl, owner="group_norm")
     xf = jnp.asarray(x, jnp.float32)
-    b, c, nd = xf.shape[0], xf.shape[-1], xf.ndim
-    g = num_groups
+    c, nd = xf.shape[-1], xf.ndim
     gamma = jnp.asarray(scale, jnp.float32).reshape(1, c)
     beta = jnp.asarray(bias, jnp.float32).reshape(1, c)
-    if impl == "xla":
-        grouped = xf.reshape(*xf.shape[:-1], g, c // g)
+    cpu = functools.partial(
+        cpu_group_norm.group_norm, num_groups=num_groups, epsilon=epsilon, silu=silu, train=train
+    )
+    if impl == "cpu":
+        return cpu(xf, gamma, beta, modulation)
+
+    def xla(xf: jax.Array, gamma: jax.Array, beta: jax.Array, *mod: jax.Array) -> jax.Array:
+        grouped = xf.reshape(*xf.shape[:-1], num_groups, c // num_groups)
         axes = (*range(1, nd - 1), nd)
         mean = jnp.mean(grouped, axis=axes, keepdims=True)
         var = jnp.var(grouped, axis=axes, keepdims=True)
         y = ((grouped - mean) * jax.lax.rsqrt(var + epsilon)).reshape(xf.shape)
-        a = jnp.broadcast_to(gamma, (b, c))
-        shift = jnp.broadcast_to(beta, (b, c))
-    elif cpu_kernels.runs():
-        gamma_b, beta_b = jnp.broadcast_to(gamma, (b, c)), jnp.broadcast_to(beta, (b, c))
-        if modulation is not None:
-            m_scale, m_shift = (jnp.asarray(m, jnp.float32) for m in modulation)
-            gamma_b, beta_b = gamma_b * (1.0 + m_scale), beta_b * (1.0 + m_scale) + m_shift
-        kernel = _kernel_group_norm_train if train else _kernel_group_norm
-        return kernel(xf.reshape(b, -1, c), gamma_b, beta_b, g, float(epsilon), silu).reshape(xf.shape)
-    else:
-        y = xf
-        a, shift = _group_scale_shift(xf, gamma, beta, num_groups=g, epsilon=epsilon, train=train)
-    if modulation is not None:
-        m_scale, m_shift = (jnp.asarray(m, jnp.float32) for m in modulation)
-        a, shift = a * (1.0 + m_scale), shift * (1.0 + m_scale) + m_shift
-    if silu and impl == "cpu" and train:
-        return _scale_shift_silu(y, a, shift)
-    y = y * _channelwise(a, nd) + _channelwise(shift, nd)
-    return nn.silu(y) if silu else y
+        a, shift = cpu_group_norm.modulated(gamma, beta, mod or None)
+        y = y * cpu_group_norm.channelwise(a, nd) + cpu_group_norm.channelwise(shift, nd)
+        return nn.silu(y) if silu else y
 
-
-def _group_scale_shift(
-    x: jax.Array, gamma: jax.Array, beta: jax.Array, *, num_groups: int, epsilon: float, train: bool
-) -> tuple[jax.Array, jax.Array]:
-    """Per-(example, channel) ``a``, ``shift`` with ``GroupNorm(x) * gamma + beta = x * a + shift``,
-    from ``_group_moments`` (with ``train``, its reverse-mode-only form ``_group_moments_train``)."""
-    per_group = x.shape[-1] // num_groups
-    mean, var = (_group_moments_train if train else _group_moments)(x, num_groups)
-    a = jnp.repeat(jax.lax.rsqrt(var + epsilon), per_group, axis=1) * gamma
-    return a, beta - jnp.repeat(mean, per_group, axis=1) * a
-
-
-def _group_moments(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
-    """(B, G) mean and biased variance of each example's channel groups of (B, *spatial, C) x, in two
-    exact passes: per-channel sums give the group means, then per-channel sums of squared deviations
-    from them the variances (no cancellation however large the mean)."""
-    b, per_group, spatial = x.shape[0], x.shape[-1] // num_groups, tuple(range(1, x.ndim - 1))
-    n = _group_size(x, num_groups)
-    mean = jnp.sum(x, axis=spatial).reshape(b, num_groups, per_group).sum(-1) / n
-    deviation = x - _group_to_channels(mean, x)
-    var = jnp.sum(deviation * deviation, axis=spatial).reshape(b, num_groups, per_group).sum(-1) / n
-    return mean, var
-
-
-def _group_size(x: jax.Array, num_groups: int) -> int:
-    """Elements per (example, group) of (B, *spatial, C) x."""
-    return int(np.prod(x.shape[1:-1])) * (x.shape[-1] // num_groups)
-
-
-def _group_to_channels(v: jax.Array, x: jax.Array) -> jax.Array:
-    """(B, G) per-group values broadcastable against (B, *spatial, C) x, each repeated over its group's
-    channels."""
-    return _channelwise(jnp.repeat(v, x.shape[-1] // v.shape[1], axis=1), x.ndim)
-
-
-# ``_group_moments`` whose backward pass is one elementwise expression in x,
-# ``d_mean / n + 2 d_var (x - mean) / n``, instead of autodiff's saved deviations (reverse mode only).
-_group_moments_train = jax.custom_vjp(_group_moments, nondiff_argnums=(1,))
-
-
-def _group_moments_train_fwd(x, num_groups):
-    mean, var = _group_moments(x, num_groups)
-    return (mean, var), (x, mean)
-
-
-def _group_moments_train_bwd(num_groups, residuals, cotangents):
-    x, mean = residuals
-    d_mean, d_var = cotangents
-    n = _group_size(x, num_groups)
-    return (
-        _group_to_channels(d_mean / n, x)
-        + _group_to_channels(2 * d_var / n, x) * (x - _group_to_channels(mean, x)),
+    mod = () if modulation is None else tuple(jnp.asarray(m, jnp.float32) for m in modulation)
+    if impl == "xla":
+        return xla(xf, gamma, beta, *mod)
+    return jax.lax.platform_dependent(
+        xf, gamma, beta, *mod, cpu=lambda *a: cpu(*a[:3], a[3:] or None), default=xla
     )
-
-
-_group_moments_train.defvjp(_group_moments_train_fwd, _group_moments_train_bwd)
-
-
-@jax.custom_vjp
-def _scale_shift_silu(x: jax.Array, a: jax.Array, shift: jax.Array) -> jax.Array:
-    """``silu(x * a + shift)`` with (B, C) ``a`` and ``shift``; the backward pass recomputes
-    ``x * a + shift`` from x instead of storing it."""
-    nd = x.ndim
-    return nn.silu(x * _channelwise(a, nd) + _channelwise(shift, nd))
-
-
-def _scale_shift_silu_fwd(x, a, shift):
-    return _scale_shift_silu(x, a, shift), (x, a, shift)
-
-
-def _scale_shift_silu_bwd(residuals, dy):
-    x, a, shift = residuals
-    nd = x.ndim
-    z = x * _channelwise(a, nd) + _channelwise(shift, nd)
-    sig = jax.nn.sigmoid(z)
-    dz = dy * sig * (1.0 + z * (1.0 - sig))  # d silu(z) / dz = sigmoid(z) (1 + z (1 - sigmoid(z)))
-    spatial = tuple(range(1, nd - 1))
-    return dz * _channelwise(a, nd), jnp.sum(dz * x, axis=spatial), jnp.sum(dz, axis=spatial)
-
-
-_scale_shift_silu.defvjp(_scale_shift_silu_fwd, _scale_shift_silu_bwd)
-
-
-def _group_norm_folded(
-    x: jax.Array, gamma: jax.Array, beta: jax.Array, groups: int, epsilon: float, silu: bool
-) -> jax.Array:
-    """``group_norm`` of (B, P, C) x with per-example (B, C) gamma and beta, by XLA (``_group_moments``)."""
-    mean, var = _group_moments(x, groups)
-    a = _group_to_channels(jax.lax.rsqrt(var + epsilon), x)[:, 0] * gamma
-    shift = beta - _group_to_channels(mean, x)[:, 0] * a
-    y = x * a[:, None] + shift[:, None]
-    return nn.silu(y) if silu else y
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
-def _kernel_group_norm(x, gamma, beta, groups, epsilon, silu):
-    """``_group_norm_folded`` by the CPU kernel, differentiable in every mode through XLA's form."""
-    return cpu_kernels.group_norm_forward(x, gamma, beta, groups=groups, epsilon=epsilon, silu=silu)[0]
-
-
-@_kernel_group_norm.defjvp
-def _kernel_group_norm_jvp(groups, epsilon, silu, primals, tangents):
-    return jax.jvp(lambda *a: _group_norm_folded(*a, groups, epsilon, silu), primals, tangents)
-
-
-# ``_group_norm_folded`` by the CPU kernel with its own backward pass (reverse mode only).
-_kernel_group_norm_train = jax.custom_vjp(_kernel_group_norm, nondiff_argnums=(3, 4, 5))
-
-
-def _kernel_group_norm_train_fwd(x, gamma, beta, groups, epsilon, silu):
-    y, mean, rstd = cpu_kernels.group_norm_forward(x, gamma, beta, groups=groups, epsilon=epsilon, silu=silu)
-    return y, (x, gamma, beta, mean, rstd)
-
-
-def _kernel_group_norm_train_bwd(groups, epsilon, silu, residuals, dy):
-    return cpu_kernels.group_norm_backward(*residuals, dy, groups=groups, silu=silu)
-
-
-_kernel_group_norm_train.defvjp(_kernel_group_norm_train_fwd, _kernel_group_norm_train_bwd)
 
 
 @jax.custom_vjp
@@ -363,6 +242,8 @@ def materialized_cotangent(x: jax.Array) -> jax.Array:
     Placed on a residual block's input, whose cotangent sums the skip path's gradient and the residual
     branch's: without the barrier XLA's CPU fusion recomputes that sum, and the sums it is built from
     block after block, inside each consumer (the convolution weight gradients' operand transposes).
+    The barrier is there where the program is lowered for the CPU; elsewhere the backward pass is the
+    identity too.
     """
     return x
 
@@ -372,7 +253,7 @@ def _materialized_cotangent_fwd(x):
 
 
 def _materialized_cotangent_bwd(_, g):
-    return (jax.lax.optimization_barrier(g),)
+    return (jax.lax.platform_dependent(g, cpu=jax.lax.optimization_barrier, default=lambda g: g),)
 
 
 materialized_cotangent.defvjp(_materialized_cotangent_fwd, _materialized_cotangent_bwd)
@@ -410,163 +291,6 @@ class GroupNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def l2_cache_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
-    """The size of CPU 0's level-2 cache from Linux's sysfs (``index*/level``, ``index*/size`` such as
-    ``2048K``), or None where sysfs does not list it."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    for index in sorted(pathlib.Path(cache_dir).glob("index*")):
-        try:
-            if (index / "level").read_text().strip() != "2":
-                continue
-            size = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        if size[-1:] in units and size[:-1].isdigit():
-            return int(size[:-1]) * units[size[-1]]
-        if size.isdigit():
-            return int(size)
-    return None
-
-
-def attention_block_bytes(l2_bytes: int | None) -> int:
-    """Bytes of float32 scores per step of the blocked "cpu" attention with a backward pass, chosen by
-    the L2 cache per core: 8 MiB from 2 MiB of L2, 4 MiB below it or where the L2 is unknown.
-
-    Measured in one process, both variants alternating (speedup of the whole train step):
-    - 2-core AMD EPYC, 1 MiB L2: 4 MiB trains 3% (``small``) and 4-6% (``ddpm-cifar10``) faster than
-      1 MiB; 2 MiB 6%, 8 MiB 1-3%, 16 MiB 11% slower than 4 MiB
-      (``benchmarks/results/2026-12-01-train.md``).
-    - 2-core Intel Xeon (AVX-512, AMX), 2 MiB L2: 8 MiB 1.046 (``small`` b32), 1.062 (b16) and 1.045
-      (``ddpm-cifar10`` b32) over 4 MiB; 16 MiB 1.007 over 8 (``benchmarks/results/2026-12-02-intel.md``).
-    """
-    return 8 << 20 if l2_bytes is not None and l2_bytes >= 2 << 20 else 4 << 20
-
-
-# Bytes of float32 scores one step of the "cpu" attention keeps live between the QK^T product, the
-# exponential and the PV product, in a train step (see ``attention_block_bytes``).
-ATTENTION_BLOCK_BYTES = attention_block_bytes(l2_cache_bytes())
-# Without a backward pass (sampling, evaluation) XLA's CPU backend hands a block's whole attention, both
-# products and the softmax, to one YNNPACK fusion, which does not keep the block's scores. There, larger
-# blocks ran faster while one head's float32 (T, S) scores took at most 256 KiB (T = S = 256: all heads
-# at once 1.2-1.6x faster than 4 MiB blocks; 1.0-1.2x at 64), slower from 1.3 MiB (T = S = 576 to 4096:
-# 1.1-1.45x). Such heads go in blocks of up to INFERENCE_BLOCK_BYTES, which bounds the memory where no
-# YNNPACK fusion takes the block (1 GiB of scores at batch 256 of `small` without the bound). The U-Net's
-# forward pass and samplers ran 1.02-1.14x faster (benchmarks/results/2026-12-01-inference-attention.md).
-INFERENCE_HEAD_BYTES = 512 << 10
-INFERENCE_BLOCK_BYTES = 256 << 20
-
-
-def _heads_per_block(groups: int, t: int, s: int, block_bytes: int | None = None) -> int:
-    """The largest divisor of ``groups`` whose (t, s) float32 score blocks fit ``block_bytes``
-    (``ATTENTION_BLOCK_BYTES`` if None)."""
-    fit = max(1, (ATTENTION_BLOCK_BYTES if block_bytes is None else block_bytes) // (4 * t * s))
-    return max(d for d in range(1, min(groups, fit) + 1) if groups % d == 0)
-
-
-def _blocked(fn, *arrays: jax.Array, block_bytes: int | None = None) -> tuple[jax.Array, ...]:
-    """Maps ``fn`` over blocks of the leading (batch x heads) axis, one block after the other."""
-    groups, t = arrays[0].shape[:2]
-    block = _heads_per_block(groups, t, arrays[1].shape[1], block_bytes)
-    if block == groups:
-        return fn(*arrays)
-    split = tuple(a.reshape(groups // block, block, *a.shape[1:]) for a in arrays)
-    return tuple(o.reshape(groups, *o.shape[2:]) for o in jax.lax.map(lambda a: fn(*a), split))
-
-
-def _attention_block(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Softmax attention of pre-scaled heads-first float32 (G, T, H) blocks; returns (out, logsumexp)."""
-    s = jnp.einsum("gth,gsh->gts", q, k)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - m)
-    rows = jnp.sum(p, axis=-1, keepdims=True)
-    return jnp.einsum("gts,gsh->gth", p, v) / rows, (m + jnp.log(rows))[..., 0]
-
-
-def _attention_block_grads(
-    q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array, delta: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(dq, dk, dv) of one block, recomputing the probabilities from the saved logsumexp.
-
-    The blocks are built transposed, (S, T): dK = dS^T Q and dV = P^T dO are then plain products.
-    XLA's CPU backend runs a product whose left operand is contracted on its first dimension ~3x
-    slower, so dS^T is transposed once (in cache) for dQ = dS K; the barrier keeps XLA from folding
-    that transpose back into the product.
-    """
-    p_t = jnp.exp(jnp.einsum("gsh,gth->gst", k, q) - lse[:, None, :])
-    ds_t = p_t * (jnp.einsum("gsh,gth->gst", v, do) - delta[:, None, :])
-    dk = jnp.einsum("gst,gth->gsh", ds_t, q)
-    dv = jnp.einsum("gst,gth->gsh", p_t, do)
-    dq = jnp.einsum("gts,gsh->gth", jax.lax.optimization_barrier(jnp.swapaxes(ds_t, 1, 2)), k)
-    return dq, dk, dv
-
-
-def _inference_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Attention of pre-scaled heads-first (G, T, H) float32 arrays, block by block over G, for a
-    forward pass (differentiable in every mode): heads whose scores fit ``INFERENCE_HEAD_BYTES`` go
-    in blocks of ``INFERENCE_BLOCK_BYTES``."""
-    short = 4 * q.shape[1] * k.shape[1] <= INFERENCE_HEAD_BYTES
-    return _blocked(_attention_block, q, k, v, block_bytes=INFERENCE_BLOCK_BYTES if short else None)[0]
-
-
-# ``_inference_attention`` with a blockwise backward pass recomputing the probabilities from the saved
-# logsumexp (reverse mode only); its primal runs only without a backward pass.
-_blocked_attention = jax.custom_vjp(_inference_attention)
-
-
-def _blocked_attention_fwd(q, k, v):
-    out, lse = _blocked(_attention_block, q, k, v)
-    return out, (q, k, v, out, lse)
-
-
-def _blocked_attention_bwd(residuals, d_out):
-    q, k, v, out, lse = residuals
-    delta = jnp.sum(d_out * out, axis=-1)  # rowsum(dP * P) = rowsum(dO * O)
-    return _blocked(_attention_block_grads, q, k, v, d_out, lse, delta)
-
-
-_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
-
-
-def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, train: bool) -> jax.Array:
-    """impl="cpu" attention of float32 (B, T, N, H) arrays by XLA: heads first, q pre-scaled, blocks."""
-    b, t, n, _ = q.shape
-
-    def heads_first(x: jax.Array) -> jax.Array:
-        return jnp.transpose(x, (0, 2, 1, 3)).reshape(b * n, x.shape[1], x.shape[3])
-
-    attend = _blocked_attention if train else _inference_attention
-    out = attend(heads_first(q * q.shape[-1] ** -0.5), heads_first(k), heads_first(v))
-    return jnp.transpose(out.reshape(b, n, t, v.shape[-1]), (0, 2, 1, 3))
-
-
-@jax.custom_jvp
-def _kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """The fused CPU kernel's attention, differentiable in every mode through ``_xla_attention``."""
-    return cpu_kernels.attention_forward(q, k, v)[0]
-
-
-@_kernel_attention.defjvp
-def _kernel_attention_jvp(primals, tangents):
-    return jax.jvp(functools.partial(_xla_attention, train=False), primals, tangents)
-
-
-# The fused CPU kernel's attention with its own backward pass (reverse mode only), which recomputes
-# the probabilities from the saved logsumexp; its primal runs only without a backward pass.
-_kernel_train_attention = jax.custom_vjp(_kernel_attention)
-
-
-def _kernel_train_attention_fwd(q, k, v):
-    out, lse = cpu_kernels.attention_forward(q, k, v)
-    return out, (q, k, v, out, lse)
-
-
-def _kernel_train_attention_bwd(residuals, d_out):
-    return cpu_kernels.attention_backward(*residuals, d_out)
-
-
-_kernel_train_attention.defvjp(_kernel_train_attention_fwd, _kernel_train_attention_bwd)
-
-
 def dot_product_attention(
     q: ArrayLike, k: ArrayLike, v: ArrayLike, *, impl: str = "xla", train: bool = False
 ) -> jax.Array:
@@ -576,18 +300,12 @@ def dot_product_attention(
       q: (B, T, N, H) queries.
       k: (B, S, N, H) keys.
       v: (B, S, N, H) values.
-      impl: ``"xla"``: ``jax.nn.dot_product_attention`` (the backend's fused kernel where it has
-        one). ``"cpu"``: float32. On the CPU backend, the fused C++ kernel ``cpu_attention.cc``
-        (``cpu_kernels``: nothing of the (T, S) scores leaves the cache, the backward recomputes them
-        from the saved logsumexp) wherever it builds; ``train=False`` differentiates it through the
-        XLA formulation (forward and reverse mode). Elsewhere, or without the kernel, the XLA
-        formulation: heads first, q pre-scaled, in blocks of heads whose (T, S) scores fit in cache
-        (``ATTENTION_BLOCK_BYTES``), ``exp(s - max s)`` times v divided by the row sums after the PV
-        product; with ``train=True`` a custom VJP (reverse mode only) recomputes each block's
-        probabilities from the saved logsumexp, and heads of short sequences
-        (``INFERENCE_HEAD_BYTES``) go in larger blocks when no backward pass runs; with
-        ``train=False`` they always do, and plain autodiff differentiates the blocks in every mode.
-        ``"auto"``: ``"cpu"`` on the CPU backend, ``"xla"`` elsewhere.
+      impl: ``"xla"``: ``jax.nn.dot_product_attention``. ``"cpu"``: float32,
+        ``diffax.kernels.cpu.attention`` (the fused C++ kernel when traced on the CPU backend, else a
+        cache-blocked XLA formulation). ``"auto"``: chosen where the program is
+        lowered: ``"cpu"`` on CPU, Pallas flash attention on TPU (``diffax.kernels.tpu.attention``),
+        cuDNN's on NVIDIA GPUs (``diffax.kernels.gpu.attention``), each where the shapes allow, and
+        ``jax.nn.dot_product_attention`` otherwise.
       train: the form to differentiate in reverse mode only (a train step); ``False`` keeps forward
         mode (the exact likelihood's JVPs).
 
@@ -598,15 +316,22 @@ def dot_product_attention(
       Vaswani et al., "Attention Is All You Need", 2017, Eq. (1); Dao et al., "FlashAttention", 2022,
       Alg. 1-2 (blockwise forward; backward from the logsumexp with ``D = rowsum(dO * O)``).
     """
+    check_impl(impl, owner="dot_product_attention")
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    if resolve_impl(impl, owner="dot_product_attention") == "xla":
+    cpu = functools.partial(cpu_attention.attention, train=train)
+    if impl == "xla":
         return jax.nn.dot_product_attention(q, k, v)
-    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-    if cpu_kernels.runs():
-        out = (_kernel_train_attention if train else _kernel_attention)(q32, k32, v32)
-    else:
-        out = _xla_attention(q32, k32, v32, train)
-    return out.astype(q.dtype)
+    if impl == "cpu":
+        return cpu(q, k, v)
+    return jax.lax.platform_dependent(
+        q,
+        k,
+        v,
+        cpu=cpu,
+        tpu=functools.partial(tpu_attention.attention, train=train),
+        cuda=functools.partial(gpu_attention.attention, train=train),
+        default=jax.nn.dot_product_attention,
+    )
 
 
 class Attention(nn.Module):

@@ -150,7 +150,8 @@ class UNet(nn.Module):
         recomputes in every consumer.
       conv_impl: "xla", or "cpu": 3x3 convolutions of maps 16 wide or more as Winograd F(4x4, 3x3)
         (see ``layers.conv``).
-        "auto" (here and in the three above): "cpu" on the CPU backend, else "xla". With
+        "auto" (here and in the three above): chosen where the program is lowered ("cpu" on the
+        CPU, fused attention on TPU and GPU, see ``layers.dot_product_attention``, else "xla"). With
         ``train=True`` the "cpu" forms have backward passes of their own (custom VJPs: reverse mode
         only); with ``train=False`` (sampling, evaluation, the exact likelihood) every form is
         differentiable in every mode.
@@ -322,7 +323,7 @@ class UNet(nn.Module):
                 scale_shift=self.time_injection == "scale_shift",
                 resample=resample,
                 conv_impl=self.conv_impl,
-                materialize_input_cotangent=layers.resolve_impl(self.resblock_impl) == "cpu",
+                materialize_input_cotangent=self.resblock_impl != "xla",
                 name=name,
                 **block_kw,
             )(h, emb, train)

@@ -161,7 +161,8 @@ def _check_grid(schedule: Schedule, ts: np.ndarray, *, last_needs_noise: bool) -
         raise ValueError(f"timesteps must be strictly decreasing (t_start first); got {ts}.")
     schedule.check_t(ts, name="timesteps")
     evaluated = ts if last_needs_noise else ts[:-1]
-    alpha, sigma = (np.asarray(v) for v in _alpha_sigma(schedule, evaluated))
+    with jax.ensure_compile_time_eval():  # a host check, also when sample runs inside a jit trace
+        alpha, sigma = (np.asarray(v) for v in _alpha_sigma(schedule, evaluated))
     if not (np.all(alpha > 0) and np.all(sigma > 0)):
         bad = evaluated[(alpha <= 0) | (sigma <= 0)]
         raise ValueError(

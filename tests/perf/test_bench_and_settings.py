@@ -13,7 +13,7 @@ import jaxlib
 import pytest
 
 from diffax import models, perf
-from diffax.models import layers
+from diffax.kernels.cpu import attention as cpu_attention
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -106,7 +106,9 @@ def test_suite_row_and_table_report_cpu_time_and_cores_busy(bench):
     table = bench._markdown(args, [row, alone], peak, peak, {}).splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith("| config |"))
     machine = next(line for line in table if line.startswith("Machine:"))
-    assert f"XLA attention blocks {layers.ATTENTION_BLOCK_BYTES / (1 << 20):g} MiB of scores" in machine
+    assert (
+        f"XLA attention blocks {cpu_attention.ATTENTION_BLOCK_BYTES / (1 << 20):g} MiB of scores" in machine
+    )
     assert "fused CPU attention kernel built" in machine
     assert "| CPU ratio | cores busy |" in table[header]
     assert table[header + 2].split(" | ")[5:8] == ["1.17×", "1.56×", "1.50 / 2.00"]
@@ -183,9 +185,9 @@ def test_single_measurement_prints_one_json_line(bench, capsys):
     direct = jax.jit(lambda p: net.apply({"params": p}, x, t)).lower(params).cost_analysis()["flops"]
     assert record["gflop"] == pytest.approx(direct / 1e9, rel=2e-3)
     assert record["xla_flags"] == list(perf.xla_flags())
-    assert record["attention_block_bytes"] == layers.ATTENTION_BLOCK_BYTES
+    assert record["attention_block_bytes"] == cpu_attention.ATTENTION_BLOCK_BYTES
     assert record["cpu_attention_kernel"] is True
-    assert record["l2_cache_bytes"] == layers.l2_cache_bytes()
+    assert record["l2_cache_bytes"] == cpu_attention.l2_cache_bytes()
 
 
 @pytest.mark.skipif(

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from diffax import models
+from diffax.kernels.cpu import attention as cpu_attention
 from diffax.kernels.cpu import ffi as cpu_kernels
+from diffax.kernels.cpu import group_norm as cpu_group_norm
 from diffax.models import layers
 
 
@@ -48,15 +50,15 @@ def cpu_path(request):
 def small_blocks(monkeypatch, kernels_off):
     """The XLA formulation with a 2 KiB block budget: (8, 8) float32 scores take 256 B, so 8 heads fit
     and 12 run as 2 x 6."""
-    monkeypatch.setattr(layers, "ATTENTION_BLOCK_BYTES", 2048)
+    monkeypatch.setattr(cpu_attention, "ATTENTION_BLOCK_BYTES", 2048)
 
 
 def test_heads_per_block_is_the_largest_fitting_divisor(small_blocks):
-    assert layers._heads_per_block(6, 8, 8) == 6  # 6 blocks of 256 B fit in 2 KiB
-    assert layers._heads_per_block(12, 8, 8) == 6  # 8 would fit but does not divide 12
-    assert layers._heads_per_block(7, 8, 8) == 7
-    assert layers._heads_per_block(14, 8, 8) == 7
-    assert layers._heads_per_block(5, 32, 32) == 1  # one head is over the budget: still one at a time
+    assert cpu_attention._heads_per_block(6, 8, 8) == 6  # 6 blocks of 256 B fit in 2 KiB
+    assert cpu_attention._heads_per_block(12, 8, 8) == 6  # 8 would fit but does not divide 12
+    assert cpu_attention._heads_per_block(7, 8, 8) == 7
+    assert cpu_attention._heads_per_block(14, 8, 8) == 7
+    assert cpu_attention._heads_per_block(5, 32, 32) == 1  # one head is over the budget: still one at a time
 
 
 def _fake_sysfs(root, *caches):
@@ -79,11 +81,11 @@ def _fake_sysfs(root, *caches):
     ],
 )
 def test_l2_cache_bytes_reads_sysfs(tmp_path, caches, l2):
-    assert layers.l2_cache_bytes(_fake_sysfs(tmp_path, *caches)) == l2
+    assert cpu_attention.l2_cache_bytes(_fake_sysfs(tmp_path, *caches)) == l2
 
 
 def test_l2_cache_bytes_is_none_without_sysfs(tmp_path):
-    assert layers.l2_cache_bytes(str(tmp_path / "missing")) is None
+    assert cpu_attention.l2_cache_bytes(str(tmp_path / "missing")) is None
 
 
 @pytest.mark.parametrize(
@@ -91,7 +93,7 @@ def test_l2_cache_bytes_is_none_without_sysfs(tmp_path):
     [(None, 4 << 20), (512 << 10, 4 << 20), (1 << 20, 4 << 20), (2 << 20, 8 << 20), (4 << 20, 8 << 20)],
 )
 def test_attention_block_bytes_follows_the_l2_cache(l2, block):
-    assert layers.attention_block_bytes(l2) == block
+    assert cpu_attention.attention_block_bytes(l2) == block
 
 
 @pytest.mark.parametrize("train", [True, False])  # the custom VJP, and autodiff of the blocks
@@ -99,7 +101,7 @@ def test_attention_block_bytes_follows_the_l2_cache(l2, block):
 def test_blocked_attention_values_and_grads_equal_plain(small_blocks, t, s, train):
     b, n, h = 3, 4, 5  # 12 (batch x head) groups in blocks
     q, k, v, w = _normal(0, (b, t, n, h), (b, s, n, h), (b, s, n, h), (b, t, n, h), scale=2.0)
-    assert layers._heads_per_block(b * n, t, s) < b * n
+    assert cpu_attention._heads_per_block(b * n, t, s) < b * n
 
     def loss(impl):
         return lambda q, k, v: jnp.sum(layers.dot_product_attention(q, k, v, impl=impl, train=train) * w)
@@ -116,8 +118,8 @@ def test_blocked_attention_values_and_grads_equal_plain(small_blocks, t, s, trai
 def test_inference_attention_blocks_equal_float64(small_blocks, monkeypatch, head_bytes, block_bytes, loops):
     """Without a backward pass, heads whose (8, 8) scores (256 B) fit ``INFERENCE_HEAD_BYTES`` go in
     ``INFERENCE_BLOCK_BYTES`` blocks (all 12 in one, no loop, or 3 of 4), others in 2 KiB blocks."""
-    monkeypatch.setattr(layers, "INFERENCE_HEAD_BYTES", head_bytes)
-    monkeypatch.setattr(layers, "INFERENCE_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(cpu_attention, "INFERENCE_HEAD_BYTES", head_bytes)
+    monkeypatch.setattr(cpu_attention, "INFERENCE_BLOCK_BYTES", block_bytes)
     q, k, v = _normal(4, (3, 8, 4, 5), (3, 8, 4, 5), (3, 8, 4, 5), scale=2.0)
 
     def attend(*a):
@@ -197,10 +199,10 @@ def test_group_moments_custom_vjp_matches_float64_autodiff(mean):
     """The train form's backward (one expression in x) against autodiff of the same moments in float64."""
     x, d_mean, d_var = _normal(11, (2, 3, 4, 6), (2, 3), (2, 3))
     x = x + mean
-    got_moments, vjp = jax.vjp(lambda y: layers._group_moments_train(y, 3), x)
+    got_moments, vjp = jax.vjp(lambda y: cpu_group_norm._group_moments_train(y, 3), x)
     with jax.enable_x64():
         x64 = jnp.asarray(np.asarray(x, np.float64))
-        want_moments, vjp64 = jax.vjp(lambda y: layers._group_moments(y, 3), x64)
+        want_moments, vjp64 = jax.vjp(lambda y: cpu_group_norm._group_moments(y, 3), x64)
         (want,) = vjp64((jnp.asarray(d_mean, jnp.float64), jnp.asarray(d_var, jnp.float64)))
         g = np.asarray(x64).reshape(2, 3, 4, 3, 2)
         np.testing.assert_allclose(want_moments[0], g.mean((1, 2, 4)), rtol=1e-12)
@@ -212,7 +214,7 @@ def test_group_moments_custom_vjp_matches_float64_autodiff(mean):
 
 def test_silu_custom_vjp_matches_autodiff_in_float64():
     x, a, shift, dy = _normal(7, (2, 3, 4, 5), (2, 5), (2, 5), (2, 3, 4, 5))
-    _, vjp = jax.vjp(layers._scale_shift_silu, x, a, shift)
+    _, vjp = jax.vjp(cpu_group_norm._scale_shift_silu, x, a, shift)
     x64, a64, s64, dy64 = (np.asarray(v, np.float64) for v in (x, a, shift, dy))
     z = x64 * a64[:, None, None, :] + s64[:, None, None, :]
     sig = 1 / (1 + np.exp(-z))
@@ -239,8 +241,6 @@ def test_materialized_cotangent_is_the_identity_with_a_barrier_in_its_backward(j
 
 def test_auto_is_cpu_on_the_cpu_backend():
     assert jax.default_backend() == "cpu"
-    assert layers.resolve_impl("auto") == "cpu"
-    assert layers.resolve_impl("xla") == "xla"
     q, k, v = _normal(8, (1, 4, 1, 2), (1, 4, 1, 2), (1, 4, 1, 2))
     chex.assert_trees_all_equal(
         layers.dot_product_attention(q, k, v, impl="auto"), layers.dot_product_attention(q, k, v, impl="cpu")

@@ -1,0 +1,1 @@
+"""GPU kernels: cuDNN fused attention where it applies (``attention``)."""
