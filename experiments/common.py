@@ -10,17 +10,22 @@ def model(name: str, **overrides) -> ml_collections.ConfigDict:
     """The ``config.model`` section of a ``diffax.models`` preset, its fields spelled out.
 
     Listing the preset's fields lets ``--config.model.<field>=...`` override any of them;
-    ``--config.model.dtype=bfloat16`` computes in bfloat16 with float32 parameters.
+    ``--config.model.dtype=bfloat16`` computes in bfloat16 with float32 parameters. The network's
+    formulation switches (``*_impl``) are ``"auto"``: chosen where the program is lowered (the CPU
+    kernels on CPU, fused attention on TPU and GPU; see ``diffax.models.layers``).
     """
-    fields = dict(name=name, dtype="float32") | dict(models.PRESETS[name][1]) | overrides
+    module = models.PRESETS[name][0]
+    impls = {field: "auto" for field in module.__dataclass_fields__ if field.endswith("_impl")}
+    fields = dict(name=name, dtype="float32") | impls | dict(models.PRESETS[name][1]) | overrides
     return ml_collections.ConfigDict(fields)
 
 
 def cpu_unet(preset: str = "unet_ddpm_cifar10", **overrides) -> ml_collections.ConfigDict:
     """A small U-Net (a U-Net preset, shrunk) that trains on a laptop CPU.
 
-    It uses the CPU-tuned attention, GroupNorm, residual-block and convolution formulations of
-    ``diffax.models``.
+    Its formulation switches are ``"auto"`` (``model``): the CPU-tuned attention, GroupNorm,
+    residual-block and convolution formulations of ``diffax.kernels.cpu`` where the program is lowered
+    for the CPU.
     """
     small = dict(
         base_channels=32,
@@ -30,10 +35,6 @@ def cpu_unet(preset: str = "unet_ddpm_cifar10", **overrides) -> ml_collections.C
         num_heads=1,
         norm_groups=8,
         dropout=0.0,
-        attention_impl="cpu",
-        norm_impl="cpu",
-        resblock_impl="cpu",
-        conv_impl="cpu",
     )
     return model(preset, **(small | overrides))
 

@@ -17,7 +17,8 @@ def get_config(arg=None):
     config.total_steps = 400_000
     config.process.name = "linear"
     config.process.num_timesteps = 1000
-    config.model = common.model("dit_s_2")
+    # bfloat16 compute; parameters, optimizer state, loss and sampler state stay float32.
+    config.model = common.model("dit_s_2", dtype="bfloat16")
     config.loss.name = "hybrid"
     config.loss.prediction = "eps"
     config.loss.learned_variance = True

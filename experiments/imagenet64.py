@@ -19,7 +19,8 @@ def get_config(arg=None):
     config.total_steps = 540_000
     config.process.name = "cosine"
     config.process.num_timesteps = 1000
-    config.model = common.model("unet_adm_imagenet64")
+    # bfloat16 compute; parameters, optimizer state, loss and sampler state stay float32.
+    config.model = common.model("unet_adm_imagenet64", dtype="bfloat16")
     config.model.label_dropout = 0.1
     config.loss.name = "hybrid"
     config.loss.prediction = "eps"
