@@ -208,8 +208,13 @@ def _check_input(c: ml_collections.ConfigDict) -> None:
         _require(c.mixture_components >= 1, "config.input.mixture_components", "must be at least 1.")
         _require(c.mixture_std > 0, "config.input.mixture_std", "must be positive.")
         return
-    import tensorflow_datasets as tfds  # only for tfds datasets: it loads TensorFlow
-
+    try:
+        import tensorflow_datasets as tfds  # only for tfds datasets: it loads TensorFlow
+    except ImportError:
+        raise ConfigError(
+            f"config.input.dataset: {c.dataset!r} is a tfds dataset, and tensorflow-datasets is not"
+            " installed: pip install 'diffax[tfds]'."
+        ) from None
     try:
         builder = tfds.builder(c.dataset, data_dir=c.data_dir)
     except Exception as e:  # tfds raises several types for a name it cannot resolve
