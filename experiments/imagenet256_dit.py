@@ -19,7 +19,8 @@ from experiments import common, dit
 
 def get_config(arg=None):
     config = dit.get_config(arg)
-    config.model = common.model("dit_xl_2")
+    # bfloat16 compute; parameters, optimizer state, loss and sampler state stay float32.
+    config.model = common.model("dit_xl_2", dtype="bfloat16")
     config.vae.pretrained = "sd-vae-ft-ema"
     config.vae.source.dataset = "imagenet2012"
     config.vae.source.split = "train"

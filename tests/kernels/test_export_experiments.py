@@ -1,7 +1,7 @@
 """Every experiment's programs export for TPU and GPU from this CPU-only host (``jax.export``).
 
 For each image diffusion experiment in ``experiments/`` (found at collection, so new ones are covered;
-token diffusion and the few-step trainers are not yet): the jitted
+token diffusion, few-step trainers and latent runs are not yet): the jitted
 train step on the run's mesh, the configured sampler through ``diffax.sample``, the adaptive ``ode``
 sampler and the evaluation feature extractor are exported for ``platforms=["tpu"]`` and ``["cuda"]``.
 ``jax.export`` refuses a custom call without a compatibility guarantee (diffax's CPU kernels), so an
@@ -32,10 +32,12 @@ TEXT_DATASETS = ("text", "markov")
 
 
 def _image_diffusion(name: str) -> bool:
-    """Whether the experiment trains an image diffusion model with the diffusion trainer: the runs this
-    test builds. Token diffusion and few-step trainers (a teacher checkpoint) are not covered yet."""
+    """Whether the experiment trains a pixel-space image diffusion model with the diffusion trainer: the
+    runs this test builds. Token diffusion, few-step trainers (a teacher checkpoint) and latent runs (a
+    VAE checkpoint) are not covered yet."""
     config = importlib.import_module(f"experiments.{name}").get_config()
-    return config.trainer.name == "diffusion" and config.input.dataset not in TEXT_DATASETS
+    latent = bool(config.vae.workdir or config.vae.pretrained)
+    return config.trainer.name == "diffusion" and config.input.dataset not in TEXT_DATASETS and not latent
 
 
 PLATFORMS = ("tpu", "cuda")
