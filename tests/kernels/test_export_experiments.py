@@ -32,12 +32,18 @@ TEXT_DATASETS = ("text", "markov")
 
 
 def _image_diffusion(name: str) -> bool:
-    """Whether the experiment trains a pixel-space image diffusion model with the diffusion trainer: the
-    runs this test builds. Token diffusion, few-step trainers (a teacher checkpoint) and latent runs (a
-    VAE checkpoint) are not covered yet."""
+    """Whether the experiment trains a pixel-space U-Net or DiT with the diffusion trainer: the runs this
+    test builds. Token diffusion, few-step trainers (a teacher checkpoint), latent runs (a VAE
+    checkpoint) and the autoencoder are not covered yet."""
     config = importlib.import_module(f"experiments.{name}").get_config()
     latent = bool(config.vae.workdir or config.vae.pretrained)
-    return config.trainer.name == "diffusion" and config.input.dataset not in TEXT_DATASETS and not latent
+    denoiser = models.PRESETS.get(config.model.get("name"), (None,))[0] in (models.UNet, models.DiT)
+    return (
+        config.trainer.name == "diffusion"
+        and denoiser
+        and config.input.dataset not in TEXT_DATASETS
+        and not latent
+    )
 
 
 PLATFORMS = ("tpu", "cuda")
