@@ -18,9 +18,15 @@ from diffax.kernels.tpu import attention as tpu_attention
 from diffax.models import layers
 
 
-def _qkv(t: int, heads: int = 2, head_dim: int = 8, seed: int = 0) -> tuple[jax.Array, ...]:
+def _qkv(t: int, heads: int = 2, head_dim: int = 8, seed: int = 0, batch: int = 1) -> tuple[jax.Array, ...]:
     rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray(rng.normal(size=(1, t, heads, head_dim)), jnp.float32) for _ in range(3))
+    return tuple(jnp.asarray(rng.normal(size=(batch, t, heads, head_dim)), jnp.float32) for _ in range(3))
+
+
+def _mesh() -> jax.sharding.Mesh:
+    """All (8 fake) devices on one batch axis, as diffax.sharding makes it (Auto): the flash kernel runs
+    per batch shard (``shard_map``)."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def _loss(impl: str, train: bool):
@@ -39,13 +45,18 @@ def test_one_trace_lowers_to_each_platforms_kernel(train):
     if not ffi.available():
         pytest.skip("no C++ compiler: the CPU kernels are not built")
     grad = _loss("auto", train)
-    args = _qkv(128)
+    args = _qkv(128, batch=jax.device_count())
     cpu = grad.lower(*args).compile().as_text()
     assert "conditional" not in cpu
     # train=False differentiates XLA's formulation (its JVP computes the primal too).
     assert ("diffax_attention_fwd" in cpu) == ("diffax_attention_bwd" in cpu) == train
-    tpu = _exported(grad, args, "tpu")
-    assert "tpu_custom_call" in tpu and "diffax_" not in tpu
+    with jax.set_mesh(_mesh()):
+        tpu = _exported(grad, args, "tpu")
+        forward = jax.jit(lambda *a: layers.dot_product_attention(*a, impl="auto", train=train))
+        assert "tpu_custom_call" in _exported(forward, args, "tpu")
+    assert ("tpu_custom_call" in tpu) == train and "diffax_" not in tpu  # as on CPU
+    # Several devices and no mesh in context: the kernel cannot be placed, XLA's attention runs.
+    assert "tpu_custom_call" not in _exported(forward, args, "tpu")
     cuda = _exported(grad, args, "cuda")
     assert "tpu_custom_call" not in cuda and "cudnn" not in cuda and "diffax_" not in cuda
     np.testing.assert_allclose(
@@ -57,7 +68,10 @@ def test_one_trace_lowers_to_each_platforms_kernel(train):
 
 def test_short_sequences_take_xla_attention_on_tpu():
     assert not tpu_attention.applies(*_qkv(64))  # the kernel's key blocks are 128 long
-    assert "tpu_custom_call" not in _exported(_loss("auto", True), _qkv(64), "tpu")
+    with jax.set_mesh(_mesh()):
+        assert "tpu_custom_call" not in _exported(
+            _loss("auto", True), _qkv(64, batch=jax.device_count()), "tpu"
+        )
 
 
 def test_cudnn_refuses_on_this_host():
