@@ -113,7 +113,7 @@ def main() -> None:
         rows = {
             "dpm_solver++_2m": fd("dpm_solver++_2m", uniform),
             "unipc": fd("unipc", uniform),
-            f"pndm/plms ({pndm_name})": fd(pndm_name, samplers.timesteps(schedule, num_steps=pndm_steps)),
+            "pndm (plms below 13 NFE)": fd(pndm_name, samplers.timesteps(schedule, num_steps=pndm_steps)),
             "dpm_solver_v3": fd("dpm_solver_v3", uniform, statistics=stats),
         }
         searched, info = schedule_search.search(
