@@ -27,7 +27,7 @@ def get_config(arg=None):
         label_dropout=0.0,
         learned_variance=False,
     )
-    del config.sampler["thresholding"]  # latents are not bounded like pixels
+    config.sampler.clip_denoised = False  # latents are not bounded like pixels
     config.optim.lr = 1e-3
     config.vae.workdir = "runs/digits_vae"
     config.vae.source.dataset = "digits"

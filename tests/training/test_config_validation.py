@@ -1,6 +1,7 @@
 """Bad configs stop before anything compiles, with one line that names the field."""
 
 import importlib
+import pathlib
 
 import pytest
 from conftest import run_main
@@ -72,6 +73,20 @@ def test_experiment_configs_are_valid(name, arg):
     if config.input.dataset not in data.BUILTIN_DATASETS:
         config.input.dataset = "mixture"  # tfds sets are not prepared here; every other field is checked
     config_lib.validate(config)
+
+
+EXPERIMENT_FILES = sorted(
+    path.stem
+    for path in (pathlib.Path(__file__).resolve().parents[2] / "experiments").glob("*.py")
+    if "def get_config" in path.read_text()
+)
+
+
+@pytest.mark.parametrize("name", EXPERIMENT_FILES)
+def test_every_experiment_file_builds_its_config(name):
+    """Each experiment's get_config() runs (a file that edits a field its base no longer has fails here)."""
+    config = importlib.import_module(f"experiments.{name}").get_config()
+    assert config.input.dataset and config.total_steps > 0
 
 
 def test_unknown_command_line_key_is_one_line(tmp_path):
