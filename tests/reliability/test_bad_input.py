@@ -65,6 +65,7 @@ ROWS = [
     Row("optim.min_lr_ratio", 2.0, "config.optim.min_lr_ratio: 2.0 must be in [0, 1]."),
     Row("log.eval_every_steps", 10, "config.evals.inception_weights: empty; a non-digits run is evaluated"),
     Row("evals.num_samples", 1, "config.evals.num_samples: 1 must be at least 2."),
+    Row("trainer.name", "reflow_typo", "config.trainer.name: unknown trainer 'reflow_typo'; known:"),
     Row("evals.batch_size", 0, "config.evals.batch_size: 0 must be positive."),
     Row("evals.inception_size", 64, "config.evals.inception_size: 64 must be >= 75."),
     Row("evals.num_reference", 1, "config.evals.num_reference: 1 must be at least 2."),
