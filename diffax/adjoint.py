@@ -126,12 +126,16 @@ def _adjoint_flow_bwd(field, residuals, cotangent):
 _adjoint_flow.defvjp(_adjoint_flow_fwd, _adjoint_flow_bwd)
 
 
-def _prepare(schedule, x_T, timesteps, prediction):
+def _flow(integrate, model_fn, params, schedule, x_T, timesteps, prediction):
+    """Checks the grid, then integrates the flow in y = x / alpha with ``integrate`` (the adjoint or
+    the unrolled Heun) and maps the result back to x."""
     check_prediction(prediction)
     x_T, ts = jnp.asarray(x_T), jnp.asarray(timesteps, jnp.float32)
     if ts.ndim != 1 or ts.shape[0] < 2:
         raise ValueError(f"timesteps must be a 1-D decreasing grid of >= 2 times; got shape {ts.shape}.")
-    return x_T, ts
+    field = _Field(model_fn, schedule, prediction)
+    y = integrate(field, params, x_T / schedule.alpha(ts[0]).astype(x_T.dtype), ts)
+    return schedule.alpha(ts[-1]).astype(x_T.dtype) * y
 
 
 def sample(
@@ -159,10 +163,7 @@ def sample(
       The sample at ts[-1]; ``jax.grad`` through it runs the augmented ODE backwards (2 model
       evaluations and VJPs per interval).
     """
-    x_T, ts = _prepare(schedule, x_T, timesteps, prediction)
-    field = _Field(model_fn, schedule, prediction)
-    y = _adjoint_flow(field, params, x_T / schedule.alpha(ts[0]).astype(x_T.dtype), ts)
-    return schedule.alpha(ts[-1]).astype(x_T.dtype) * y
+    return _flow(_adjoint_flow, model_fn, params, schedule, x_T, timesteps, prediction)
 
 
 def sample_unrolled(
@@ -176,7 +177,4 @@ def sample_unrolled(
 ) -> jax.Array:
     """``sample``'s forward pass, differentiated by backpropagation through every step (the reference
     the adjoint is checked against; memory grows with the steps)."""
-    x_T, ts = _prepare(schedule, x_T, timesteps, prediction)
-    field = _Field(model_fn, schedule, prediction)
-    y = _heun(field, params, x_T / schedule.alpha(ts[0]).astype(x_T.dtype), ts)
-    return schedule.alpha(ts[-1]).astype(x_T.dtype) * y
+    return _flow(_heun, model_fn, params, schedule, x_T, timesteps, prediction)
