@@ -24,8 +24,10 @@ redoes each step with the next evaluation added, using Taylor weights from the i
 ``compute_statistics`` estimates l, s, b from a model and data: x_lambda = alpha x_0 + sigma z at every
 point of a uniform lambda grid, l by Hutchinson's diagonal estimator E[v * (J v)] (forward-mode JVPs,
 Rademacher v), then f' by a JVP along (dx/dlambda, 1), batched over the grid with ``vmap``, chunked with
-``lax.map`` and sharded over the devices along the sample axis. ``python -m diffax.samplers.dpm_solver_v3``
-writes them for a run.
+``lax.map`` and sharded over the devices along the sample axis; the least-squares fit of s is ridge-
+regularised towards 0 so that dimensions where f barely varies (constant background pixels) stay finite.
+``ModelStatistics.save`` writes them (``.npz``); ``benchmarks/digits_sampling_methods.py --ems_file``
+computes and writes them for a digits run.
 
 References: Zheng, Lu, Chen & Zhu 2023, "DPM-Solver-v3: Improved Diffusion ODE Solver with Empirical
 Model Statistics" (NeurIPS), eq. 6-16, Alg. 1-2, App. C (EMS estimation), D (multistep predictor-
@@ -329,13 +331,20 @@ def compute_statistics(
     num_points: int = 200,
     key: jax.Array,
     chunk: int = 8,
+    ridge: float = 1e-3,
 ) -> ModelStatistics:
     """DPM-Solver-v3's l, s, b of a noise-prediction model from data samples.
 
     At each of ``num_points + 1`` uniformly spaced lambdas the data is noised afresh (x = alpha x_0 +
     sigma z), l is the Hutchinson estimate of E[diag grad_x (sigma eps)] (one Rademacher probe per
     sample), and (s, b) the per-dimension least-squares fit of f' on f with f = (sigma eps - l x) /
-    alpha; l' comes from finite differences of l on the grid. The grid is ``vmap``-batched in chunks of
+    alpha; l' comes from finite differences of l on the grid. The fit is ridge-regularised towards
+    s = 0: s = Cov(f', f) / (Var(f) + delta), b = E[f'] - s E[f], delta = ``ridge`` times the mean
+    over dimensions of E[f^2] at that lambda. Where f barely varies over the data (a pixel that is
+    background in every image: f = -x_0 is nearly constant) the plain ratio is estimation noise
+    over almost nothing, its integral S overflows e^S and the solver diverges; the ridge sends s to
+    0 there (an exact choice when f is constant: then f' = b for every s) and changes s by a factor
+    Var / (Var + delta) elsewhere. The grid is ``vmap``-batched in chunks of
     ``chunk`` lambdas (``lax.map``) and the samples are sharded over all devices where they divide.
 
     Args:
@@ -346,6 +355,7 @@ def compute_statistics(
       num_points: grid intervals.
       key: noise and probes.
       chunk: lambdas per ``vmap`` batch.
+      ridge: delta relative to the mean second moment of f (0: the plain least-squares fit).
 
     Returns:
       The statistics.
@@ -355,6 +365,8 @@ def compute_statistics(
         raise ValueError(f"data must hold at least 2 samples (K, ...); got shape {data.shape}.")
     if not lambda_max > lambda_min:
         raise ValueError(f"need lambda_max > lambda_min; got {lambda_min}, {lambda_max}.")
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0 (a fraction of the mean E[f^2]); got {ridge}.")
     devices = jax.devices()
     if data.shape[0] % len(devices) == 0:
         data = jax.device_put(data, NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data")))
@@ -383,7 +395,9 @@ def compute_statistics(
         moments(lam, jnp.asarray(l_values, jnp.float32), jnp.asarray(l_slope, jnp.float32), keys[1])
     )
     mean_f, mean_df, mean_ff, mean_fdf = (m[:, j].astype(np.float64) for j in range(4))
-    var_f = np.maximum(mean_ff - mean_f**2, 1e-12)
+    dims = tuple(range(1, mean_ff.ndim))
+    delta = ridge * np.mean(mean_ff, axis=dims, keepdims=True)
+    var_f = np.maximum(mean_ff - mean_f**2, 0.0) + np.maximum(delta, 1e-12)
     s = (mean_fdf - mean_f * mean_df) / var_f
     b = mean_df - s * mean_f
     return ModelStatistics(lambdas, l_values, s, b)

@@ -64,27 +64,45 @@ def test_statistics_of_a_gaussian_match_the_closed_form(vp):
         np.testing.assert_allclose(stats.b[j], 0.0, atol=0.05)
 
 
-def test_exact_statistics_beat_dpm_solver_pp_3m(vp, mixture, mixture_model, tmp_path):
-    """Statistics of the exact model from 1024 mixture samples; held-out prior draws (seed 7): RMS
-    error to the float64 flow about 10x below ++3M's at 5 NFE and 3x at 10 NFE."""
+def _with_constant_coordinate(mixture, value=-1.0, variance=1e-8):
+    """The mixture with one more coordinate that is ``value`` in every sample (up to ``variance``):
+    a background pixel, -1 in every digit."""
+    k, d = mixture.means.shape
+    means = np.concatenate([mixture.means, np.full((k, 1), value)], axis=1)
+    covs = np.zeros((k, d + 1, d + 1))
+    covs[:, :d, :d], covs[:, d, d] = mixture.covs, variance
+    return GaussianMixture(mixture.weights, means, covs)
+
+
+def test_exact_statistics_beat_dpm_solver_pp_3m(vp, mixture, tmp_path):
+    """Statistics of the exact model from 1024 samples of the mixture with a constant third
+    coordinate; held-out prior draws (seed 7): RMS error to the float64 flow about 10x below ++3M's
+    at 5 NFE and 2.4x at 10 NFE. On the constant coordinate f barely varies, so the unregularised
+    fit s = Cov(f', f) / Var(f) is rounding noise over rounding noise (|s| ~ 560, NaN samples);
+    the ridge keeps it near 0 and that coordinate as accurate as ++3M's."""
+    mixture = _with_constant_coordinate(mixture)
+    model = mixture.model_fn(vp)
     lo, hi = _lambda_range(vp)
     data = mixture.sample(np.random.default_rng(1), 1024)
     stats = compute_statistics(
-        mixture_model, vp, data, lambda_min=lo, lambda_max=hi, num_points=64, key=jax.random.key(3)
+        model, vp, data, lambda_min=lo, lambda_max=hi, num_points=64, key=jax.random.key(3)
     )
     stats.save(str(tmp_path / "ems.npz"))
     stats = ModelStatistics.load(str(tmp_path / "ems.npz"))
-    x_T = jax.random.normal(jax.random.key(7), (256, 2))
+    assert np.max(np.abs(stats.s[:, 2])) < 1e-3, np.max(np.abs(stats.s[:, 2]))
+    x_T = jax.random.normal(jax.random.key(7), (256, 3))
     ref = reference_samples(mixture, vp, x_T, T_END)
     for nfe in (5, 10):
         errors = [
-            float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64) - ref))))
+            np.sqrt(np.mean(np.square(np.asarray(x, np.float64) - ref), axis=0))
             for x in (
-                _sample(mixture_model, vp, x_T, "dpm_solver_v3", nfe, statistics=stats),
-                _sample(mixture_model, vp, x_T, "dpm_solver++_3m", nfe),
+                _sample(model, vp, x_T, "dpm_solver_v3", nfe, statistics=stats),
+                _sample(model, vp, x_T, "dpm_solver++_3m", nfe),
             )
         ]
-        assert errors[0] < errors[1] / 2, (nfe, errors)
+        v3, pp = (float(np.sqrt(np.mean(np.square(e[:2])))) for e in errors)
+        assert v3 < pp / 2, (nfe, errors)
+        assert errors[0][2] < 1e-6, (nfe, errors)
 
 
 def test_bad_statistics_are_refused():
