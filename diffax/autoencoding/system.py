@@ -9,9 +9,10 @@ what it builds (``Parts``), the state (:class:`AutoencoderState`), ``train_step`
 (reconstructions of held-out images, for the grids) and the evaluation (PSNR on the held-out split).
 
 ``config.loss`` fields: ``kl_weight`` (1e-6), ``disc_start`` (step), ``disc_weight`` (0.5),
-``disc_factor`` (1.0), ``perceptual_weight`` (0: off; LPIPS needs VGG weights that do not ship
-with diffax, so it is not available), ``learn_logvar`` (True), ``logvar_init`` (0.0),
-``disc_layers`` (3), ``disc_channels`` (64).
+``disc_factor`` (1.0), ``perceptual_weight`` (0: off; LPIPS needs VGG16 weights that do not ship
+with diffax: a weight above 0 needs ``lpips_weights``, a local file, see ``diffax.autoencoding.lpips``),
+``lpips_weights`` (""), ``learn_logvar`` (True), ``logvar_init`` (0.0), ``disc_layers`` (3),
+``disc_channels`` (64).
 """
 
 import copy
@@ -27,8 +28,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from diffax.autoencoding import losses
+from diffax.autoencoding import losses, lpips
 from diffax.autoencoding.discriminator import PatchDiscriminator
+from diffax.models.convert.table import ConversionError
 
 LOSS_NAME = "contperceptual"
 LOSS_DEFAULTS = dict(
@@ -37,6 +39,7 @@ LOSS_DEFAULTS = dict(
     disc_weight=0.5,
     disc_factor=1.0,
     perceptual_weight=0.0,
+    lpips_weights="",
     learn_logvar=True,
     logvar_init=0.0,
     disc_layers=3,
@@ -122,10 +125,16 @@ def check(config: ml_collections.ConfigDict) -> None:
         )
     s = loss_settings(config)
     if s["perceptual_weight"] > 0:
-        raise ValueError(
-            "config.loss.perceptual_weight: LPIPS needs VGG16 weights that do not ship with diffax and cannot"
-            " be downloaded at run time; set it to 0 (the built-in recipe's setting)."
-        )
+        if not s["lpips_weights"]:
+            raise ValueError(
+                "config.loss.lpips_weights: perceptual_weight > 0 needs the LPIPS VGG16 weights, which do not"
+                " ship with diffax: name a saved lpips.LPIPS(net='vgg').state_dict() (.safetensors or .pth;"
+                " see diffax.autoencoding.lpips), or set perceptual_weight=0."
+            )
+        try:
+            lpips.load(s["lpips_weights"])
+        except ConversionError as e:
+            raise ValueError(f"config.loss.lpips_weights: {e}") from None
     for field in ("kl_weight", "disc_weight", "disc_factor"):
         if s[field] < 0:
             raise ValueError(f"config.loss.{field}: {s[field]} must be >= 0.")
@@ -196,11 +205,13 @@ def generator_objective(
     x: jax.Array,
     key: jax.Array,
     factor: jax.Array,
+    perceptual_params: Any = (),
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The autoencoder's loss ``nll + kl_weight · KL + d_weight · factor · g_loss`` and its parts.
 
     The decoder runs once, under ``jax.vjp`` with respect to its output kernel, so the gradients of
-    ``nll`` and ``g_loss`` at that layer (for the adaptive weight) are two cheap pullbacks.
+    ``nll`` (with the LPIPS term, as in the reference) and ``g_loss`` at that layer (for the adaptive
+    weight) are two cheap pullbacks.
     """
     ae = params["autoencoder"]
     mean, logvar_z = module.apply({"params": ae}, x, True, method="encode")
@@ -212,7 +223,13 @@ def generator_objective(
 
     x_rec, pull = jax.vjp(decode_with, kernel)
     logvar = params["logvar"] if settings["learn_logvar"] else jax.lax.stop_gradient(params["logvar"])
-    nll, d_nll = jax.value_and_grad(lambda r: losses.reconstruction_nll(x, r, logvar))(x_rec)
+
+    def nll_of(r):
+        weight = settings["perceptual_weight"]
+        perceptual = lpips.distance(perceptual_params, x, r) if weight > 0 else None
+        return losses.reconstruction_nll(x, r, logvar, perceptual=perceptual, perceptual_weight=weight)
+
+    nll, d_nll = jax.value_and_grad(nll_of)(x_rec)
     g_loss, d_g = jax.value_and_grad(lambda r: losses.generator_loss(disc.apply({"params": disc_params}, r)))(
         x_rec
     )
@@ -235,6 +252,8 @@ def make_train_step(
     module, tx = parts.module, parts.tx
     disc = build_discriminator(config)
     generator_loss = functools.partial(generator_objective, module, disc, s)
+    # The frozen LPIPS network: a constant of the step (JAX passes it as an argument), not run state.
+    perceptual_params = lpips.load(s["lpips_weights"]) if s["perceptual_weight"] > 0 else ()
 
     def discriminator_loss(disc_params, x, x_rec, factor):
         real = disc.apply({"params": disc_params}, x)
@@ -249,7 +268,7 @@ def make_train_step(
             state.step, disc_start=int(s["disc_start"]), disc_factor=float(s["disc_factor"])
         )
         (loss, aux), grads = jax.value_and_grad(generator_loss, has_aux=True)(
-            state.params, state.disc_params, x, gen_key, factor
+            state.params, state.disc_params, x, gen_key, factor, perceptual_params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -155,7 +155,7 @@ def test_an_autoencoder_run_with_a_bad_model_is_one_line():
     with pytest.raises(ValueError, match="config.model.name: 'dit_s_2' is not an autoencoder"):
         system.check(config)
     config = _tiny_config()
-    config.loss.perceptual_weight = 1.0
-    with pytest.raises(ValueError, match="config.loss.perceptual_weight"):
+    config.loss.perceptual_weight = 1.0  # without its weights file
+    with pytest.raises(ValueError, match="config.loss.lpips_weights"):
         system.check(config)
     assert isinstance(models.from_config(_tiny_config().model), models.AutoencoderKL)
