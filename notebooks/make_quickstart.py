@@ -33,13 +33,17 @@ CELLS = (
         """
         **1. Install.** In a diffax checkout (this notebook sits in its `notebooks/` folder) the cell puts
         the checkout on the path, after `pip install -e` of it if diffax is not installed yet. On Colab,
-        set `REPO_URL` to the git URL of diffax first: the cell clones it to `./diffax` and installs it
-        (with `jax[tpu]` on a TPU runtime). If pip upgraded a package that Colab had already loaded, use
-        *Runtime → Restart session* and run the notebook again; the cell then finds the clone and does
-        nothing more.
+        either upload a diffax wheel next to the notebook (*Files → Upload*; `python -m build` in a diffax
+        checkout writes it to `dist/diffax-*.whl`: no public URL needed, e.g. on a TPU runtime without
+        one), or set `REPO_URL` to the git URL of diffax: the cell installs the newest uploaded
+        `diffax-*.whl` (or the file `WHEEL` names), or clones `REPO_URL` to `./diffax` and installs it,
+        with `jax[tpu]` on a TPU runtime. If pip upgraded a package that Colab had already loaded, use
+        *Runtime → Restart session* and run the notebook again; the cell then finds diffax installed
+        and does nothing more.
         """,
         """
-        REPO_URL = ""  # Colab: the git URL of diffax (e.g. https://github.com/<owner>/diffax)
+        REPO_URL = ""  # Colab: the git URL of diffax (e.g. https://github.com/<owner>/diffax), or ...
+        WHEEL = ""  # ... an uploaded wheel (default: the newest diffax-*.whl in this folder)
 
         import glob
         import importlib.metadata
@@ -50,20 +54,36 @@ CELLS = (
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # quiet TensorFlow's C++ start-up lines (tf.data)
         candidates = (os.getcwd(), os.path.dirname(os.getcwd()), os.path.abspath("diffax"))  # checkout, clone
         here = [p for p in candidates if os.path.isfile(os.path.join(p, "experiments", "digits.py"))]
+        wheels = [WHEEL] if WHEEL else sorted(glob.glob("diffax-*.whl"), key=os.path.getmtime)[-1:]
+        tpu = ["jax[tpu]"] if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") else []
+        try:
+            print("diffax", importlib.metadata.version("diffax"), "installed")
+            installed = True
+        except importlib.metadata.PackageNotFoundError:
+            installed = False
+
+
+        def pip_install(*args):
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *args, *tpu], check=True)
+
+
+        if not here and not installed and wheels:  # the wheel holds diffax and experiments/
+            pip_install(wheels[0])
+            print("diffax installed from", wheels[0])
+        elif not here and not installed:
+            if not REPO_URL:
+                raise RuntimeError(
+                    "no diffax here: upload a diffax wheel (python -m build in a checkout writes"
+                    " dist/diffax-*.whl) or set REPO_URL to the git URL of diffax, and rerun."
+                )
+            subprocess.run(["git", "clone", "--quiet", "--depth=1", REPO_URL, "diffax"], check=True)
+            here = [os.path.abspath("diffax")]
         if here:
             ROOT = here[0]
-        elif REPO_URL:
-            subprocess.run(["git", "clone", "--quiet", "--depth=1", REPO_URL, "diffax"], check=True)
-            ROOT = os.path.abspath("diffax")
-        else:
-            raise RuntimeError("no diffax checkout here: set REPO_URL to the git URL of diffax and rerun.")
-        try:
-            importlib.metadata.version("diffax")  # installed already: nothing to do
-        except importlib.metadata.PackageNotFoundError:
-            tpu = ["jax[tpu]"] if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") else []
-            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", ROOT, *tpu], check=True)
-        sys.path.insert(0, ROOT)  # diffax, and the experiment files in experiments/
-        print("diffax checkout:", ROOT)
+            if not installed:
+                pip_install("-e", ROOT)
+            sys.path.insert(0, ROOT)  # diffax, and the experiment files in experiments/
+            print("diffax checkout:", ROOT)
         """,
         (),
     ),

@@ -9,7 +9,10 @@ device (not the 8 fake devices of ``tests/conftest.py``), with strict rank promo
 import importlib.util
 import os
 import pathlib
+import shutil
+import subprocess
 import sys
+import zipfile
 
 import nbformat
 import pytest
@@ -18,7 +21,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
-NOTEBOOKS = pathlib.Path(__file__).resolve().parents[2] / "notebooks"
+REPO = pathlib.Path(__file__).resolve().parents[2]
+NOTEBOOKS = REPO / "notebooks"
 STEPS = 2
 
 # Run in the notebook's kernel after its last cell: what each part of the notebook must have produced.
@@ -103,3 +107,38 @@ def test_notebook_runs_top_to_bottom(tmp_path):
         assert len(pngs) == 1, f"cell {cell_id} should show one figure; outputs: {code[cell_id].outputs}"
     devices = "".join(o.get("text", "") for o in code["devices"].outputs if o.output_type == "stream")
     assert "backend 'cpu', 1 device(s)" in devices, devices
+
+
+def test_a_wheel_alone_holds_what_the_notebook_imports(tmp_path):
+    """The notebook's wheel install: the wheel the README's ``python -m build`` makes (the same PEP 517
+    build, through pip here) carries diffax, its C++ kernel sources and ``experiments/``, and the
+    notebook's imports resolve inside it with no checkout on the path."""
+    source = tmp_path / "source"
+    for package in ("diffax", "experiments"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    build = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*build, "--wheel-dir", str(tmp_path / "dist"), str(source)], check=True, timeout=120)
+    (wheel,) = (tmp_path / "dist").glob("diffax-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "site")
+        names = set(archive.namelist())
+    assert {"experiments/digits.py", "experiments/common.py", "diffax/kernels/cpu/cpu_winograd.cc"} <= names
+
+    probe = (
+        "import diffax, experiments.cifar10, experiments.dit\n"
+        "from experiments import digits\n"
+        "digits.get_config()\n"
+        "print(diffax.__file__, digits.__file__, experiments.dit.__file__)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+        "PYTHONPATH": str(tmp_path / "site"),
+        "JAX_PLATFORMS": "cpu",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = done.stdout.split()
+    assert len(files) == 3 and all(f.startswith(str(tmp_path / "site")) for f in files), done.stdout
