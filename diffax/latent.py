@@ -9,7 +9,8 @@ folder); it never trains here. The cache is written once:
 
     python -m diffax.latent --config=experiments/digits_latent.py
 
-which encodes ``config.vae.source`` (an input section, e.g. the digits train split) in shards of
+which encodes ``config.vae.source`` (an input section, e.g. the digits train split, or a tfds split
+read a shard at a time and center-cropped as ADM and DiT do) in shards of
 ``config.vae.cache_shard_size`` images to ``CACHE/shard_<i>.npz`` (``mean``, ``logvar``, ``label``;
 each written beside and renamed into place, so a killed job resumes at the first missing shard), then
 the scale ``1 / std`` of one posterior draw per training latent (Rombach et al. 2022, Sec. 4.3.2 and
@@ -101,74 +102,123 @@ def encoder(module: Any) -> Any:
     return jax.jit(lambda params, x: module.apply({"params": params}, x, method="encode"))
 
 
-def source_images(vae_config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
-    """All images of ``config.vae.source`` in [-1, 1] (unflipped, in order) and their labels."""
+def center_crop(image: np.ndarray, image_size: int) -> np.ndarray:
+    """ADM's ``center_crop_arr`` (Dhariwal & Nichol 2021; DiT's preprocessing): halve with a box filter
+    while the short side is at least twice ``image_size``, resize bicubically so the short side is
+    ``image_size``, and cut the centre square. uint8 HWC (grey or RGB) in, uint8 RGB out."""
+    from PIL import Image
+
+    pil = Image.fromarray(np.asarray(image, np.uint8).squeeze(-1) if image.shape[-1] == 1 else image)
+    pil = pil.convert("RGB")
+    while min(pil.size) >= 2 * image_size:
+        pil = pil.resize(tuple(x // 2 for x in pil.size), resample=Image.BOX)
+    scale = image_size / min(pil.size)
+    pil = pil.resize(tuple(round(x * scale) for x in pil.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top : top + image_size, left : left + image_size]
+
+
+def num_source_images(vae_config: ml_collections.ConfigDict) -> int:
+    """How many images ``config.vae.source`` holds (the tfds split's size, read from its metadata)."""
+    source = vae_config.source
+    if source.dataset == "digits":
+        from diffax.data import digits as digits_lib
+
+        return len(digits_lib.load_digits(split=source.split, upsample=1)[1])
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(source.dataset, data_dir=source.data_dir or None)
+    return int(builder.info.splits[source.split].num_examples)
+
+
+def source_images(
+    vae_config: ml_collections.ConfigDict, start: int = 0, stop: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``start:stop`` of ``config.vae.source`` in [-1, 1] (unflipped, in order) and their labels.
+
+    A tfds source is read as the split slice ``split[start:stop]`` only (ImageNet does not fit in
+    memory), each image center-cropped to ``source.image_size`` as ADM and DiT do (:func:`center_crop`).
+    """
     source = vae_config.source
     if source.dataset == "digits":
         from diffax.data import digits as digits_lib
 
         images, labels = digits_lib.load_digits(split=source.split, upsample=source.upsample)
-        return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0), labels
+        images = images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+        return images[start:stop], labels[start:stop]
     import tensorflow_datasets as tfds
 
-    ds = tfds.load(source.dataset, split=source.split, data_dir=source.data_dir or None, shuffle_files=False)
+    split = f"{source.split}[{start}:{'' if stop is None else stop}]"
+    ds = tfds.load(source.dataset, split=split, data_dir=source.data_dir or None, shuffle_files=False)
     images, labels = [], []
     for example in tfds.as_numpy(ds):
-        image = jax.image.resize(
-            example["image"].astype(np.float32), (source.image_size,) * 2 + (3,), "bilinear"
-        )
-        images.append(np.asarray(image) / 127.5 - 1.0)
+        images.append(center_crop(example["image"], source.image_size))
         labels.append(example.get("label", 0))
-    return np.stack(images).astype(np.float32), np.asarray(labels, np.int32)
+    shape = (0, source.image_size, source.image_size, 3)
+    images = np.stack(images) if images else np.zeros(shape, np.uint8)
+    return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0), np.asarray(labels, np.int32)
 
 
 def _shard_path(cache: str, index: int) -> str:
     return os.path.join(cache, f"shard_{index:05d}.npz")
 
 
+def _posterior_draw(mean: np.ndarray, logvar: np.ndarray, index: int) -> np.ndarray:
+    """One posterior draw per latent of shard ``index`` (fixed seed per shard), for the scale."""
+    eps = np.random.default_rng([0, index]).standard_normal(mean.shape).astype(np.float32)
+    return mean + np.exp(0.5 * logvar) * eps
+
+
 def write_cache(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Encodes ``config.vae.source`` into ``config.input.data_dir`` (resumable) and returns its metadata."""
+    """Encodes ``config.vae.source`` into ``config.input.data_dir`` (resumable) and returns its metadata.
+
+    Shard ``i`` holds images ``[i · size, (i + 1) · size)`` of the source, read and encoded on its own,
+    so memory holds one shard and a killed job redoes only the missing ones. The scale is streamed
+    over the shards (float64 sums of one posterior draw per latent).
+    """
     cache, v = config.input.data_dir, config.vae
     module, params = load_vae(v)
     encode = encoder(module)
-    images, labels = source_images(v)
     os.makedirs(cache, exist_ok=True)
     size = int(v.cache_shard_size)
-    num_shards = -(-len(images) // size)
+    num_images = num_source_images(v)
+    num_shards = -(-num_images // size)
     for index in range(num_shards):
         path = _shard_path(cache, index)
         if os.path.exists(path):
             logging.info("shard %d/%d already cached", index + 1, num_shards)
             continue
-        chunk = slice(index * size, (index + 1) * size)
+        images, labels = source_images(v, index * size, min((index + 1) * size, num_images))
         means, logvars = [], []
-        for start in range(chunk.start, min(chunk.stop, len(images)), 100):
-            mean, logvar = jax.device_get(encode(params, images[start : min(start + 100, chunk.stop)]))
+        for start in range(0, len(images), 100):
+            mean, logvar = jax.device_get(encode(params, images[start : start + 100]))
             means.append(mean)
             logvars.append(logvar)
         with open(path + ".partial", "wb") as f:
-            np.savez(f, mean=np.concatenate(means), logvar=np.concatenate(logvars), label=labels[chunk])
+            np.savez(f, mean=np.concatenate(means), logvar=np.concatenate(logvars), label=labels)
         os.replace(path + ".partial", path)
         logging.info("cached shard %d/%d", index + 1, num_shards)
-    mean, logvar, _ = read_shards(cache, num_shards)
-    draw = mean + np.exp(0.5 * logvar) * np.random.default_rng(0).standard_normal(mean.shape).astype(
-        np.float32
-    )
-    scale = float(1.0 / draw.std())
+    count, total, squares = 0, 0.0, 0.0
+    for index in range(num_shards):
+        mean, logvar, _ = read_shards(cache, num_shards, only=index)
+        draw = _posterior_draw(mean, logvar, index).astype(np.float64)
+        count, total, squares = count + draw.size, total + draw.sum(), squares + np.square(draw).sum()
+    std = float(np.sqrt(squares / count - (total / count) ** 2))
     metadata = dict(
         format=CACHE_FORMAT,
-        num_images=int(len(mean)),
+        num_images=num_images,
         num_shards=num_shards,
         latent_shape=list(mean.shape[1:]),
-        scale=scale,
-        latent_std=float(draw.std()),
+        scale=1.0 / std,
+        latent_std=std,
         source=v.source.to_dict(),
         vae=dict(workdir=v.workdir, pretrained=v.pretrained),
     )
     with open(os.path.join(cache, METADATA + ".partial"), "w") as f:
         json.dump(metadata, f, indent=2)
     os.replace(os.path.join(cache, METADATA + ".partial"), os.path.join(cache, METADATA))
-    logging.info("latent scale 1/std = %.6f (std %.4f of %d latents)", scale, draw.std(), len(mean))
+    logging.info("latent scale 1/std = %.6f (std %.4f of %d latents)", 1.0 / std, std, num_images)
     return metadata
 
 
@@ -195,14 +245,16 @@ def read_metadata(cache: str) -> dict[str, Any]:
     return metadata
 
 
-def read_shards(cache: str, num_shards: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(mean, logvar, label)`` of every shard, concatenated.
+def read_shards(
+    cache: str, num_shards: int, *, only: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mean, logvar, label)`` of every shard, concatenated (or of shard ``only``).
 
     Raises:
       ValueError: one line naming ``config.input.data_dir`` when a shard is missing or damaged.
     """
     parts = []
-    for index in range(num_shards):
+    for index in range(num_shards) if only is None else (only,):
         path = _shard_path(cache, index)
         try:
             with np.load(path, allow_pickle=False) as f:

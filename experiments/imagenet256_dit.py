@@ -9,7 +9,11 @@ Stable Diffusion VAE (``--config.vae.pretrained``: a local ``stabilityai/sd-vae-
 folder; nothing downloads), linear β schedule with T = 1000, learned Σ (hybrid loss), AdamW at 1e-4
 with no weight decay, batch 256, EMA 0.9999, 10% class dropout, 400K steps; samples by 250-step DDPM
 with guidance 1.5. Images come from a tfds ImageNet directory (``--config.vae.source.data_dir``, the
-prepared ``imagenet2012``), resized to 256×256 by the cache job (the paper center-crops first). The
+prepared ``imagenet2012``), center-cropped to 256×256 by the cache job as the paper does (ADM's
+``center_crop_arr``: box halving, bicubic resize of the short side, centre square), read one shard of
+the split at a time. The cache holds no flipped copies (the paper also flips at random), and the
+latent pipeline holds the cached posteriors in host memory (mean and log-variance, 2 × 21 GB in
+float32 for the 1.28M images). The
 paper scales latents by SD's 0.18215; diffax computes 1/std of the cached latents unless
 ``--config.vae.scale=0.18215`` is given.
 """

@@ -139,3 +139,46 @@ def test_a_latent_run_trains_and_its_samples_decode_to_images(vae_folder, tmp_pa
     saved = config_lib.load(str(workdir))
     assert saved.vae.scale == pytest.approx(_cached(vae_folder, cache)["scale"])  # recorded in the run
     assert (workdir / "samples" / "step_00000002.png").exists()
+
+
+def test_center_crop_is_adms_box_halving_bicubic_resize_and_centre_cut():
+    """24x16 at size 8: one box halving (a 2x2 block mean) to 12x8, no resize (short side already 8), the
+    middle 8 columns; a constant non-square grey image stays constant through the bicubic resize."""
+    image = np.random.default_rng(0).integers(0, 256, (16, 24, 3), np.uint8)
+    want = image.reshape(8, 2, 12, 2, 3).mean(axis=(1, 3))[:, 2:10]
+    got = latent.center_crop(image, 8)
+    assert got.shape == (8, 8, 3) and got.dtype == np.uint8
+    np.testing.assert_allclose(got, want, atol=1.0)  # PIL filters in 8-bit fixed point: within one level
+    grey = latent.center_crop(np.full((10, 13, 1), 77, np.uint8), 8)
+    assert grey.shape == (8, 8, 3) and np.all(grey == 77)
+
+
+def test_a_tfds_source_is_read_and_cached_one_shard_at_a_time(squares_dir, tmp_path_factory, monkeypatch):
+    """The 48 local 12x10 grey squares (pixel value 5 i encodes example i): each shard reads only its
+    slice of the split, center-cropped to 8x8 RGB, and the cache equals encoding the whole split."""
+    module = models.AutoencoderKL(**(TINY_VAE | dict(image_channels=3)))
+    params = nn.meta.unbox(jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"])
+    folder = str(tmp_path_factory.mktemp("rgb_vae"))
+    models.to_diffusers(module, params, folder)
+    cache = str(tmp_path_factory.mktemp("tfds_cache"))
+    config = _latent_config(folder, cache)
+    config.vae.source.update(dict(dataset="diffax_test_squares", data_dir=squares_dir, image_size=8))
+    config.vae.cache_shard_size = 20  # 48 images: shards of 20, 20 and 8
+    images, labels = latent.source_images(config.vae)
+    assert images.shape == (48, 8, 8, 3)
+    index = np.rint((images[:, 4, 4, 0] + 1.0) * 127.5 / 5.0).astype(int)
+    assert sorted(index) == list(range(48)) and np.array_equal(labels, index % 4)
+    assert np.all(images[:, :, 0, 0] > images[:, :, 4, 0])  # the bright left column survives the crop
+    np.testing.assert_array_equal(latent.source_images(config.vae, 20, 40)[0], images[20:40])
+    reads = []
+    read = latent.source_images
+    monkeypatch.setattr(
+        latent, "source_images", lambda v, start, stop: reads.append((start, stop)) or read(v, start, stop)
+    )
+    metadata = latent.write_cache(config)
+    assert reads == [(0, 20), (20, 40), (40, 48)] and metadata["num_images"] == 48
+    mean, logvar, cached_labels = latent.read_shards(cache, metadata["num_shards"])
+    fly_mean, fly_logvar = latent.encoder(module)(params, images)
+    np.testing.assert_allclose(mean, fly_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logvar, fly_logvar, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(cached_labels, labels)
