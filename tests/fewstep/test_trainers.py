@@ -98,14 +98,15 @@ def test_experiment_files_validate_and_bad_teachers_get_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_distillation_runs_resumes_and_samples_in_few_steps(tmp_path):
-    """A teacher run, then CD in the one loop: the student starts at the teacher (teacher weights frozen in
-    its checkpoint), mu = 0 keeps the target equal to the online weights, and ``diffax.generate`` samples
-    it with its own sampler; then PD, resumed at a stage boundary."""
+    """A teacher run (the mixture's one-block DiT, the cheapest network to compile), then CD in the one
+    loop: the student starts at the teacher (teacher weights frozen in its checkpoint), mu = 0 keeps the
+    target equal to the online weights, and ``diffax.generate`` samples it with its own sampler; then PD,
+    resumed at a stage boundary."""
     teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
-    teacher_config = mixture.get_config()
+    teacher_config = mixture.get_config("dit")
     teacher_config.total_steps = 2
     teacher_state = train.train_and_evaluate(teacher_config, teacher_dir)
-    config = _consistency(mixture.get_config(), target="teacher", teacher_sampler="euler")
+    config = _consistency(mixture.get_config("dit"), target="teacher", teacher_sampler="euler")
     config.teacher.workdir = teacher_dir
     config.total_steps = 2
     state = train.train_and_evaluate(config, student_dir)
@@ -128,7 +129,7 @@ def test_distillation_runs_resumes_and_samples_in_few_steps(tmp_path):
 
     # Progressive distillation from the same teacher: 4 -> 2 steps after 2 updates; resumed at the stage
     # boundary, the student of stage 0 becomes the teacher of stage 1.
-    pd = mixture.get_config()
+    pd = mixture.get_config("dit")
     pd.trainer = ml_collections.ConfigDict(
         dict(name="progressive", initial_steps=4, final_steps=2, steps_per_stage=2)
     )
