@@ -17,6 +17,12 @@ The suite runs every task for both configs, alternating repetition by repetition
 
   python benchmarks/bench.py --suite --eigen-conv
 
+``--baseline DIR`` puts another diffax checkout in the peer's place (e.g. a git worktree of an
+earlier commit; its own ``benchmarks/bench.py`` serves with ``PYTHONPATH=DIR``), so a change is timed
+against the code before it, alternating in one run, with the same flags:
+
+  git worktree add /tmp/before <commit> && python benchmarks/bench.py --suite --baseline /tmp/before
+
 Both forms also report the process CPU time of the work (``cpu_s``, all threads) and ``cores_busy``
 (CPU seconds per wall second): the suite's CPU ratio (peer CPU seconds over diffax's) separates doing
 less work from keeping the cores busy. ``--cores N`` runs both sides on the first N CPUs (the peer with
@@ -463,9 +469,9 @@ def serve(args: argparse.Namespace) -> None:
 class Worker:
     """A benchmark process that times one repetition whenever asked (so two can alternate)."""
 
-    def __init__(self, command: list[str]):
+    def __init__(self, command: list[str], *, cwd: pathlib.Path = ROOT, env: dict[str, str] | None = None):
         self.proc = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=cwd, env=env
         )
         self.info = self._read()["ready"]
 
@@ -496,20 +502,36 @@ def _flag_args(args: argparse.Namespace) -> list[str]:
     return out + [f"--{name.replace('_', '-')}" for name, on in cpu_settings_of(args).items() if on]
 
 
+def _baseline_worker(directory: pathlib.Path, serve_args: list[str]) -> Worker:
+    """``--baseline``: the checkout at ``directory`` serving the same task with its own bench.py."""
+    env = os.environ | {"PYTHONPATH": str(directory)}
+    command = [sys.executable, str(directory / "benchmarks" / "bench.py"), "--serve", *serve_args]
+    return Worker(command, cwd=directory, env=env)
+
+
+def _describe_checkout(directory: pathlib.Path) -> str:
+    commit = subprocess.run(
+        ["git", "-C", str(directory), "log", "-1", "--format=%h"], capture_output=True, text=True
+    ).stdout.strip()
+    return f"diffax at {directory} ({f'commit {commit}' if commit else 'not a git checkout'})"
+
+
 def run_suite(args: argparse.Namespace) -> str:
-    """Every task on both configs, each repetition alternating with the peer; returns the markdown table."""
+    """Every task on both configs, each repetition alternating with the peer (or ``--baseline``); returns
+    the markdown table."""
     peer = PEER_PYTHON.exists() and PEER_RUNNER.exists() and not args.no_peer
     peak_before = matmul_peak()
     rows, peer_info = [], {}
+    if args.baseline:
+        peer_info = {"checkout": _describe_checkout(args.baseline)}
     for config in args.configs:
         for what, batch in SUITE:
             if what not in args.tasks:
                 continue
             common = ["--config", config, "--what", what, "--batch", str(batch)]
             steps = args.steps_per_call if what == "train" else 1
-            mine = Worker(
-                [sys.executable, __file__, "--serve", *common, *_flag_args(args), f"--steps-per-call={steps}"]
-            )
+            serve_args = [*common, *_flag_args(args), f"--steps-per-call={steps}"]
+            mine = Worker([sys.executable, __file__, "--serve", *serve_args])
             peer_cmd = [
                 str(PEER_PYTHON),
                 str(PEER_WORKER),
@@ -517,11 +539,15 @@ def run_suite(args: argparse.Namespace) -> str:
                 *common,
                 f"--threads={args.peer_threads or args.cores or 0}",
             ]
-            theirs = Worker(peer_cmd) if peer else None
-            peer_info = theirs.info if theirs is not None else peer_info
+            if args.baseline:
+                theirs = _baseline_worker(args.baseline, serve_args)
+            else:
+                theirs = Worker(peer_cmd) if peer else None
+                peer_info = theirs.info if theirs is not None else peer_info
             if theirs is not None and theirs.info["params"] != mine.info["params"]:
                 raise RuntimeError(
-                    f"{config}: diffax has {mine.info['params']} parameters, peer {theirs.info['params']}."
+                    f"{config}: diffax has {mine.info['params']} parameters, the other side"
+                    f" {theirs.info['params']}."
                 )
             timings: dict[str, list[tuple[float, float]]] = {"diffax": [], "peer": []}
             loads = []
@@ -559,10 +585,17 @@ def _mib(size: int | None) -> str:
 
 def _markdown(args, rows, peak_before, peak_after, peer_info) -> str:
     peak = max(peak_before["peak_gflops"], peak_after["peak_gflops"])
+    other = "baseline" if args.baseline else "peer"  # who the ratios are against
+    if args.baseline:
+        other_line = f"Baseline: {peer_info['checkout']}, served with the same flags."
+    elif peer_info:
+        other_line = f"Peer: {peer_info['versions']}, {peer_info['threads']} threads."
+    else:
+        other_line = "Peer: not run."
     settings = _settings()
     impls = ", ".join(f"{field.removesuffix('_impl')}={value}" for field, value in impls_of(args).items())
     lines = [
-        f"# diffax vs diffusers, {datetime.date.today().isoformat()}",
+        f"# diffax vs {'a baseline' if args.baseline else 'diffusers'}, {datetime.date.today().isoformat()}",
         "",
         f"Command: `python benchmarks/bench.py {' '.join(sys.argv[1:])}`",
         "",
@@ -576,14 +609,14 @@ def _markdown(args, rows, peak_before, peak_after, peer_info) -> str:
         f"float32 matmul peak (2048², median GFLOP/s) before: numpy {peak_before['numpy_gflops']}, XLA"
         f" {peak_before['xla_gflops']}; after: numpy {peak_after['numpy_gflops']}, XLA"
         f" {peak_after['xla_gflops']}; % peak below uses {peak}.",
-        f"Peer: {peer_info['versions']}, {peer_info['threads']} threads." if peer_info else "Peer: not run.",
-        f"Repetitions: {args.repeats} per side, alternating with the peer, {args.gap} s idle before each;"
-        " medians (min in parentheses). Speed ratio = peer time / diffax time (> 1: diffax faster)."
-        " CPU ratio = peer CPU seconds / diffax CPU seconds (all threads; > 1: diffax does the work in"
-        " less CPU time); cores busy = CPU seconds per wall second, diffax / peer.",
+        other_line,
+        f"Repetitions: {args.repeats} per side, alternating with the {other}, {args.gap} s idle before each;"
+        f" medians (min in parentheses). Speed ratio = {other} time / diffax time (> 1: diffax faster)."
+        f" CPU ratio = {other} CPU seconds / diffax CPU seconds (all threads; > 1: diffax does the work in"
+        f" less CPU time); cores busy = CPU seconds per wall second, diffax / {other}.",
         "",
-        "| config | task | batch | diffax s | peer s | speed ratio | CPU ratio | cores busy | diffax img/s |"
-        " GFLOP (XLA) | GFLOP/s | % peak | compile s | load |",
+        f"| config | task | batch | diffax s | {other} s | speed ratio | CPU ratio | cores busy |"
+        " diffax img/s | GFLOP (XLA) | GFLOP/s | % peak | compile s | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -634,6 +667,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS, help="suite: the tasks to run")
     p.add_argument("--no-peer", action="store_true", help="suite without the peer")
     p.add_argument(
+        "--baseline",
+        type=pathlib.Path,
+        help="suite: alternate with the diffax checkout at this directory instead of the peer",
+    )
+    p.add_argument(
         "--peer-threads", type=int, default=0, help="suite: torch threads (0: --cores, else torch's default)"
     )
     p.add_argument(
@@ -654,6 +692,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if any("=" not in option for option in args.xla_option):
         p.error("--xla-option takes KEY=VALUE.")
+    if args.baseline and not (args.baseline / "benchmarks" / "bench.py").is_file():
+        p.error(f"--baseline {args.baseline}: no benchmarks/bench.py there; pass a diffax checkout.")
     if args.suite and args.xla_option:
         p.error("--xla-option is for single measurements of train or forward, not --suite.")
     if args.suite and (args.compare_impl or args.compare_xla_option):

@@ -115,6 +115,24 @@ def test_suite_row_and_table_report_cpu_time_and_cores_busy(bench):
     assert table[header + 3].split(" | ")[4:8] == ["-", "-", "-", "1.50"]
 
 
+def test_baseline_suite_names_the_checkout_it_is_timed_against(bench, tmp_path):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--suite", "--baseline", str(tmp_path)])  # no benchmarks/bench.py there
+    args = bench.parse_args(["--suite", "--baseline", str(ROOT)])
+    timings = {"diffax": [(2.0, 3.0)], "peer": [(3.0, 6.0)]}
+    row = bench._row("small", "forward", 16, {"compile_s": 1.0, "flops": 1e9}, timings, [1.0])
+    peak = {"numpy_gflops": 150.0, "xla_gflops": 100.0, "peak_gflops": 150.0}
+    checkout = bench._describe_checkout(ROOT)
+    table = bench._markdown(args, [row], peak, peak, {"checkout": checkout}).splitlines()
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "log", "-1", "--format=%h"], capture_output=True, text=True
+    )
+    assert checkout == f"diffax at {ROOT} (commit {commit.stdout.strip()})"
+    assert f"Baseline: {checkout}, served with the same flags." in table
+    header = next(line for line in table if line.startswith("| config |"))
+    assert "| diffax s | baseline s | speed ratio |" in header
+
+
 def test_cores_pins_this_process_and_the_workers_it_starts(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--cores", str(len(os.sched_getaffinity(0)) + 1)])
