@@ -24,6 +24,7 @@ from diffax import (
     data,
     generate,
     latent,
+    mfu,
     nonfinite,
     posthoc_ema,
     sharding,
@@ -69,9 +70,20 @@ def _format_seconds(seconds: float) -> str:
 
 
 def _report(
-    stacked: dict[str, np.ndarray], done: int, total: int, steps: int, seconds: float, *, batch_size: int
+    stacked: dict[str, np.ndarray],
+    done: int,
+    total: int,
+    steps: int,
+    seconds: float,
+    *,
+    batch_size: int,
+    flops_per_step: float,
+    peak_flops: float | None,
 ) -> dict[str, float]:
-    """Scalars for TensorBoard over a window of ``steps`` steps, and the console progress line."""
+    """Scalars for TensorBoard over a window of ``steps`` steps, and the console progress line.
+
+    ``flops_per_step`` (one device's, ``diffax.mfu.step_flops``) and the device's ``peak_flops`` give
+    ``tflops_per_device`` and ``mfu``."""
     scalars = nonfinite.window_means(stacked)  # over the updates applied; "skipped" is a count
     scalars["lr"] = float(stacked["lr"][-1])
     line = f"step {done}/{total} ({100.0 * done / total:.0f}%) | loss {scalars['loss']:.4f}"
@@ -81,7 +93,11 @@ def _report(
     if steps > 0:
         rate = steps / max(seconds, 1e-9)
         scalars |= {"steps_per_sec": rate, "images_per_sec": rate * batch_size}
-        line += f" | {rate:.2f} steps/s | ETA {_format_seconds((total - done) / rate)}"
+        scalars |= mfu.utilization(flops_per_step, steps, seconds, peak_flops)
+        line += f" | {rate:.2f} steps/s | {scalars['tflops_per_device']:.3g} TFLOP/s/device"
+        if "mfu" in scalars:
+            line += f" (MFU {100.0 * scalars['mfu']:.1f}%)"
+        line += f" | ETA {_format_seconds((total - done) / rate)}"
     logging.info("%s", line)
     return scalars
 
@@ -166,15 +182,14 @@ def train_and_evaluate(
     train_step = train_state.config_train_step(config, parts)
     if config.optim.skip_nonfinite:
         train_step = nonfinite.skip_nonfinite_updates(train_step)
-    step_fn = sharding.under_mesh(
-        mesh,
-        jax.jit(
-            train_step,
-            in_shardings=(state_shardings, batch_sharding),
-            out_shardings=(state_shardings, sharding.replicated(mesh)),
-            donate_argnums=0,
-        ),
+    jitted_step = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
     )
+    step_fn = sharding.under_mesh(mesh, jitted_step)
+    peak_flops = mfu.peak_flops(jax.devices()[0])
     sample_fn = generate.make_sampler(config, parts, mesh=mesh)
     sampler = functools.partial(generate.sample_images, sample_fn, config=config)
     evaluate = evaluate_lib.make_evaluation(config, sample_fn)
@@ -191,6 +206,11 @@ def train_and_evaluate(
         for step in range(start, total):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = data.to_global(pipeline.get(step), batch_sharding)
+                if step == start:  # compiles the step (its calls reuse the executable); its FLOPs/device
+                    with jax.set_mesh(mesh):
+                        flops_per_step = mfu.step_flops(jitted_step.lower(state, batch).compile())
+                    if config.optim.accum_steps > 1 or config.model.get("scan_blocks"):
+                        logging.warning("MFU: XLA counts a loop body once (accum_steps, scan_blocks): low.")
                 state, metrics = step_fn(state, batch)
             window.add(metrics)
             done = step + 1
@@ -208,6 +228,8 @@ def train_and_evaluate(
                     done - tick_step,
                     time.perf_counter() - tick,
                     batch_size=config.input.batch_size,
+                    flops_per_step=flops_per_step,
+                    peak_flops=peak_flops,
                 )
                 summaries.write_scalars(writer, done, scalars)
                 tick, tick_step = time.perf_counter(), done

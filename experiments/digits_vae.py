@@ -33,8 +33,6 @@ def get_config(arg=None):
         norm_groups=8,
         mid_attention=False,
         scaling_factor=1.0,
-        conv_impl="cpu",
-        norm_impl="cpu",
     )
     loss = dict(system.LOSS_DEFAULTS, disc_start=600, disc_layers=2, disc_channels=32)
     config.loss = ml_collections.ConfigDict(dict(name=system.LOSS_NAME, **loss))

@@ -325,20 +325,31 @@ def heldout_images(config: ml_collections.ConfigDict, count: int | None = None) 
     return data.make_pipeline(cfg, seed=config.seed).get(0)["image"]
 
 
+def reconstruction(module: nn.Module) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
+    """``reconstruct(params, images) -> (reconstructions, kl_per_dim)``, jitted: the decoded posterior
+    means of an autoencoder run's state ``params`` and each image's KL to N(0, I) per latent dimension
+    (the grids' and the held-out evaluation's program)."""
+
+    @jax.jit
+    def reconstruct(params, images):
+        mean, logvar = module.apply({"params": params["autoencoder"]}, images, method="encode")
+        kl = losses.kl_to_standard_normal(mean, logvar) / mean[0].size
+        return module.apply({"params": params["autoencoder"]}, mean, method="decode"), kl
+
+    return reconstruct
+
+
 def make_reconstructor(config: ml_collections.ConfigDict, parts, *, mesh) -> Callable[..., jax.Array]:
     """``sample_fn(params, key, labels) -> images`` for the loop's grids: reconstructions (posterior
     means) of the first ``len(labels)`` held-out images, side by side with nothing else."""
     from diffax import sharding
 
-    @jax.jit
-    def reconstruct(params, images):
-        mean, _ = parts.module.apply({"params": params["autoencoder"]}, images, method="encode")
-        return parts.module.apply({"params": params["autoencoder"]}, mean, method="decode")
+    reconstruct = reconstruction(parts.module)
 
     def sample_fn(params, key, labels):
         del key
         images = heldout_images(config, len(labels))
-        return jax.device_put(reconstruct(params, images), sharding.replicated(mesh))
+        return jax.device_put(reconstruct(params, images)[0], sharding.replicated(mesh))
 
     return sample_fn
 
@@ -361,12 +372,7 @@ def make_evaluation(config: ml_collections.ConfigDict, *, num_samples: int | Non
     module = models.from_config(config.model)
     images = heldout_images(config, num_samples)
     batch = config.evals.batch_size
-
-    @jax.jit
-    def encode_decode(params, x):
-        mean, logvar = module.apply({"params": params["autoencoder"]}, x, method="encode")
-        kl = losses.kl_to_standard_normal(mean, logvar) / mean[0].size
-        return module.apply({"params": params["autoencoder"]}, mean, method="decode"), kl
+    encode_decode = reconstruction(module)
 
     def evaluate(params: Any, *, step: int, seed: int | None = None) -> dict[str, float]:
         del seed
@@ -403,5 +409,6 @@ __all__ = [
     "make_reconstructor",
     "make_train_step",
     "psnr",
+    "reconstruction",
     "state_initializer",
 ]

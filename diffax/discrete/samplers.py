@@ -9,10 +9,10 @@ network only: RADD, MDLM without time conditioning) each sequence is evaluated o
 whenever none of its tokens changed in the last step; the draws are then identical to the uncached
 run's with the same key.
 
-Categorical draws are Gumbel-argmax in float64, computed on the host from 52-bit uniforms: 32-bit
-Gumbel noise truncates its tail at about 16.6 and lowers the effective temperature (Zheng et al.
-2024, "Masked Diffusion Models are Secretly Time-Agnostic Masked Models and Exploit Inaccurate
-Categorical Sampling", Sec. 4).
+Categorical draws are Gumbel-argmax with the noise of 52-bit uniforms, both tails exact to float32
+rounding (computed on the device, so the samplers export to TPU and GPU): 32-bit uniforms truncate the
+Gumbel tail at about 16.6 and lower the effective temperature (Zheng et al. 2024, "Masked Diffusion
+Models are Secretly Time-Agnostic Masked Models and Exploit Inaccurate Categorical Sampling", Sec. 4).
 
 References:
   Austin et al. 2021 (D3PM), Sec. 3.3 (ancestral sampling with the x_0-parameterisation).
@@ -37,22 +37,31 @@ from diffax.discrete.processes import D3PM, MaskedProcess
 WeightsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def _gumbel_argmax_f64(log_weights: np.ndarray, bits: np.ndarray) -> np.ndarray:
-    """Host side of :func:`categorical_f64`: ``argmax(log w + Gumbel)`` in float64."""
-    log_weights, bits = np.asarray(log_weights, np.float64), np.asarray(bits, np.uint32)  # host arrays
-    hi = (bits[..., 0] >> np.uint32(6)).astype(np.float64)
-    lo = (bits[..., 1] >> np.uint32(6)).astype(np.float64)
-    u = (hi * 2.0**26 + lo + 0.5) / 2.0**52  # uniform on (0, 1): 52 bits, midpoints, never 0 or 1
-    gumbel = -np.log(-np.log(u))
-    return np.argmax(log_weights + gumbel, axis=-1).astype(np.int32)
+def _gumbel_argmax(log_weights: jax.Array, bits: jax.Array) -> jax.Array:
+    """``argmax(log w + g)`` with Gumbel noise ``g = -log(-log u)`` of the 52-bit uniform
+    ``u = (k + 1/2) / 2^52`` the two 26-bit halves of ``bits`` spell, exact to float32 rounding in both
+    tails: ``-log u`` comes from ``u`` where ``u < 1/2`` and from ``-log1p(-(1 - u))`` above, each side
+    spelled from its own integer so that neither is rounded to 1 (float32 represents tiny numbers to
+    full relative precision). Largest noise: ``-log(-log(1 - 2^-53)) ≈ 36.7``; with float32 uniforms
+    it stops at about 16.6."""
+    hi = (bits[..., 0] >> 6).astype(jnp.float32)
+    lo = (bits[..., 1] >> 6).astype(jnp.float32)
+    top = jnp.float32(2.0**26 - 1.0)
+
+    def uniform(high, low):
+        return (high * jnp.float32(2.0**26) + low + jnp.float32(0.5)) * jnp.float32(2.0**-52)
+
+    u, one_minus_u = uniform(hi, lo), uniform(top - hi, top - lo)
+    exponential = jnp.where(u < 0.5, -jnp.log(u), -jnp.log1p(-one_minus_u))  # -log u, > 0
+    return jnp.argmax(log_weights - jnp.log(exponential), axis=-1).astype(jnp.int32)
 
 
 def categorical_f64(key: jax.Array, weights: ArrayLike) -> jax.Array:
-    """One index per row of non-negative ``weights`` ``(..., K)`` (any scale), with float64 Gumbel noise."""
+    """One index per row of non-negative ``weights`` ``(..., K)`` (any scale), by Gumbel-argmax with the
+    tails of float64 Gumbel noise (52-bit uniforms), computed on the device in float32."""
     weights = jnp.asarray(weights, jnp.float32)
     bits = jax.random.bits(key, (*weights.shape, 2), jnp.uint32)
-    out = jax.ShapeDtypeStruct(weights.shape[:-1], jnp.int32)
-    return jax.pure_callback(_gumbel_argmax_f64, out, jnp.log(weights), bits, vmap_method="broadcast_all")
+    return _gumbel_argmax(jnp.log(weights), bits)
 
 
 def d3pm_ancestral_step(

@@ -106,6 +106,11 @@ class DiT(nn.Module):
       pos_embed_base: patches per side the position embedding was made for; other grids are
         scaled to its range as in diffusers' ``PatchEmbed``. None: integer positions at any size.
       remat: rematerialise each block in the backward pass.
+      remat_policy: with ``remat``, the ``jax.checkpoint_policies`` member naming what each block
+        saves (e.g. ``"dots_with_no_batch_dims_saveable"``); None saves nothing.
+      scan_blocks: the blocks as one ``nn.scan`` over stacked parameters (leading axis ``"layers"``):
+        one block is traced and compiled instead of ``depth``. Not with ``block_embedders`` or experts;
+        the parameter tree differs from the unrolled one (``block_{i}`` becomes ``blocks``).
       dtype: compute dtype.
       param_dtype: parameter dtype.
       attention_impl: "xla" or "cpu" (see ``layers.dot_product_attention``).
@@ -140,6 +145,8 @@ class DiT(nn.Module):
     block_embedders: bool = False
     pos_embed_base: int | None = None
     remat: bool = False
+    remat_policy: str | None = None
+    scan_blocks: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
@@ -185,6 +192,11 @@ class DiT(nn.Module):
             )
         if self.balance_loss_weight < 0 or self.capacity_factor < 0:
             raise ValueError("DiT: balance_loss_weight and capacity_factor must be >= 0.")
+        layers.remat_policy(self.remat_policy, owner="DiT")
+        if self.scan_blocks and (self.block_embedders or self.num_experts):
+            raise ValueError(
+                "DiT: scan_blocks needs alike blocks (no block_embedders or experts); set scan_blocks=False."
+            )
         if self.pos_embed_base is not None and self.pos_embed_base < 1:
             raise ValueError(f"DiT: pos_embed_base={self.pos_embed_base}; use a positive int or None.")
 
@@ -248,7 +260,13 @@ class DiT(nn.Module):
             conds = [embed("", self.label_dropout)] * self.depth
         c = conds[0]
 
-        block_cls = nn.remat(DiTBlock, static_argnums=(3,)) if self.remat else DiTBlock
+        block_cls = (
+            nn.remat(
+                DiTBlock, static_argnums=(3,), policy=layers.remat_policy(self.remat_policy, owner="DiT")
+            )
+            if self.remat
+            else DiTBlock
+        )
         routing = None
         if self.num_experts:
             routing = moe.Routing(
@@ -258,18 +276,19 @@ class DiT(nn.Module):
                 self.balance_loss_weight,
                 self.capacity_factor,
             )
-        for i in range(self.depth):
-            block = block_cls(
-                d,
-                self.num_heads,
-                self.mlp_ratio,
-                self.attention_impl,
-                routing,
-                self.mlp_norm_eps,
-                name=f"block_{i}",
-                **kw,
+        block_args = (d, self.num_heads, self.mlp_ratio, self.attention_impl, routing, self.mlp_norm_eps)
+        if self.scan_blocks:
+            scanned = nn.scan(
+                lambda block, h, c: (block(h, c, train), None),
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            h = block(h, conds[i], train)
+            h, _ = scanned(block_cls(*block_args, name="blocks", **kw), h, c)
+        for i in range(0 if self.scan_blocks else self.depth):
+            h = block_cls(*block_args, name=f"block_{i}", **kw)(h, conds[i], train)
 
         shift, scale = jnp.split(
             layers.dense(2 * d, ("embed", "mlp"), kernel_init=layers.ZEROS, name="final_adaln", **kw)(

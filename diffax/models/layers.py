@@ -51,6 +51,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("freq", None),  # time-frequency features
     ("patch", None),  # patch_size**2 * out_channels of the DiT output layer
     ("norm", None),  # GroupNorm scale and bias
+    ("layers", None),  # the stacked blocks of a scanned network (DiT ``scan_blocks``)
 )
 
 XAVIER = nn.initializers.xavier_uniform()
@@ -159,6 +160,19 @@ def _conv_general_dilated(
     return jax.lax.platform_dependent(
         lhs, rhs, cpu=cpu, default=lambda lhs, rhs: jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
     )
+
+
+def remat_policy(name: str | None, *, owner: str) -> Any:
+    """The ``jax.checkpoint_policies`` member ``name`` (None: save nothing, recompute all); raises a
+    ValueError naming ``owner`` for an unknown name."""
+    if name is None:
+        return None
+    policy = getattr(jax.checkpoint_policies, name, None)
+    if policy is None or name.startswith("_"):
+        raise ValueError(
+            f"{owner}: remat_policy={name!r} is not in jax.checkpoint_policies; use e.g. 'dots_saveable'."
+        )
+    return policy
 
 
 def check_impl(impl: str, owner: str) -> None:

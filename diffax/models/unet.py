@@ -141,6 +141,8 @@ class UNet(nn.Module):
       context_dim: width of a cross-attention context (``cond["context"]``), or None.
       learned_variance: output 2x channels (mean/eps prediction, then variance interpolation).
       remat: rematerialise each residual/attention block in the backward pass.
+      remat_policy: with ``remat``, the ``jax.checkpoint_policies`` member naming what each block
+        saves (e.g. ``"dots_with_no_batch_dims_saveable"``); None saves nothing.
       dtype: compute dtype.
       param_dtype: parameter dtype.
       attention_impl: "xla" or "cpu" (see ``layers.dot_product_attention``).
@@ -187,6 +189,7 @@ class UNet(nn.Module):
     context_dim: int | None = None
     learned_variance: bool = False
     remat: bool = False
+    remat_policy: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
@@ -305,8 +308,11 @@ class UNet(nn.Module):
                 self.num_classes, emb_dim, dropout=self.label_dropout, name="label_embed", **kw
             )(labels, train)
 
-        res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-        attn_cls = nn.remat(AttentionBlock, static_argnums=(3,)) if self.remat else AttentionBlock
+        policy = layers.remat_policy(self.remat_policy, owner="UNet")
+        res_cls = nn.remat(ResBlock, static_argnums=(3,), policy=policy) if self.remat else ResBlock
+        attn_cls = (
+            nn.remat(AttentionBlock, static_argnums=(3,), policy=policy) if self.remat else AttentionBlock
+        )
         block_kw = dict(
             norm_groups=self.norm_groups,
             norm_eps=self.norm_eps,

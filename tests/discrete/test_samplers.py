@@ -123,14 +123,30 @@ def test_autoregressive_sampler_draws_the_source(exact_model):
     assert stats.chisquare(_histogram(out), p * n)[1] > 1e-3
 
 
+def _gumbel_argmax_f64(log_weights: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """The float64 reference: ``argmax(log w - log(-log u))``, ``u = (k + 1/2) / 2^52`` from 52 bits."""
+    k = (bits[..., 0] >> np.uint32(6)).astype(np.float64) * 2.0**26 + (bits[..., 1] >> np.uint32(6))
+    u = (k + 0.5) / 2.0**52
+    return np.argmax(np.asarray(log_weights, np.float64) - np.log(-np.log(u)), axis=-1)
+
+
 def test_float64_categorical():
     probs = jnp.array([0.05, 0.15, 0.3, 0.5])
     draws = np.asarray(jax.jit(discrete.categorical_f64)(jax.random.key(3), jnp.tile(probs, (20000, 1))))
     assert stats.chisquare(np.bincount(draws, minlength=4), np.asarray(probs) * 20000)[1] > 1e-3
-    # 53-bit uniforms reach Gumbel values that float32 uniforms cannot (-log(-log(1 - 2^-24)) ≈ 16.6)
+    # The device draws equal float64 Gumbel-argmax of the same bits, the tails included: uniform bits and
+    # bits at both extremes of the 52-bit range.
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, (4000, 6, 2), dtype=np.uint32)
+    bits[:1000, :, 0] = rng.choice(np.array([0, 63, 2**32 - 64, 2**32 - 1], np.uint32), (1000, 6))
+    log_w = np.log(rng.dirichlet(np.full(6, 0.3), 4000) + 1e-30).astype(np.float32)
+    got = np.asarray(jax.jit(samplers._gumbel_argmax)(log_w, bits))
+    np.testing.assert_array_equal(got, _gumbel_argmax_f64(log_w, bits))
+    # 52-bit uniforms reach Gumbel values that float32 uniforms cannot (-log(-log(1 - 2^-24)) ≈ 16.6)
     # token 0 (weight 1e-15) with the largest uniform, 1 - 2^-53 (Gumbel 36.7), beats token 1 (weight 1)
     # with u = 1/2 (Gumbel 0.37); float32 Gumbel noise never exceeds 16.6, so token 0 could never win
     bits = np.array([[[0xFFFFFFFF, 0xFFFFFFFF], [0x80000000, 0x00000000]]], np.uint32)
-    assert samplers._gumbel_argmax_f64(np.log(np.array([[1e-15, 1.0]])), bits)[0] == 0
-    assert samplers._gumbel_argmax_f64(np.log(np.array([[1e-17, 1.0]])), bits)[0] == 1
+    for weight, token in ((1e-15, 0), (1e-17, 1)):
+        log_w = np.log(np.array([[weight, 1.0]], np.float32))
+        assert int(samplers._gumbel_argmax(log_w, bits)[0]) == token == _gumbel_argmax_f64(log_w, bits)[0]
     assert float(discrete.sample_entropy(jnp.array([[0, 0, 1, 1]]), 3)) == pytest.approx(np.log(2.0))

@@ -50,7 +50,8 @@ def test_sigterm_saves_stops_and_resumes_identically(mixture_config, reference, 
     chex.assert_trees_all_equal(resumed, reference)
     scalars = read_scalars(workdir)  # TensorBoard's view: the resumed run logged every EVERY steps
     assert [step for step, _ in scalars["loss"]] == list(range(EVERY, TOTAL + 1, EVERY))
-    assert {"grad_norm", "lr"} <= set(scalars) and all(np.isfinite(v) for _, v in scalars["loss"])
+    assert {"grad_norm", "lr", "tflops_per_device", "mfu"} <= set(scalars)
+    assert all(np.isfinite(v) for _, v in scalars["loss"]) and all(v > 0 for _, v in scalars["mfu"])
 
 
 def test_tfds_run_resumes_with_its_input_position(mixture_config, squares_dir, tmp_path):
