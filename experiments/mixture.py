@@ -10,8 +10,8 @@ from experiments import common
 
 
 def get_config(arg=None):
-    if arg not in (None, "dit"):
-        raise ValueError(f"experiments/mixture.py:{arg}: the only variant is ':dit' (or none).")
+    if arg not in (None, "runlocal", "dit"):  # runlocal: this is laptop-sized already
+        raise ValueError(f"experiments/mixture.py:{arg}: the variants are ':dit' and ':runlocal' (or none).")
     config = common.base_config()
     config.total_steps = 8
     config.process.name = "vp_linear"
