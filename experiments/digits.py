@@ -40,9 +40,10 @@ def get_config(arg=None):
     config.loss.weighting = "min_snr"  # min-SNR-5 (Hang et al. 2023): faster convergence at equal cost
     # SDE-DPM-Solver++(2M) (Lu et al. 2022b, "DPM-Solver++", its SDE variant of Alg. 2): the 2M solver
     # with DDPM-like fresh noise each step, at the same 25 evaluations. On 1000 samples of the step-2000
-    # checkpoint it meets all seven digits targets (judge 83.4% confident, real 86.2%; CNN 91.2%),
-    # where the deterministic 2M solver leaves a quarter of the digits as blobs (judge 79.6%, CNN
-    # 89.5%): benchmarks/results/2026-12-06-digits-ablation.md.
+    # checkpoint it meets all seven digits targets at sampling seeds 0 and 1 (judge 83.4% and 87.1%
+    # confident, real 86.2%; CNN 91.2% and 91.8%), where the deterministic 2M solver meets five and six
+    # (judge 79.6% and 85.3%, CNN 89.5% and 89.2%), at 50 steps six, and on other grids five:
+    # benchmarks/results/2026-12-06-digits-ablation.md.
     config.sampler.name = "dpm_solver++_sde"
     config.sampler.steps = 25
     config.sampler.spacing = "uniform_logsnr"
