@@ -10,7 +10,13 @@ produces from noise (never from noised training data), subsampled over its steps
 - ``"tfmq"``: ``"uniform"`` for every layer but the temporal ones (the time embedding and the
   layers that read it), which are calibrated on the finite set of the sampler's times alone and
   whose weight steps minimise the error of their own output (TFMQ-DM's time-feature maintenance,
-  Huang et al. 2024, Sec. 4).
+  Huang et al. 2024, Sec. 4);
+- ``"eda"``: EDA-DM (Liu et al. 2024): each step's share by the density and diversity of the
+  middle-attention input across steps (TDAC, ``_reconstruction.tdac_step_counts``), and the blocks
+  reconstructed with their inner layers' errors added (FBR) when ``reconstruction_iters`` > 0.
+
+Any method can end with BRECQ block reconstruction of the weight rounding (AdaRound):
+``reconstruction_iters`` Adam steps per block (``_reconstruction.reconstruct``).
 
 Weights are quantized per output channel, inputs per tensor (per group where a layer reads a U-Net
 skip concatenation, Q-Diffusion's shortcut splitting), steps found by MSE search.
@@ -27,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diffax.quantization import _model, _quantizers
+from diffax.quantization import _model, _quantizers, _reconstruction
 
-CALIBRATIONS = ("single", "uniform", "normal", "tfmq")
+CALIBRATIONS = ("single", "uniform", "normal", "tfmq", "eda")
 
 
 def record_trajectories(sample_with: Callable[[Any], Any], module: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -57,14 +63,25 @@ def record_trajectories(sample_with: Callable[[Any], Any], module: Any) -> tuple
 
 
 def calibration_set(
-    xs: np.ndarray, ts: np.ndarray, *, method: str, num_samples: int, seed: int = 0
+    xs: np.ndarray,
+    ts: np.ndarray,
+    *,
+    method: str,
+    num_samples: int,
+    seed: int = 0,
+    step_counts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``num_samples`` network inputs picked from trajectories ``(K, N, ...)`` by ``method``."""
+    """``num_samples`` network inputs picked from trajectories ``(K, N, ...)`` by ``method`` (``"eda"``:
+    ``step_counts`` per step, from ``_reconstruction.tdac_step_counts``)."""
     if method not in CALIBRATIONS:
         raise ValueError(f"calibration method {method!r}: use one of {CALIBRATIONS}.")
     steps, n = ts.shape
     rng = np.random.default_rng(seed)
-    if method == "single":
+    if method == "eda":
+        if step_counts is None or int(np.sum(step_counts)) != num_samples:
+            raise ValueError("calibration method 'eda' needs step_counts summing to num_samples.")
+        step = np.repeat(np.arange(steps), step_counts)
+    elif method == "single":
         step = np.full(num_samples, steps // 2)
     elif method == "normal":
         step = np.clip(np.round(rng.normal(0.5 * steps, 0.35 * steps, num_samples)), 0, steps - 1).astype(int)
@@ -108,6 +125,8 @@ def calibrate(
     batch_size: int = 64,
     splits: Mapping[str, int] | None = None,
     apply_kwargs: Mapping[str, Any] | None = None,
+    reconstruction_iters: int = 0,
+    feature_block: str = "mid_attn",
     seed: int = 0,
 ) -> _model.QuantizedModel:
     """Quantizes ``module``'s Conv/Dense layers, calibrated on the full-precision trajectories.
@@ -124,7 +143,9 @@ def calibrate(
       splits: layer key -> channels of the first operand of a concatenated input (shortcut
         splitting; ``_model.unet_skip_splits`` for a U-Net).
       apply_kwargs: further arguments of ``module.apply`` (e.g. ``cond``, ``train=False``).
-      seed: picks the calibration inputs.
+      reconstruction_iters: Adam steps of block reconstruction per block (0: none).
+      feature_block: the top-level sub-module whose input is EDA-DM's feature (``"eda"``).
+      seed: picks the calibration inputs and minibatches.
 
     Returns:
       the quantized model (``mode="fake"``; ``dataclasses.replace(m, mode="int8")`` executes in int8).
@@ -133,8 +154,22 @@ def calibrate(
         raise ValueError(f"weight_bits={weight_bits}, act_bits={act_bits}: use 4 or 8 bits.")
     kwargs = dict(apply_kwargs or {"train": False})
     xs, ts = trajectories
+    counts = None
+    if method == "eda":
+        run, _ = _reconstruction.block_calls(module, params, {feature_block}, kwargs)
+        features = [run(x, t) for x, t in zip(xs, ts, strict=True)]
+        if feature_block not in features[0]:
+            raise ValueError(f"feature_block={feature_block!r}: no top-level sub-module of that name.")
+        counts = _reconstruction.tdac_step_counts(
+            np.stack([np.asarray(f[feature_block][0][0]) for f in features]), num_samples
+        )
     x_cal, t_cal = calibration_set(
-        xs, ts, method="uniform" if method == "tfmq" else method, num_samples=num_samples, seed=seed
+        xs,
+        ts,
+        method="uniform" if method == "tfmq" else method,
+        num_samples=num_samples,
+        seed=seed,
+        step_counts=counts,
     )
     batches = [
         (x_cal[i : i + batch_size], t_cal[i : i + batch_size]) for i in range(0, num_samples, batch_size)
@@ -156,7 +191,19 @@ def calibrate(
                 "w_scale": scale[None],
             }
     spec = _model.QuantSpec(weight_bits=weight_bits, act_bits=act_bits, groups=groups)
-    return _model.QuantizedModel(module, spec, _model.with_activations(state, ranges, act_bits))
+    model = _model.QuantizedModel(module, spec, _model.with_activations(state, ranges, act_bits))
+    if reconstruction_iters > 0:
+        model = _reconstruction.reconstruct(
+            model,
+            params,
+            batches,
+            iters=reconstruction_iters,
+            batch_size=min(batch_size, 32),
+            fine_grained=1.0 if method == "eda" else 0.0,
+            apply_kwargs=kwargs,
+            seed=seed,
+        )
+    return model
 
 
 def per_step_mse(

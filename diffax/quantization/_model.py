@@ -128,9 +128,18 @@ def _pad(module: nn.Module, x: jax.Array, kernel_shape: tuple[int, ...], value: 
 
 
 def quantized_layer(
-    module: nn.Module, x: jax.Array, state: Mapping[str, jax.Array], spec: QuantSpec, key: str, mode: str
+    module: nn.Module,
+    x: jax.Array,
+    state: Mapping[str, jax.Array],
+    spec: QuantSpec,
+    key: str,
+    mode: str,
+    kernel: jax.Array | None = None,
 ) -> jax.Array:
-    """One Conv/Dense layer on quantized weights and inputs (``mode`` ``"fake"`` or ``"int8"``)."""
+    """One Conv/Dense layer on quantized weights and inputs (``mode`` ``"fake"`` or ``"int8"``).
+
+    ``kernel`` (fake mode) replaces the dequantized codes, e.g. AdaRound's soft-rounded kernel.
+    """
     codes, w_scale = state["codes"], state["w_scale"]
     out = 0.0
     for g, part in enumerate(_slices(spec.groups[key])):
@@ -138,7 +147,10 @@ def quantized_layer(
         xg, cg = x[..., part], codes[..., part, :]
         if mode == "fake":
             xq = q.fake_quant_activation(xg, a_scale, a_zero, spec.act_bits).astype(jnp.float32)
-            wq = cg.astype(jnp.float32) * q.channelwise(w_scale[g], cg.ndim)
+            if kernel is None:
+                wq = cg.astype(jnp.float32) * q.channelwise(w_scale[g], cg.ndim)
+            else:
+                wq = kernel[..., part, :]
             xq = _pad(module, xq, cg.shape, 0.0)
             out = out + _linear(module, xq, wq, precision=jax.lax.Precision.HIGHEST)
         else:  # codes shifted to int8; the pad value is the zero point, whose product is subtracted
@@ -175,14 +187,34 @@ class QuantizedModel:
     mode: str = "fake"
 
     def apply(self, variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> jax.Array:
-        def intercept(next_fun, call_args, call_kwargs, context):
-            key = layer_key(context.module) if _is_layer_call(context) else None
-            if key not in self.state:
-                return next_fun(*call_args, **call_kwargs)
-            return quantized_layer(context.module, call_args[0], self.state[key], self.spec, key, self.mode)
-
-        with nn.intercept_methods(intercept):
+        with nn.intercept_methods(quantizing_interceptor(self.state, self.spec, self.mode)):
             return self.module.apply(variables, *args, **kwargs)
+
+
+def quantizing_interceptor(
+    state: Mapping[str, Mapping[str, jax.Array]],
+    spec: QuantSpec,
+    mode: str,
+    *,
+    prefix: tuple[str, ...] = (),
+    kernels: Mapping[str, jax.Array] | None = None,
+    outputs: dict[str, jax.Array] | None = None,
+) -> Callable[..., Any]:
+    """Runs the Conv/Dense layers keyed in ``state`` quantized (a sub-module applied on its own passes
+    its path as ``prefix``); ``kernels`` replace their dequantized kernels, ``outputs`` collects their
+    outputs."""
+
+    def intercept(next_fun, call_args, call_kwargs, context):
+        key = "/".join((*prefix, *context.module.path)) if _is_layer_call(context) else None
+        if key not in state:
+            return next_fun(*call_args, **call_kwargs)
+        kernel = None if kernels is None else kernels.get(key)
+        out = quantized_layer(context.module, call_args[0], state[key], spec, key, mode, kernel)
+        if outputs is not None:
+            outputs[key] = out
+        return out
+
+    return intercept
 
 
 def layer_groups(inputs: Mapping[str, jax.Array], splits: Mapping[str, int]) -> dict[str, tuple[int, ...]]:

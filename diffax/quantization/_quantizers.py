@@ -7,6 +7,8 @@ integer zero point so that 0 is exact (zero padding stays exact), the range ``[l
 the calibration min/max by the same kind of search.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -41,6 +43,7 @@ def fake_quant_weight(kernel: ArrayLike, scale: ArrayLike, bits: int) -> jax.Arr
     return codes.astype(jnp.float32) * channelwise(scale, codes.ndim)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def search_weight_scale(kernel: ArrayLike, bits: int) -> jax.Array:
     """The per-channel step whose quantized kernel is nearest (per channel, MSE) over ``CLIP_GRID``."""
     kernel = jnp.asarray(kernel, jnp.float32)
