@@ -24,6 +24,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from diffax.parameterization import to_x0_eps
+from diffax.samplers._timesteps import default_range
 from diffax.schedules import Schedule
 
 __all__ = [
@@ -178,10 +179,13 @@ def make_denoiser(
 
 
 def _shifted_times(schedule: Schedule, x: jax.Array, t: jax.Array, window: float, cutoff: float) -> jax.Array:
-    """Per example, the time in [t - window, t + window] (9 candidates, inside the schedule's range)
-    whose sigma^2 is closest to the example's variance; t itself at or below ``cutoff``."""
+    """Per example, the time in [t - window, t + window] (9 candidates, inside the default grid's range
+    ``default_range``: not up to a t_max where alpha = 0, where x_0 = (x - sigma eps) / alpha would blow
+    up) whose sigma^2 is closest to the example's variance; t itself at or below ``cutoff``."""
+    with jax.ensure_compile_time_eval():
+        t_high, t_low = default_range(schedule, None, None)
     candidates = t[:, None] + jnp.linspace(-window, window, 9, dtype=t.dtype)[None]
-    candidates = jnp.clip(candidates, schedule.t_min, schedule.t_max)
+    candidates = jnp.clip(candidates, t_low, t_high)
     variance = jnp.var(x.reshape(x.shape[0], -1), axis=1)
     gap = jnp.abs(jnp.square(schedule.sigma(candidates)) - variance[:, None].astype(t.dtype))
     shifted = jnp.take_along_axis(candidates, jnp.argmin(gap, axis=1)[:, None], axis=1)[:, 0]

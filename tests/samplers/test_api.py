@@ -388,3 +388,9 @@ def test_time_shift_queries_the_time_matching_the_variance(vp):
     plain = samplers.sample(model, vp, x_T, sampler="ddim", timesteps=ts)
     never = samplers.sample(model, vp, x_T, sampler="ddim", timesteps=ts, time_shift=(0.01, 2.0))
     np.testing.assert_array_equal(np.asarray(never), np.asarray(plain))
+    # at the grid's start on a cosine schedule (alpha(t_max) ~ 5e-5) a noisier-than-sigma^2 example
+    # is not shifted up to t_max, where x_0 = (x - sigma eps) / alpha blows up
+    cosine = schedules.get("cosine")
+    t_start = float(samplers.timesteps(cosine, num_steps=1)[0])
+    make_denoiser(model, cosine, prediction="eps", time_shift=(0.01, 0.3))(1.5 * x, jnp.float32(t_start))
+    assert np.all(np.asarray(seen[-1]) <= t_start), seen[-1]
