@@ -24,7 +24,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from diffax.parameterization import to_x0_eps
-from diffax.samplers._timesteps import default_range
+from diffax.samplers._timesteps import default_edges
 from diffax.schedules import Schedule
 
 __all__ = [
@@ -180,10 +180,9 @@ def make_denoiser(
 
 def _shifted_times(schedule: Schedule, x: jax.Array, t: jax.Array, window: float, cutoff: float) -> jax.Array:
     """Per example, the time in [t - window, t + window] (9 candidates, inside the default grid's range
-    ``default_range``: not up to a t_max where alpha = 0, where x_0 = (x - sigma eps) / alpha would blow
+    ``default_edges``: not up to a t_max where alpha = 0, where x_0 = (x - sigma eps) / alpha would blow
     up) whose sigma^2 is closest to the example's variance; t itself at or below ``cutoff``."""
-    with jax.ensure_compile_time_eval():
-        t_high, t_low = default_range(schedule, None, None)
+    t_high, t_low = default_edges(schedule)
     candidates = t[:, None] + jnp.linspace(-window, window, 9, dtype=t.dtype)[None]
     candidates = jnp.clip(candidates, t_low, t_high)
     variance = jnp.var(x.reshape(x.shape[0], -1), axis=1)

@@ -38,6 +38,18 @@ def default_range(schedule: Schedule, t_start, t_end) -> tuple[float, float]:
     return float(t_start), float(t_end)
 
 
+def default_edges(schedule: Schedule) -> tuple[jax.Array, jax.Array]:
+    """``default_range``'s (t_start, t_end) as arrays, for a schedule whose parameters may be traced."""
+    span = schedule.t_max - schedule.t_min
+    high = jnp.where(
+        schedule.alpha(schedule.t_max) < _NOISE_FLOOR, schedule.t_max - _EDGE * span, schedule.t_max
+    )
+    low = jnp.where(
+        schedule.sigma(schedule.t_min) < _NOISE_FLOOR, schedule.t_min + _EDGE * span, schedule.t_min
+    )
+    return high, low
+
+
 def _integer_indices(num_train: int, num_steps: int, spacing: str) -> np.ndarray:
     """diffusers' integer grids, decreasing grid indices 0..T-1."""
     if spacing == "leading":

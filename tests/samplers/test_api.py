@@ -394,3 +394,6 @@ def test_time_shift_queries_the_time_matching_the_variance(vp):
     t_start = float(samplers.timesteps(cosine, num_steps=1)[0])
     make_denoiser(model, cosine, prediction="eps", time_shift=(0.01, 0.3))(1.5 * x, jnp.float32(t_start))
     assert np.all(np.asarray(seen[-1]) <= t_start), seen[-1]
+    ts = samplers.timesteps(cosine, num_steps=2)  # compiled, with the schedule's parameters traced
+    shifted = samplers.sample(model, cosine, 1.5 * x, sampler="ddim", timesteps=ts, time_shift=(0.01, 0.3))
+    assert np.all(np.isfinite(np.asarray(shifted)))
