@@ -152,29 +152,14 @@ def _conv_general_dilated(
     """``winograd.conv_general_dilated`` (``impl="cpu"``), or with ``"auto"`` where the program is
     lowered for the CPU and ``lax.conv_general_dilated`` elsewhere."""
 
-    if impl == "cpu":
-        return winograd.conv_general_dilated(lhs, rhs, *args, **kwargs, train=train)
-    return _auto_conv(train, _hashable(args), _hashable(tuple(kwargs.items())))(lhs, rhs)
-
-
-def _hashable(value: Any) -> Any:
-    """``value`` with its lists (and those inside plain tuples) made tuples: a cache key."""
-    return tuple(_hashable(v) for v in value) if type(value) in (list, tuple) else value
-
-
-@functools.cache
-def _auto_conv(train: bool, args: tuple, kwargs: tuple) -> Any:
-    """The ``"auto"`` convolution for one set of static arguments, jitted: the layers' repeated calls
-    with equal shapes reuse one trace of both formulations (tracing, not compiling, is what a large
-    network's ``"auto"`` program spends its start-up on)."""
-
     def cpu(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-        return winograd.conv_general_dilated(lhs, rhs, *args, **dict(kwargs), train=train)
+        return winograd.conv_general_dilated(lhs, rhs, *args, **kwargs, train=train)
 
-    def default(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-        return jax.lax.conv_general_dilated(lhs, rhs, *args, **dict(kwargs))
-
-    return jax.jit(lambda lhs, rhs: jax.lax.platform_dependent(lhs, rhs, cpu=cpu, default=default))
+    if impl == "cpu":
+        return cpu(lhs, rhs)
+    return jax.lax.platform_dependent(
+        lhs, rhs, cpu=cpu, default=lambda lhs, rhs: jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+    )
 
 
 def remat_policy(name: str | None, *, owner: str) -> Any:
@@ -237,51 +222,31 @@ def group_norm(
     """
     check_impl(impl, owner="group_norm")
     xf = jnp.asarray(x, jnp.float32)
-    c = xf.shape[-1]
+    c, nd = xf.shape[-1], xf.ndim
     gamma = jnp.asarray(scale, jnp.float32).reshape(1, c)
     beta = jnp.asarray(bias, jnp.float32).reshape(1, c)
+    cpu = functools.partial(
+        cpu_group_norm.group_norm, num_groups=num_groups, epsilon=epsilon, silu=silu, train=train
+    )
     if impl == "cpu":
-        return cpu_group_norm.group_norm(
-            xf, gamma, beta, modulation, num_groups=num_groups, epsilon=epsilon, silu=silu, train=train
-        )
+        return cpu(xf, gamma, beta, modulation)
+
+    def xla(xf: jax.Array, gamma: jax.Array, beta: jax.Array, *mod: jax.Array) -> jax.Array:
+        grouped = xf.reshape(*xf.shape[:-1], num_groups, c // num_groups)
+        axes = (*range(1, nd - 1), nd)
+        mean = jnp.mean(grouped, axis=axes, keepdims=True)
+        var = jnp.var(grouped, axis=axes, keepdims=True)
+        y = ((grouped - mean) * jax.lax.rsqrt(var + epsilon)).reshape(xf.shape)
+        a, shift = cpu_group_norm.modulated(gamma, beta, mod or None)
+        y = y * cpu_group_norm.channelwise(a, nd) + cpu_group_norm.channelwise(shift, nd)
+        return nn.silu(y) if silu else y
+
     mod = () if modulation is None else tuple(jnp.asarray(m, jnp.float32) for m in modulation)
     if impl == "xla":
-        return _group_norm_xla(xf, gamma, beta, *mod, num_groups=num_groups, epsilon=epsilon, silu=silu)
-    return _auto_group_norm(num_groups, epsilon, silu, train)(xf, gamma, beta, *mod)
-
-
-def _group_norm_xla(
-    xf: jax.Array,
-    gamma: jax.Array,
-    beta: jax.Array,
-    *mod: jax.Array,
-    num_groups: int,
-    epsilon: float,
-    silu: bool,
-) -> jax.Array:
-    """``group_norm``'s ``"xla"`` formulation: mean and variance over a (B, *spatial, G, C/G) view."""
-    c, nd = xf.shape[-1], xf.ndim
-    grouped = xf.reshape(*xf.shape[:-1], num_groups, c // num_groups)
-    axes = (*range(1, nd - 1), nd)
-    mean = jnp.mean(grouped, axis=axes, keepdims=True)
-    var = jnp.var(grouped, axis=axes, keepdims=True)
-    y = ((grouped - mean) * jax.lax.rsqrt(var + epsilon)).reshape(xf.shape)
-    a, shift = cpu_group_norm.modulated(gamma, beta, mod or None)
-    y = y * cpu_group_norm.channelwise(a, nd) + cpu_group_norm.channelwise(shift, nd)
-    return nn.silu(y) if silu else y
-
-
-@functools.cache
-def _auto_group_norm(num_groups: int, epsilon: float, silu: bool, train: bool) -> Any:
-    """The ``"auto"`` group norm for one set of static arguments, jitted (as ``_auto_conv``)."""
-
-    def cpu(xf: jax.Array, gamma: jax.Array, beta: jax.Array, *mod: jax.Array) -> jax.Array:
-        return cpu_group_norm.group_norm(
-            xf, gamma, beta, mod or None, num_groups=num_groups, epsilon=epsilon, silu=silu, train=train
-        )
-
-    xla = functools.partial(_group_norm_xla, num_groups=num_groups, epsilon=epsilon, silu=silu)
-    return jax.jit(lambda *args: jax.lax.platform_dependent(*args, cpu=cpu, default=xla))
+        return xla(xf, gamma, beta, *mod)
+    return jax.lax.platform_dependent(
+        xf, gamma, beta, *mod, cpu=lambda *a: cpu(*a[:3], a[3:] or None), default=xla
+    )
 
 
 @jax.custom_vjp
