@@ -84,23 +84,15 @@ def param_shapes() -> dict[str, tuple[int, ...]]:
     return table.param_shapes(lambda: LPIPS().init(jax.random.key(0), x, x)["params"])
 
 
-class _TorchFile:
+def _torch_file(path: str) -> files.TorchStateDict:
     """A ``torch.save``-d state dict, unpickled with ``weights_only=True`` (tensors and plain containers)."""
-
-    def __init__(self, path: str):
-        try:
-            import torch
-        except ImportError as e:
-            raise table.ConversionError(
-                f"lpips.load({path}): a .pth file needs torch; save the state dict as .safetensors instead."
-            ) from e
-        self._state = torch.load(path, map_location="cpu", weights_only=True)
-
-    def keys(self):
-        return list(self._state)
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self._state[key].float().numpy()
+    try:
+        import torch
+    except ImportError as e:
+        raise table.ConversionError(
+            f"lpips.load({path}): a .pth file needs torch; save the state dict as .safetensors instead."
+        ) from e
+    return files.TorchStateDict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def load(path: str | pathlib.Path) -> dict[str, Any]:
@@ -113,7 +105,7 @@ def load(path: str | pathlib.Path) -> dict[str, Any]:
     path = str(path)
     if not pathlib.Path(path).is_file():
         raise table.ConversionError(f"lpips.load: no file {path!r}.")
-    source = files.SafetensorsSource(path) if path.endswith(".safetensors") else _TorchFile(path)
+    source = files.SafetensorsSource(path) if path.endswith(".safetensors") else _torch_file(path)
     return table.load(conversion_table(), source, param_shapes(), owner=f"lpips.load({path})")
 
 

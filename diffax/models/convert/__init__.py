@@ -14,7 +14,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffax.models.convert import autoencoder_kl, dit, files, table, unet_2d
 from diffax.models.convert.table import ConversionError
@@ -84,19 +83,6 @@ def to_diffusers(module: nn.Module, params: Any, folder: str | pathlib.Path) -> 
     files.write_folder(folder, config, tensors, table.source_shapes(rows, shapes))
 
 
-class _TorchStateDict:
-    """A PyTorch state dict's tensors as float32 numpy arrays, converted one at a time when read."""
-
-    def __init__(self, state: dict[str, Any]):
-        self._state = state
-
-    def keys(self) -> list[str]:
-        return list(self._state)
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self._state[key].float().numpy()
-
-
 def from_dit_checkpoint(
     path: str | pathlib.Path, *, dtype: Any = jnp.float32, **fields: Any
 ) -> tuple[nn.Module, Any]:
@@ -117,7 +103,7 @@ def from_dit_checkpoint(
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "ema" in state:
         state = state["ema"]
-    source = _TorchStateDict(state)
+    source = files.TorchStateDict(state)
     module, init_args = dit.module_from_original(source, param_dtype=dtype, **fields)
     shapes = _init_shapes(module, init_args)
     params = table.load(

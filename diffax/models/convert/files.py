@@ -65,6 +65,19 @@ class SafetensorsSource:
         return data.reshape(info["shape"])
 
 
+class TorchStateDict:
+    """A PyTorch state dict's tensors as float32 numpy arrays, converted one at a time when read."""
+
+    def __init__(self, state: Mapping[str, Any]):
+        self._state = state
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._state[key].float().numpy()
+
+
 def write_safetensors(
     path: str | pathlib.Path, tensors: Iterable[tuple[str, np.ndarray]], shapes: Mapping[str, Any]
 ) -> None:
