@@ -4,9 +4,8 @@
 
 Nothing downloads. It writes sample grids to ``runs/digits/samples/`` every 500 steps and logs the
 digits metrics of ``diffax.evaluation`` (the digits CNN and the independent judge) on 1000 samples at
-the end. Measured on an idle 2-core CPU: 11 min 08 s wall (815 CPU-seconds) for the training,
-unchanged since; on 2026-12-06 the whole command (training, grids, the 1000-sample evaluation) took
-19 min 58 s wall and 1350 CPU-seconds beside other jobs (1-minute load 8-12), not idle.
+the end. Measured on an idle 2-core AMD EPYC (2026-12-06, the only process): the whole command
+(training, grids, the 1000-sample evaluation) took 14 min 32 s wall and 1289 CPU-seconds.
 Its log ends with (seed 0; the step-2000 parameters are bit-identical to an earlier run's): the
 independent judge classifies 83.4% confidently (real held-out digits: 86.2%, ratio 0.97), its FD is
 0.70x its real-vs-real floor, 48.2% of pixels are near 0 (real: 49.4%), class chi-square p = 0.130;
