@@ -110,7 +110,12 @@ class Checkpointer:
         return state
 
     def restore_latest_intact(
-        self, abstract_state: Any, pipeline: Pipeline | None, *, set_aside: bool = True
+        self,
+        abstract_state: Any,
+        pipeline: Pipeline | None,
+        *,
+        set_aside: bool = True,
+        at_most: int | None = None,
     ) -> tuple[Any, int | None]:
         """Restores the newest checkpoint whose files match their digests (see ``diffax.integrity``).
 
@@ -122,11 +127,14 @@ class Checkpointer:
           abstract_state: the restore target, as for :meth:`restore`.
           pipeline: the input pipeline to reposition, or ``None``.
           set_aside: rename damaged checkpoints; ``False`` for readers of a run that may be training.
+          at_most: only checkpoints of this step or earlier (``None``: any).
 
         Returns:
           ``(state, step)``, or ``(None, None)`` when no intact checkpoint exists.
         """
         for step in sorted(self._manager.all_steps(), reverse=True):
+            if at_most is not None and step > at_most:
+                continue
             item = os.path.join(self.directory, str(step), ocp.checkpoint_manager.DEFAULT_ITEM_NAME)
             problem = _any_process(integrity.verify(item) if jax.process_index() == 0 else None)
             if problem is None:
@@ -207,8 +215,11 @@ def _any_process(problem: str | None) -> str | None:
     return problem or (f"a problem found by process {int(np.argmax(flags))}" if flags.any() else None)
 
 
-def restore_latest(workdir: str, config: Any, parts: Any, *, mesh: jax.sharding.Mesh) -> tuple[Any, int]:
-    """The newest complete, intact checkpoint of a run as a ``TrainState`` replicated on ``mesh``.
+def restore_latest(
+    workdir: str, config: Any, parts: Any, *, mesh: jax.sharding.Mesh, at_most: int | None = None
+) -> tuple[Any, int]:
+    """The newest complete, intact checkpoint of a run (of step ``at_most`` or earlier, when given) as a
+    ``TrainState`` replicated on ``mesh``.
 
     Args:
       workdir: the run directory.
@@ -227,10 +238,14 @@ def restore_latest(workdir: str, config: Any, parts: Any, *, mesh: jax.sharding.
     ckpt = Checkpointer(workdir, every_steps=config.ckpt.every_steps, keep=config.ckpt.keep, async_save=False)
     abstract = nn.meta.unbox(jax.eval_shape(train_state.state_initializer(config, parts)))
     target = abstract_with_shardings(abstract, jax.tree.map(lambda _: sharding.replicated(mesh), abstract))
-    state, step = ckpt.restore_latest_intact(target, None, set_aside=False)  # the run may be training
+    # set_aside=False: the run may be training
+    state, step = ckpt.restore_latest_intact(target, None, set_aside=False, at_most=at_most)
     ckpt.close()
     if step is None:
-        raise FileNotFoundError(f"--workdir={workdir}: no complete, intact checkpoint in {ckpt.directory}.")
+        upto = "" if at_most is None else f" of step {at_most} or earlier"
+        raise FileNotFoundError(
+            f"--workdir={workdir}: no complete, intact checkpoint{upto} in {ckpt.directory}."
+        )
     return state, step
 
 

@@ -242,7 +242,8 @@ def load_run(
     Args:
       workdir: the run directory.
       sampler: overrides ``config.sampler.name``.
-      steps: overrides ``config.sampler.steps``.
+      steps: overrides ``config.sampler.steps``; a progressive-distillation run then restores the
+        checkpoint of the stage whose student takes that many steps.
       ema: the EMA parameters (else the raw ones).
       ema_std: instead, the power-function EMA of this σ_rel reconstructed from the run's snapshots
         at the newest one (``diffax.posthoc_ema``).
@@ -265,8 +266,14 @@ def load_run(
     except config_lib.ConfigError as e:
         raise app.UsageError(str(e)) from None
     parts = train_state.build(config)
+    at_most = None  # a few-step run may keep one checkpoint per step count (progressive distillation)
+    if parts.trainer is not None and steps is not None:
+        try:
+            at_most = parts.trainer.checkpoint_for(steps)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), devices=jax.local_devices())
-    state, step = checkpoint.restore_latest(workdir, config, parts, mesh=mesh)
+    state, step = checkpoint.restore_latest(workdir, config, parts, mesh=mesh, at_most=at_most)
     params = state.sampling_params() if ema else state.params
     if ema_std is not None:
         from diffax import posthoc_ema

@@ -185,6 +185,8 @@ def _comparable(section: ml_collections.ConfigDict, field: str) -> dict[str, Any
     values = section.to_dict()
     if field == "input":
         return {k: values.get(k) for k in _DATA_SHAPE}
+    if field == "model":  # the layers' formulation switches compute the same network
+        values = {k: v for k, v in values.items() if not k.endswith("_impl")}
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
@@ -285,6 +287,11 @@ class _Trainer:
             return module.apply({"params": params}, x, t, c, train=False)[..., : x.shape[-1]]
 
         return model_fn
+
+    def checkpoint_for(self, num_steps: int) -> int | None:
+        """The newest training step whose parameters sample in ``num_steps`` steps (``None``: any)."""
+        del num_steps
+        return None
 
     def apply_fn(self, *, train: bool) -> Callable[..., jax.Array]:
         module = self.module
@@ -456,6 +463,21 @@ class ProgressiveTrainer(_Trainer):
             return new, metrics | {"num_steps": num}
 
         return step
+
+    def checkpoint_for(self, num_steps: int) -> int | None:
+        """The last step of the stage whose student takes ``num_steps`` steps (one checkpoint per stage:
+        ``ckpt.every_steps`` = ``steps_per_stage``); ``None`` for the final stage, which the newest
+        checkpoint holds. Raises ``ValueError`` for a step count no stage trains."""
+        initial, final = self._option("initial_steps"), self._option("final_steps")
+        if num_steps == final:
+            return None
+        if not (final < num_steps <= initial and num_steps & (num_steps - 1) == 0):
+            raise ValueError(
+                f"--steps={num_steps}: a progressive run has students of {final}..{initial} steps "
+                f"(powers of two); pick one of them."
+            )
+        stage = (initial // num_steps).bit_length() - 1
+        return (stage + 1) * self._option("steps_per_stage")
 
     def sampling_grid(self, sampler: str, num_steps: int) -> tuple[jax.Array, dict[str, Any]] | None:
         """The student's uniform grid t_max i / K, i = K..0, for DDIM."""

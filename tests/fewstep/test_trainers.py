@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from absl import app
 
 from diffax import config as config_lib
 from diffax import generate, train, train_state
@@ -79,6 +80,7 @@ def test_experiment_files_validate_and_bad_teachers_get_one_line(tmp_path):
     )
     cd_teacher = config_lib.load(cd.teacher.workdir)
     cd_teacher.trainer.name = "diffusion"
+    cd_teacher.model.conv_impl = "cpu"  # another formulation of the same network (runs/digits has these)
     config_lib.save(cd_teacher, cd.teacher.workdir)
     config_lib.validate(cd)
     ect = digits_ect.get_config()
@@ -143,10 +145,16 @@ def test_distillation_runs_resumes_and_samples_in_few_steps(tmp_path):
     pd.total_steps = 3
     stage1 = train.train_and_evaluate(pd, str(tmp_path / "pd"))
     _assert_same(stage1.teacher_params, student0)
-    run_config, sample_fn, params, _ = generate.load_run(str(tmp_path / "pd"), steps=2)
+    run_config, sample_fn, params, step = generate.load_run(str(tmp_path / "pd"), steps=2)
+    assert step == 3  # the final (2-step) stage: the newest checkpoint
     assert generate.sample_images(sample_fn, params, config=run_config, seed=0, num_samples=4)[0].shape == (
         4,
         8,
         8,
         1,
     )
+    _, _, params, step = generate.load_run(str(tmp_path / "pd"), steps=4, ema=False)  # stage 0 (4 steps)
+    assert step == 2
+    _assert_same(params, student0)
+    with pytest.raises(app.UsageError, match=r"^--steps=8: a progressive run has students of 2..4 steps"):
+        generate.load_run(str(tmp_path / "pd"), steps=8)
