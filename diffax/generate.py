@@ -63,8 +63,9 @@ def make_sampler(
       steps: overrides ``config.sampler.steps``.
 
     Returns:
-      ``sample_fn(params, key, labels)``: float images ``(len(labels), H, W, C)`` in about [-1, 1];
-      ``labels`` (int32) condition labelled runs and only set the count otherwise.
+      ``sample_fn(params, key, labels, x_T=None)``: float images ``(len(labels), H, W, C)`` in about
+      [-1, 1]; ``labels`` (int32) condition labelled runs and only set the count otherwise; ``x_T``
+      replaces the prior draw (the reflow pair job keeps its noise).
     """
     import diffax.guidance as guidance
     import diffax.parameterization as parameterization
@@ -106,14 +107,14 @@ def make_sampler(
         out = module.apply({"params": params}, x, t, cond, train=False)
         return out if keep_variance else out[..., : shape[-1]]
 
-    if parts.trainer is not None:  # the trainer's own network, e.g. a consistency function
-        network = parts.trainer.sampling_network()
+    if parts.trainer is not None:  # the trainer's own network on its grid, e.g. a consistency function
+        network = parts.trainer.grid_network(ts)
 
     @functools.partial(jax.jit, static_argnums=1, out_shardings=sharding.replicated(mesh))
     def prior(key, num):
         return schedule.prior_sample(key, (num, *shape))
 
-    def sample_fn(params, key, labels):
+    def sample_fn(params, key, labels, x_T=None):
         if not config.input.labels:
             model_fn = jax.tree_util.Partial(network, params, cond=None)
         elif s.guidance_scale is None:
@@ -125,7 +126,8 @@ def make_sampler(
             )
             model_fn = jax.tree_util.Partial(guided, cond=labels)
         noise_key, sample_key = jax.random.split(key)
-        x_T = prior(noise_key, len(labels))
+        if x_T is None:
+            x_T = prior(noise_key, len(labels))
         return samplers.sample(
             model_fn,
             schedule,

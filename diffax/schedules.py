@@ -34,6 +34,7 @@ __all__ = [
     "VE",
     "EDM",
     "RectifiedFlow",
+    "TrigFlow",
     "get",
     "names",
     "linear_betas",
@@ -337,6 +338,41 @@ class RectifiedFlow(Schedule):
         return jax.nn.sigmoid(-0.5 * log_snr)
 
 
+@struct.dataclass
+class TrigFlow(Schedule):
+    """TrigFlow: x_t = cos(t) x_0 + sin(t) sigma_d eps on t in [0, pi/2], so sigma / alpha = sigma_d tan t.
+
+    References: Lu & Song 2024, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency
+    Models", Sec. 3 (eq. 4-5).
+    """
+
+    sigma_data: float = struct.field(pytree_node=False, default=0.5)
+    t_min: float = struct.field(pytree_node=False, default=0.0)
+    t_max: float = struct.field(pytree_node=False, default=0.5 * math.pi)
+
+    def __post_init__(self):
+        _positive("sigma_data", self.sigma_data)
+
+    def _log_alpha(self, t):
+        return jnp.log(jnp.sin(0.5 * math.pi - t))  # exactly 0 at the float32 pi / 2, where cos is not
+
+    def _log_sigma(self, t):
+        return math.log(self.sigma_data) + jnp.log(jnp.sin(t))
+
+    def _log_snr(self, t):
+        return 2.0 * (self._log_alpha(t) - self._log_sigma(t))
+
+    def _t_from_log_snr(self, log_snr):
+        return jnp.arctan(jnp.exp(-0.5 * log_snr) / self.sigma_data)
+
+
+def _interpolant(**kwargs: Any) -> Schedule:
+    """A stochastic interpolant as a schedule (``diffax.fewstep.interpolants.InterpolantSchedule``)."""
+    from diffax.fewstep.interpolants import InterpolantSchedule  # the family lives beside its losses
+
+    return InterpolantSchedule(**kwargs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Discrete schedules.
 
@@ -468,6 +504,8 @@ _REGISTRY: dict[str, Callable[..., Schedule]] = {
     "ve": VE,
     "edm": EDM,
     "rectified_flow": RectifiedFlow,
+    "trigflow": TrigFlow,
+    "interpolant": _interpolant,
 }
 
 

@@ -160,6 +160,8 @@ def train_and_evaluate(
     # Input, model, loss, optimizer.
     pipeline = data.make_pipeline(config.input, seed=config.seed, latent_scale=config.vae.scale)
     parts = train_state.build(config)
+    if parts.trainer is not None:  # e.g. reflow trains on its pair set
+        pipeline = parts.trainer.input_pipeline(pipeline)
 
     # State: shapes and logical axes first, then shardings from the rules, then the real state.
     import diffax.models as models

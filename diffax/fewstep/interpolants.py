@@ -10,6 +10,12 @@ minimises L_eta = E[|eta^|^2 - 2 z . eta^] (eq. 2.15), and s = -eta / gamma is t
 gamma-part. The generative SDE dX = (b + eps s) dt + sqrt(2 eps) dW has the interpolant's marginals for
 every eps >= 0 (Thm. 2.21 / eq. 2.32); eps = 0 is the probability-flow ODE.
 
+As a diffax schedule (:class:`InterpolantSchedule`, ``schedules.get("interpolant", kind=...,
+gamma_scale=...)``) the interpolant runs in tau = 1 - t with alpha = a and sigma = sqrt(c^2 + gamma^2):
+c x_0 + gamma z is one Gaussian of that std, E[c' x_0 + gamma' z | x] = sigma' E[eps | x], so b is the schedule's
+probability-flow velocity and every deterministic diffax sampler integrates it; the SDE with its tunable
+eps is the ``"interpolant_sde"`` sampler (``diffax.samplers.interpolant``).
+
 Rectified flow is the linear interpolant with g = 0 (Liu et al. 2023); reflow retrains it on pairs
 (x_0, ODE(x_0)) of the previous flow (Sec. 2.3), which :func:`write_reflow_pairs` generates.
 
@@ -27,13 +33,16 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.typing import ArrayLike
+
+from diffax.schedules import Schedule
 
 __all__ = [
     "INTERPOLANTS",
     "Interpolant",
+    "InterpolantSchedule",
     "denoiser_loss",
-    "integrate",
     "velocity_loss",
     "write_reflow_pairs",
 ]
@@ -60,8 +69,9 @@ class Interpolant:
             raise ValueError(f"gamma_scale: {self.gamma_scale} must be >= 0.")
 
     def coefficients(self, t: ArrayLike) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(a, c, gamma) at t."""
-        t = jnp.asarray(t, jnp.float32)
+        """(a, c, gamma) at t (in float32 or wider)."""
+        t = jnp.asarray(t)
+        t = t.astype(jnp.promote_types(t.dtype, jnp.float32))
         if self.kind == "linear":
             a, c = t, 1.0 - t
         else:
@@ -72,7 +82,8 @@ class Interpolant:
 
     def derivatives(self, t: ArrayLike) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(a', c', gamma') at t (forward-mode derivatives of :meth:`coefficients`)."""
-        t = jnp.asarray(t, jnp.float32)
+        t = jnp.asarray(t)
+        t = t.astype(jnp.promote_types(t.dtype, jnp.float32))
         return jax.jvp(self.coefficients, (t,), (jnp.ones_like(t),))[1]
 
     def sample(self, x0: jax.Array, x1: jax.Array, z: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -97,38 +108,45 @@ def denoiser_loss(prediction: jax.Array, z: jax.Array) -> jax.Array:
     return velocity_loss(prediction, z)
 
 
-def integrate(
-    velocity: Callable[[jax.Array, jax.Array], jax.Array],
-    x0: jax.Array,
-    *,
-    num_steps: int,
-    t0: float = 0.0,
-    t1: float = 1.0,
-    score: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-    diffusion: float = 0.0,
-    key: jax.Array | None = None,
-) -> jax.Array:
-    """Integrates dX = (b + eps s) dt + sqrt(2 eps) dW from t0 to t1 on a uniform grid.
+@struct.dataclass
+class InterpolantSchedule(Schedule):
+    """An :class:`Interpolant` as a diffax schedule in tau = 1 - t (tau = 0 data, 1 noise): alpha(tau) =
+    a(1 - tau), sigma(tau) = sqrt(c^2 + gamma^2)(1 - tau)."""
 
-    With ``diffusion`` eps = 0 it is Heun's method on the ODE dX = b dt; with eps > 0 Euler-Maruyama on
-    the SDE (eq. 2.32), which needs the score s(t, x) (= -eta / gamma where gamma > 0) and a key.
-    ``velocity(t, x)`` and ``score(t, x)`` take a scalar t.
-    """
-    dt = (t1 - t0) / num_steps
+    kind: str = struct.field(pytree_node=False, default="linear")
+    gamma_scale: float = struct.field(pytree_node=False, default=0.0)
+    t_min: float = struct.field(pytree_node=False, default=0.0)
+    t_max: float = struct.field(pytree_node=False, default=1.0)
 
-    def ode(i, x):
-        t = t0 + i * dt
-        slope = velocity(t, x)
-        x_euler = x + dt * slope
-        return x + 0.5 * dt * (slope + velocity(t + dt, x_euler))
+    def __post_init__(self):
+        Interpolant(self.kind, self.gamma_scale)  # checks kind and gamma_scale
 
-    def sde(i, x):
-        t = t0 + i * dt
-        drift = velocity(t, x) + diffusion * score(t, x)
-        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-        return x + dt * drift + math.sqrt(2.0 * diffusion * abs(dt)) * noise
+    @property
+    def interpolant(self) -> Interpolant:
+        return Interpolant(self.kind, self.gamma_scale)
 
-    return jax.lax.fori_loop(0, num_steps, ode if diffusion == 0.0 else sde, x0)
+    def _log_alpha(self, t):
+        return jnp.log(self.interpolant.coefficients(1.0 - t)[0])
+
+    def _log_sigma(self, t):
+        _, c, gamma = self.interpolant.coefficients(1.0 - t)
+        return 0.5 * jnp.log(jnp.square(c) + jnp.square(gamma))
+
+    def _log_snr(self, t):
+        return 2.0 * (self._log_alpha(t) - self._log_sigma(t))
+
+    def _t_from_log_snr(self, log_snr):
+        """Bisection: the log-SNR falls monotonically in tau."""
+
+        def halve(_, bounds):
+            low, high = bounds
+            mid = 0.5 * (low + high)
+            above = self._log_snr(mid) > log_snr
+            return jnp.where(above, mid, low), jnp.where(above, high, mid)
+
+        low, high = jnp.zeros_like(log_snr), jnp.ones_like(log_snr)
+        low, high = jax.lax.fori_loop(0, 60, halve, (low, high))
+        return 0.5 * (low + high)
 
 
 def write_reflow_pairs(

@@ -51,6 +51,7 @@ def meanflow_loss(
     *,
     norm_p: float = 1.0,
     norm_eps: float = 0.01,
+    target_fn: AverageVelocity | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-example adaptively weighted MeanFlow loss and the plain squared error (eq. 9-11).
 
@@ -59,9 +60,14 @@ def meanflow_loss(
       x, e: data and noise, same shape.
       r, t: times with r <= t, shape (batch,).
       norm_p, norm_eps: the adaptive weight stopgrad(1 / (||err||^2 + eps)^p); p = 0 is plain l2.
+      target_fn: the same network in a form ``jax.jvp`` can differentiate (e.g. a training network
+        with reverse-mode-only kernels runs as ``u_fn``, its plain formulation under stop-gradient as
+        ``target_fn``); default ``u_fn``, whose jvp primal is then the prediction.
     """
     z = (1.0 - _column(t, x)) * x + _column(t, x) * e
-    u, target = meanflow_target(u_fn, z, r, t, e - x)
+    u, target = meanflow_target(u_fn if target_fn is None else target_fn, z, r, t, e - x)
+    if target_fn is not None:
+        u = jnp.asarray(u_fn(z, r, t), jnp.float32)
     error = jnp.sum(jnp.square(u - target).reshape(x.shape[0], -1), axis=-1)
     weight = jax.lax.stop_gradient(1.0 / jnp.power(error + norm_eps, norm_p))
     return weight * error, error

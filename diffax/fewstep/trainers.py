@@ -32,7 +32,10 @@ from diffax.fewstep import progressive
 
 __all__ = ["TRAINERS", "FewStepState", "build", "check", "load_teacher", "teacher_range"]
 
-TRAINERS = ("diffusion", "consistency", "progressive")
+# Flow and JVP trainers (diffax.fewstep.flow_trainers, jvp_trainers; imported where used: they build on
+# this module) check and build themselves.
+FLOW_TRAINERS = ("rectified_flow", "interpolant", "meanflow", "shortcut", "scm")
+TRAINERS = ("diffusion", "consistency", "progressive", *FLOW_TRAINERS)
 _PROGRESSIVE_FIELDS = ("initial_steps", "final_steps", "steps_per_stage", "t_max")
 TARGETS = ("teacher", "data")
 _CONSISTENCY_FIELDS = tuple(f.name for f in dataclasses.fields(cm.ConsistencySpec) if f.name != "total_steps")
@@ -79,6 +82,9 @@ def check(config: ml_collections.ConfigDict) -> None:
     if name not in TRAINERS:
         raise ValueError(f"config.trainer.name: unknown trainer {name!r}; known: {', '.join(TRAINERS)}.")
     if name == "diffusion":
+        return
+    if name in FLOW_TRAINERS:
+        _flow_trainers()[name].check(config)
         return
     options = _options(config)
     fields = (
@@ -292,6 +298,15 @@ class _Trainer:
         """The newest training step whose parameters sample in ``num_steps`` steps (``None``: any)."""
         del num_steps
         return None
+
+    def input_pipeline(self, pipeline: Any) -> Any:
+        """The training input: the config's pipeline (reflow replaces it by its pair set)."""
+        return pipeline
+
+    def grid_network(self, ts: jax.Array) -> Callable[..., jax.Array]:
+        """The sampling network on the grid ``ts`` (a network of an interval needs the next time)."""
+        del ts
+        return self.sampling_network()
 
     def apply_fn(self, *, train: bool) -> Callable[..., jax.Array]:
         module = self.module
@@ -507,6 +522,14 @@ def build(config: ml_collections.ConfigDict, schedule: Any, module: Any) -> _Tra
     name = config.trainer.name
     if name == "diffusion":
         return None
+    if name in FLOW_TRAINERS:
+        return _flow_trainers()[name](config, schedule, module)
     return {"consistency": ConsistencyTrainer, "progressive": ProgressiveTrainer}[name](
         config, schedule, module
     )
+
+
+def _flow_trainers() -> dict[str, type[_Trainer]]:
+    from diffax.fewstep import flow_trainers, jvp_trainers
+
+    return flow_trainers.TRAINERS | jvp_trainers.TRAINERS

@@ -9,6 +9,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from diffax.models import layers, moe
+from diffax.models.interval import split_times
 
 Dtype = Any
 
@@ -120,6 +121,8 @@ class DiT(nn.Module):
       num_shared_experts: DiT-MoE's shared experts n_s (every token uses them).
       balance_loss_weight: α of DiT-MoE's expert-level balance loss (its gradient joins training).
       capacity_factor: expert slots per example relative to an even split; 0: no token dropped.
+      interval_embedding: also condition on an interval length: t is (B,) or (B, 2) (time, interval),
+        the interval embedded like the time and added (``diffax.models.interval``; MeanFlow, shortcut).
 
     References:
       Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023, Sec. 3 (patchify, adaLN-Zero,
@@ -155,6 +158,7 @@ class DiT(nn.Module):
     num_shared_experts: int = 2
     balance_loss_weight: float = 0.005
     capacity_factor: float = 0.0
+    interval_embedding: bool = False
 
     def __post_init__(self) -> None:
         self._validate()
@@ -206,7 +210,7 @@ class DiT(nn.Module):
 
         Args:
           x: (B, H, W, C) noisy latents; H and W divisible by ``patch_size``.
-          t: (B,) continuous times.
+          t: (B,) continuous times ((B, 2) times and intervals with ``interval_embedding``).
           cond: None, int labels (B,), or {"label": (B,)}.
           train: enables label dropout (needs the "dropout" rng).
 
@@ -214,6 +218,7 @@ class DiT(nn.Module):
           (B, H, W, C), or (B, H, W, 2C) with ``learned_variance`` (eps first), in x's dtype.
         """
         x, t = jnp.asarray(x), jnp.asarray(t)
+        t, interval = split_times("DiT", x, t, enabled=self.interval_embedding)
         layers.check_inputs("DiT", x, t)
         b, height, width, channels = x.shape
         p, d = self.patch_size, self.hidden_size
@@ -232,18 +237,23 @@ class DiT(nn.Module):
         h = h.reshape(b, gh * gw, d) + pos[None]
 
         def embed(suffix: str, label_dropout: float) -> jax.Array:
-            c = layers.TimeEmbedding(
-                d,
-                self.freq_dim,
-                kind=self.time_embedding,
-                time_scale=self.time_scale,
-                fourier_scale=self.fourier_scale,
-                freq_shift=self.time_freq_shift,
-                time_offset=self.time_offset,
-                kernel_init=nn.initializers.normal(0.02),
-                name=f"time_embed{suffix}",
-                **kw,
-            )(t)
+            def time_embedding(name: str, value: jax.Array) -> jax.Array:
+                return layers.TimeEmbedding(
+                    d,
+                    self.freq_dim,
+                    kind=self.time_embedding,
+                    time_scale=self.time_scale,
+                    fourier_scale=self.fourier_scale,
+                    freq_shift=self.time_freq_shift,
+                    time_offset=self.time_offset,
+                    kernel_init=nn.initializers.normal(0.02),
+                    name=f"{name}{suffix}",
+                    **kw,
+                )(value)
+
+            c = time_embedding("time_embed", t)
+            if interval is not None:
+                c = c + time_embedding("interval_embed", interval)
             if labels is None:
                 return c
             table = layers.LabelEmbedding(

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from diffax.models import layers
+from diffax.models.interval import split_times
 
 Dtype = Any
 
@@ -140,6 +141,8 @@ class UNet(nn.Module):
       label_dropout: probability of replacing a label by the null label when ``train=True``.
       context_dim: width of a cross-attention context (``cond["context"]``), or None.
       learned_variance: output 2x channels (mean/eps prediction, then variance interpolation).
+      interval_embedding: also condition on an interval length: t is (B,) or (B, 2) (time, interval),
+        the interval embedded like the time and added (``diffax.models.interval``; MeanFlow, shortcut).
       remat: rematerialise each residual/attention block in the backward pass.
       remat_policy: with ``remat``, the ``jax.checkpoint_policies`` member naming what each block
         saves (e.g. ``"dots_with_no_batch_dims_saveable"``); None saves nothing.
@@ -188,6 +191,7 @@ class UNet(nn.Module):
     label_dropout: float = 0.0
     context_dim: int | None = None
     learned_variance: bool = False
+    interval_embedding: bool = False
     remat: bool = False
     remat_policy: str | None = None
     dtype: Dtype = jnp.float32
@@ -276,7 +280,7 @@ class UNet(nn.Module):
 
         Args:
           x: (B, H, W, C) noisy images.
-          t: (B,) continuous times.
+          t: (B,) continuous times ((B, 2) times and intervals with ``interval_embedding``).
           cond: None, int labels (B,), or {"label": (B,), "context": (B, L, context_dim)}.
           train: enables dropout and label dropout (needs the "dropout" rng).
 
@@ -284,6 +288,7 @@ class UNet(nn.Module):
           (B, H, W, C), or (B, H, W, 2C) with ``learned_variance``, in x's dtype.
         """
         x, t = jnp.asarray(x), jnp.asarray(t)
+        t, interval = split_times("UNet", x, t, enabled=self.interval_embedding)
         layers.check_inputs("UNet", x, t)
         self._check_resolution(x)
         labels, context = layers.split_cond(
@@ -291,18 +296,20 @@ class UNet(nn.Module):
         )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         emb_dim = 4 * self.base_channels
-        emb = layers.TimeEmbedding(
-            emb_dim,
-            self.base_channels,
+        embedding = dict(
             kind=self.time_embedding,
             time_scale=self.time_scale,
             fourier_scale=self.fourier_scale,
             sin_first=self.time_sin_first,
             freq_shift=self.time_freq_shift,
             time_offset=self.time_offset,
-            name="time_embed",
             **kw,
-        )(t)
+        )
+        emb = layers.TimeEmbedding(emb_dim, self.base_channels, name="time_embed", **embedding)(t)
+        if interval is not None:
+            emb = emb + layers.TimeEmbedding(emb_dim, self.base_channels, name="interval_embed", **embedding)(
+                interval
+            )
         if labels is not None:
             emb = emb + layers.LabelEmbedding(
                 self.num_classes, emb_dim, dropout=self.label_dropout, name="label_embed", **kw

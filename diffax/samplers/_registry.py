@@ -13,6 +13,7 @@ from diffax.samplers.ddpm_ddim import ddim, ddpm
 from diffax.samplers.dpm_solver import multistep, singlestep
 from diffax.samplers.dpm_solver_v3 import dpm_solver_v3
 from diffax.samplers.edm import euler, heun
+from diffax.samplers.interpolant import interpolant_sde
 from diffax.samplers.ode import AdaptiveSampler, ode
 from diffax.samplers.pndm import plms, pndm
 from diffax.samplers.sde import euler_maruyama, pc
@@ -58,6 +59,7 @@ REGISTRY: dict[str, Callable[..., Sampler | AdaptiveSampler]] = {
     "pc": pc,
     "ode": ode,
     "consistency": consistency,
+    "interpolant_sde": interpolant_sde,
 }
 
 SAMPLERS: tuple[str, ...] = tuple(REGISTRY)

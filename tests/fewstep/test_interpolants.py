@@ -1,6 +1,7 @@
 """Stochastic interpolants and reflow against the analytic mixture: the losses are minimised by the exact
-velocity and denoiser, the ODE/SDE samplers keep the interpolant's marginals, reflow pairs of the exact
-flow are the float64 ODE map, and the pair job resumes chunk by chunk."""
+velocity and denoiser, the interpolant's velocity is its schedule's probability flow, the registered SDE
+sampler with a tunable diffusion keeps the interpolant's marginals, reflow pairs of the exact flow are
+the float64 ODE map, and the pair job resumes chunk by chunk."""
 
 import math
 import os
@@ -56,31 +57,46 @@ def test_losses_are_minimised_by_the_exact_velocity_and_denoiser(kind, g):
             assert float(np.mean(loss(jnp.asarray(mean_field), jnp.asarray(aim)))) > base + 0.05
 
 
+def test_the_interpolant_velocity_is_its_schedules_probability_flow_and_log_snr_inverts():
+    """b(t, x) = -(alpha' x_0 + sigma' eps) of the schedule in tau = 1 - t (so every deterministic diffax
+    sampler integrates the interpolant's ODE), and t_from_log_snr inverts log_snr (bisection)."""
+    schedule = schedules.get("interpolant", kind="trig", gamma_scale=1.0)
+    x = np.random.default_rng(3).standard_normal((64, 2))
+    for t in (0.2, 0.7):
+        b, _, _ = _exact_fields(schedule.interpolant, t, x)
+        tau = np.float32(1.0 - t)
+        model = MIXTURE.model_fn(schedule, prediction="eps")
+        eps = np.asarray(model(jnp.asarray(x, jnp.float32), jnp.full((64,), tau)), np.float64)
+        alpha, sigma = float(schedule.alpha(tau)), float(schedule.sigma(tau))
+        dalpha, dsigma = (
+            float(jax.jvp(f, (tau,), (np.float32(1.0),))[1]) for f in (schedule.alpha, schedule.sigma)
+        )
+        x0 = (x - sigma * eps) / alpha
+        np.testing.assert_allclose(-(dalpha * x0 + dsigma * eps), b, rtol=2e-4, atol=2e-4)
+    taus = jnp.linspace(0.05, 0.95, 7)
+    np.testing.assert_allclose(schedule.t_from_log_snr(schedule.log_snr(taus)), taus, atol=1e-5)
+
+
 @pytest.mark.parametrize("diffusion", [0.0, 1.0])
-def test_ode_and_sde_samplers_keep_the_marginals(diffusion):
-    interpolant = interpolants.Interpolant("trig", 1.0)
+def test_the_interpolant_sde_sampler_keeps_the_marginals(diffusion):
+    """``diffax.sample(..., sampler="interpolant_sde", diffusion=eps)`` from the interpolant's marginal at
+    t = 0.02 lands on its marginal at t = 0.98, for the ODE (eps = 0) and the SDE."""
+    schedule = schedules.get("interpolant", kind="trig", gamma_scale=1.0)
     t0, t1, n = 0.02, 0.98, 3000
     rng = np.random.default_rng(1)
-    a, c, gamma = (float(v) for v in interpolant.coefficients(t0))
+    a, c, gamma = (float(v) for v in schedule.interpolant.coefficients(t0))
     x_start = a * MIXTURE.sample(rng, n) + math.sqrt(c * c + gamma * gamma) * rng.standard_normal((n, 2))
-
-    def host(index):
-        def call(t, x):
-            return _exact_fields(interpolant, float(t), np.asarray(x))[index].astype(np.float32)
-
-        return lambda t, x: jax.pure_callback(call, jax.ShapeDtypeStruct(x.shape, jnp.float32), t, x)
-
-    out = interpolants.integrate(
-        host(0),
+    out = samplers.sample(
+        MIXTURE.model_fn(schedule, prediction="eps"),
+        schedule,
         jnp.asarray(x_start, jnp.float32),
-        num_steps=200,
-        t0=t0,
-        t1=t1,
-        score=host(2),
-        diffusion=diffusion,
+        sampler="interpolant_sde",
+        timesteps=jnp.linspace(1.0 - t0, 1.0 - t1, 201),
+        prediction="eps",
         key=jax.random.key(2),
+        diffusion=diffusion,
     )
-    a, c, gamma = (float(v) for v in interpolant.coefficients(t1))
+    a, c, gamma = (float(v) for v in schedule.interpolant.coefficients(t1))
     mean, cov = MIXTURE.marginal_moments(a, math.sqrt(c * c + gamma * gamma))
     out = np.asarray(out, np.float64)
     np.testing.assert_allclose(out.mean(0), mean, atol=0.05)
