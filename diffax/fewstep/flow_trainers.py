@@ -78,6 +78,9 @@ class OptionsTrainer(_Trainer):
                 f"config.process.name: the {name!r} trainer works in the {cls.PROCESS!r} time convention and "
                 f"cannot convert {config.process.name!r}; set process.name={cls.PROCESS!r}."
             )
+        t_max = train_state.registry_kwargs(config.trainer).get("t_max", cls.DEFAULTS.get("t_max", 0.5))
+        if not 0.0 < t_max < 1.0:  # sampling starts there; alpha = 0 at t = 1
+            raise ValueError(f"config.trainer.t_max: {t_max} must lie in (0, 1) (alpha = 0 at 1).")
 
     def apply_output(
         self, params: Any, x: jax.Array, t: jax.Array, cond: Any, key: jax.Array | None, *, train: bool
@@ -104,8 +107,6 @@ class RectifiedFlowTrainer(OptionsTrainer):
         options = train_state.registry_kwargs(config.trainer)
         if options.get("distill_steps", 0) < 0:
             raise ValueError(f"config.trainer.distill_steps: {options['distill_steps']} must be >= 0.")
-        if not 0.0 < options.get("t_max", 0.999) < 1.0:
-            raise ValueError(f"config.trainer.t_max: {options['t_max']} must lie in (0, 1) (alpha(1) = 0).")
         pairs_dir = options.get("pairs_dir", "")
         if pairs_dir:
             from diffax import data
@@ -178,8 +179,6 @@ class InterpolantTrainer(OptionsTrainer):
             raise ValueError(
                 f"config.trainer.loss: unknown {options['loss']!r}; known: {', '.join(cls.LOSSES)}."
             )
-        if not 0.0 < options.get("t_max", 0.999) < 1.0:
-            raise ValueError(f"config.trainer.t_max: {options['t_max']} must lie in (0, 1) (alpha = 0 at 1).")
 
     @property
     def interpolant(self) -> interpolants.Interpolant:

@@ -12,9 +12,9 @@ every eps >= 0 (Thm. 2.21 / eq. 2.32); eps = 0 is the probability-flow ODE.
 
 As a diffax schedule (:class:`InterpolantSchedule`, ``schedules.get("interpolant", kind=...,
 gamma_scale=...)``) the interpolant runs in tau = 1 - t with alpha = a and sigma = sqrt(c^2 + gamma^2):
-c x_0 + gamma z is one Gaussian of that std, E[c' x_0 + gamma' z | x] = sigma' E[eps | x], so b is the schedule's
-probability-flow velocity and every deterministic diffax sampler integrates it; the SDE with its tunable
-eps is the ``"interpolant_sde"`` sampler (``diffax.samplers.interpolant``).
+c x_0 + gamma z is one Gaussian of that std and E[c' x_0 + gamma' z | x] = sigma' E[eps | x], so b is the
+schedule's probability-flow velocity and every deterministic diffax sampler integrates it; the SDE with
+its tunable eps is the ``"interpolant_sde"`` sampler (``diffax.samplers.interpolant``).
 
 Rectified flow is the linear interpolant with g = 0 (Liu et al. 2023); reflow retrains it on pairs
 (x_0, ODE(x_0)) of the previous flow (Sec. 2.3), which :func:`write_reflow_pairs` generates.

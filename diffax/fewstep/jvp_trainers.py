@@ -68,9 +68,6 @@ class _IntervalTrainer(_JVPTrainer):
                 f"config.model.interval_embedding: the {config.trainer.name!r} network is conditioned on "
                 "(t, t - r); set model.interval_embedding=True."
             )
-        t_max = train_state.registry_kwargs(config.trainer).get("t_max", cls.DEFAULTS["t_max"])
-        if not 0.0 < t_max < 1.0:
-            raise ValueError(f"config.trainer.t_max: {t_max} must lie in (0, 1) (alpha(1) = 0).")
 
     def average_velocity(
         self, params: Any, cond: Any, key: jax.Array | None, *, train: bool

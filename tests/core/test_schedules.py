@@ -176,7 +176,7 @@ def test_prior_sample_and_log_prob():
 @pytest.mark.parametrize(
     "name, kwargs, match",
     [
-        ("nope", {}, "known schedules: cosine, edm, linear"),
+        ("nope", {}, "known schedules: cosine, edm, interpolant, linear"),
         ("vp_linear", {"beta_min": -0.1}, "beta_min must be > 0"),
         ("vp_linear", {"beta_min": 1.0, "beta_max": 0.5}, "beta_max"),
         ("linear", {"beta_start": 0.0}, "beta_start must be > 0"),

@@ -2,16 +2,18 @@
 distillation, stochastic interpolants, MeanFlow, shortcut, sCM): experiment files, one-line bad input,
 training, exact resume, sampling through ``diffax.generate`` at K steps."""
 
+import functools
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
 from diffax import config as config_lib
-from diffax import generate, train
+from diffax import data, generate, sharding, train, train_state
 from diffax.fewstep import interpolants
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,38 +79,47 @@ def _mixture(trainer, *, process="rectified_flow", interval=False, sampler="ddim
     return config
 
 
-def _assert_same(a, b):
-    for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)), strict=True):
-        np.testing.assert_array_equal(x, y)
+def _step_and_sample(config, *, steps=2):
+    """One jitted step of the config's trainer from a fresh state and samples at ``steps`` steps with its
+    own grid and network, as ``diffax.train`` and ``diffax.generate`` build them."""
+    config_lib.validate(config)
+    parts = train_state.build(config)
+    init = train_state.state_initializer(config, parts)
+    state = train_state.start(jax.jit(lambda: nn.meta.unbox(init()))(), parts)
+    pipeline = parts.trainer.input_pipeline(data.make_pipeline(config.input, seed=0))
+    batch = jax.tree.map(jax.numpy.asarray, pipeline.get(0))
+    state, metrics = jax.jit(train_state.config_train_step(config, parts))(state, batch)
+    assert np.isfinite(float(metrics["loss"])), config.trainer.name
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)), devices=jax.devices()[:1])
+    return functools.partial(
+        generate.make_sampler(config, parts, mesh=mesh, steps=steps), state.sampling_params()
+    )
 
 
 @pytest.mark.slow
 def test_flow_trainers_train_resume_and_sample(tmp_path):
-    """1-RF, its pairs by the pair job's writer through ``generate``'s sampler, reflow on them started at
-    the 1-RF run and resumed exactly, one-step distillation; the interpolant, MeanFlow, shortcut and sCM
-    trainers: each trains, checkpoints and samples finite images at 1 and 2 steps with its own sampler."""
-    rf_dir = str(tmp_path / "rf")
-    train.train_and_evaluate(_mixture(dict(name="rectified_flow"), sampler="heun"), rf_dir)
-    run, sample_fn, params, _ = generate.load_run(rf_dir)
+    """1-RF; its pairs through the sampler ``diffax.generate`` builds, the noise kept (the pair job's
+    writer); reflow on them and one-step distillation; the interpolant, MeanFlow and shortcut: one step
+    each with finite loss and finite samples at 2 steps (1 for the distilled flow) with the trainer's own
+    grid and network. sCM (its parameters {"network", "logvar"}) in the loop: trained, checkpointed,
+    sampled by ``generate.load_run`` at 2 steps."""
     labels = np.zeros((16,), np.int32)
+    rf = _step_and_sample(_mixture(dict(name="rectified_flow"), sampler="heun"))
     pairs = str(tmp_path / "pairs")
-    interpolants.write_reflow_pairs(
-        lambda e: sample_fn(params, jax.random.key(0), labels, x_T=e),
+    (written,) = interpolants.write_reflow_pairs(
+        lambda e: rf(jax.random.key(0), labels, x_T=e),
         pairs,
         shape=(8, 8, 1),
-        num_chunks=2,
+        num_chunks=1,
         chunk_size=16,
         seed=0,
     )
-    reflow = _mixture(dict(name="rectified_flow", pairs_dir=pairs), sampler="heun")
-    reflow.teacher.workdir = rf_dir
-    whole = train.train_and_evaluate(reflow, str(tmp_path / "reflow"))
-    reflow.total_steps = 1
-    train.train_and_evaluate(reflow, str(tmp_path / "resumed"))
-    reflow.total_steps = 2
-    _assert_same(train.train_and_evaluate(reflow, str(tmp_path / "resumed")).params, whole.params)
-
+    chunk = np.load(written)
+    np.testing.assert_allclose(
+        chunk["image"], rf(jax.random.key(5), labels, x_T=chunk["noise"])
+    )  # the flow's
     runs = {
+        "reflow": _mixture(dict(name="rectified_flow", pairs_dir=pairs), sampler="heun"),
         "distill": _mixture(dict(name="rectified_flow", pairs_dir=pairs, distill_steps=1)),
         "interpolant": _mixture(
             dict(name="interpolant", loss="denoiser"),
@@ -119,14 +130,15 @@ def test_flow_trainers_train_resume_and_sample(tmp_path):
         ),
         "meanflow": _mixture(dict(name="meanflow"), interval=True),
         "shortcut": _mixture(dict(name="shortcut", min_step=0.25, bootstrap_fraction=0.25), interval=True),
-        "scm": _mixture(dict(name="scm", warmup_steps=2), process="trigflow", sampler="consistency"),
     }
     for name, config in runs.items():
-        config.total_steps = 1
-        train.train_and_evaluate(config, str(tmp_path / name))
-        for steps in (1, 2):
-            run, sample_fn, params, step = generate.load_run(str(tmp_path / name), steps=steps)
-            images = generate.sample_images(sample_fn, params, config=run, seed=0, num_samples=4)[0]
-            assert step == 1 and images.shape == (4, 8, 8, 1), name
-        raw = sample_fn(params, jax.random.key(1), np.zeros((4,), np.int32))
-        assert np.all(np.isfinite(np.asarray(raw))), name
+        images = _step_and_sample(config, steps=1 if name == "distill" else 2)(jax.random.key(1), labels[:4])
+        assert images.shape == (4, 8, 8, 1) and np.all(np.isfinite(np.asarray(images))), name
+
+    scm = _mixture(dict(name="scm", warmup_steps=2), process="trigflow", sampler="consistency")
+    scm.total_steps = 1
+    state = train.train_and_evaluate(scm, str(tmp_path / "scm"))
+    assert set(state.params) == {"network", "logvar"} and state.target_params == ()
+    run, sample_fn, params, step = generate.load_run(str(tmp_path / "scm"), steps=2)
+    images = generate.sample_images(sample_fn, params, config=run, seed=0, num_samples=4)[0]
+    assert step == 1 and images.shape == (4, 8, 8, 1)
