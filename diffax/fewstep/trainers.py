@@ -30,13 +30,22 @@ from diffax import train_state
 from diffax.fewstep import consistency as cm
 from diffax.fewstep import progressive
 
-__all__ = ["TRAINERS", "FewStepState", "build", "check", "load_teacher", "teacher_range"]
+__all__ = [
+    "TRAINERS",
+    "FewStepState",
+    "build",
+    "check",
+    "load_teacher",
+    "student_prediction",
+    "teacher_range",
+]
 
 # Flow and JVP trainers (diffax.fewstep.flow_trainers, jvp_trainers; imported where used: they build on
 # this module) check and build themselves.
 FLOW_TRAINERS = ("rectified_flow", "interpolant", "meanflow", "shortcut", "scm")
 TRAINERS = ("diffusion", "consistency", "progressive", *FLOW_TRAINERS)
-_PROGRESSIVE_FIELDS = ("initial_steps", "final_steps", "steps_per_stage", "t_max")
+_PROGRESSIVE_FIELDS = ("initial_steps", "final_steps", "steps_per_stage", "t_max", "prediction")
+PREDICTIONS = ("eps", "x0", "v")
 TARGETS = ("teacher", "data")
 _CONSISTENCY_FIELDS = tuple(f.name for f in dataclasses.fields(cm.ConsistencySpec) if f.name != "total_steps")
 
@@ -51,6 +60,14 @@ class FewStepState(train_state.TrainState):
 
 def _options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return train_state.registry_kwargs(config.trainer)
+
+
+def student_prediction(config: ml_collections.ConfigDict) -> str:
+    """What the student network's output is (``config.trainer.prediction``; by default the teacher's
+    ``config.loss.prediction``). A student of an eps teacher may predict v: its data estimate
+    alpha x - sigma v stays bounded where (x - sigma eps) / alpha divides by alpha -> 0 at high noise, and
+    at low noise (alpha -> 1) the teacher's eps output read as v is nearly the teacher's own estimate."""
+    return _options(config).get("prediction", config.loss.prediction)
 
 
 def spec_of(config: ml_collections.ConfigDict) -> cm.ConsistencySpec:
@@ -88,12 +105,19 @@ def check(config: ml_collections.ConfigDict) -> None:
         return
     options = _options(config)
     fields = (
-        _PROGRESSIVE_FIELDS if name == "progressive" else _CONSISTENCY_FIELDS + ("target", "teacher_sampler")
+        _PROGRESSIVE_FIELDS
+        if name == "progressive"
+        else _CONSISTENCY_FIELDS + ("target", "teacher_sampler", "prediction")
     )
     unknown = sorted(set(options) - set(fields))
     if unknown:
         raise ValueError(
             f"config.trainer.{unknown[0]}: no such option of {name!r}; known: {', '.join(fields)}."
+        )
+    if student_prediction(config) not in PREDICTIONS:
+        raise ValueError(
+            f"config.trainer.prediction: unknown {student_prediction(config)!r}; known: "
+            f"{', '.join(PREDICTIONS)}."
         )
     schedule = schedules.get(config.process.name, **train_state.registry_kwargs(config.process))
     if name == "progressive":
@@ -338,7 +362,7 @@ class ConsistencyTrainer(_Trainer):
         denoise = cm.scaled_denoiser(
             self.schedule,
             self.apply_fn(train=train),
-            prediction=self.config.loss.prediction,
+            prediction=student_prediction(self.config),
             edm_preconditioned=self.config.loss.name == "edm",
         )
         spec = self.spec
@@ -422,8 +446,9 @@ class ConsistencyTrainer(_Trainer):
 class ProgressiveTrainer(_Trainer):
     """Progressive distillation (Salimans & Ho 2022): ``initial_steps`` halved every ``steps_per_stage``
     updates down to ``final_steps``; at each stage boundary the student becomes the teacher (kept in the
-    state, so a run resumes mid-stage). The student keeps the teacher's prediction type; the paper
-    finds eps-prediction unstable at few steps (Sec. 4), so an x- or v-predicting teacher suits it best."""
+    state, so a run resumes mid-stage). The student predicts ``trainer.prediction`` (default: the
+    teacher's); the paper finds eps-prediction unstable at few steps (Sec. 4) and uses x or v: a student
+    of an eps teacher predicting v reads the teacher run's network as eps in stage 0 only."""
 
     def _option(self, key: str) -> Any:
         defaults = dict(initial_steps=256, final_steps=1, steps_per_stage=1000, t_max=self.schedule.t_max)
@@ -442,8 +467,10 @@ class ProgressiveTrainer(_Trainer):
         from diffax.process import q_sample
 
         config, schedule, t_max = self.config, self.schedule, float(self._option("t_max"))
-        apply_fn, prediction = self.apply_fn(train=True), config.loss.prediction
+        apply_fn, prediction = self.apply_fn(train=True), student_prediction(config)
         per_stage = self._option("steps_per_stage")
+        # The teacher run's network predicts config.loss.prediction; from stage 1 on the teacher is a student.
+        first_teacher = config.loss.prediction
 
         def step(state: FewStepState, batch):
             # A new stage starts: the student of the last one is the teacher now (Alg. 2, outer loop).
@@ -460,10 +487,16 @@ class ProgressiveTrainer(_Trainer):
                 i = jax.random.randint(index_key, (x0.shape[0],), 1, num + 1)
                 t = t_max * i.astype(jnp.float32) / num.astype(jnp.float32)
                 z_t = q_sample(schedule, x0, t, jax.random.normal(noise_key, x0.shape, x0.dtype))
-                target = jax.lax.stop_gradient(
-                    progressive.distillation_target(
-                        teacher, schedule, z_t, t, num, prediction=prediction, t_max=t_max
+                targets = [
+                    functools.partial(
+                        progressive.distillation_target, teacher, schedule, prediction=p, t_max=t_max
                     )
+                    for p in dict.fromkeys((prediction, first_teacher))  # one branch when they agree
+                ]
+                target = jax.lax.stop_gradient(
+                    jax.lax.cond(state.step < per_stage, targets[-1], targets[0], z_t, t, num)
+                    if len(targets) > 1
+                    else targets[0](z_t, t, num)
                 )
                 out = apply_fn(params, z_t, t, cond, net_key)[..., : x0.shape[-1]]
                 x_hat = to_x0_eps(schedule, out, z_t, t, prediction=prediction)[0]
@@ -507,7 +540,7 @@ class ProgressiveTrainer(_Trainer):
         apply_fn, schedule, prediction = (
             self.apply_fn(train=False),
             self.schedule,
-            self.config.loss.prediction,
+            student_prediction(self.config),
         )
 
         def network(params, x, t, cond):

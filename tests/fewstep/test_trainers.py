@@ -66,6 +66,7 @@ def test_experiment_files_validate_and_bad_teachers_get_one_line(tmp_path):
         ),
         "trainer.teacher_sampler": ("ddpm", "config.trainer.teacher_sampler: 'ddpm' is not a deterministic"),
         "trainer.distance": ("lpips", "config.trainer.distance: unknown 'lpips'"),
+        "trainer.prediction": ("score", "config.trainer.prediction: unknown 'score'"),
     }
     for field, (value, message) in cases.items():
         with pytest.raises(config_lib.ConfigError) as error:
@@ -133,7 +134,7 @@ def test_distillation_runs_resumes_and_samples_in_few_steps(tmp_path):
     # boundary, the student of stage 0 becomes the teacher of stage 1.
     pd = mixture.get_config("dit")
     pd.trainer = ml_collections.ConfigDict(
-        dict(name="progressive", initial_steps=4, final_steps=2, steps_per_stage=2)
+        dict(name="progressive", initial_steps=4, final_steps=2, steps_per_stage=2, prediction="v")
     )
     pd.teacher.workdir = teacher_dir
     pd.sampler.name = "ddim"
