@@ -11,15 +11,18 @@ folder); it never trains here. The cache is written once:
 
 which encodes ``config.vae.source`` (an input section, e.g. the digits train split, or a tfds split
 read a shard at a time and center-cropped as ADM and DiT do) in shards of
-``config.vae.cache_shard_size`` images to ``CACHE/shard_<i>.npz`` (``mean``, ``logvar``, ``label``;
-each written beside and renamed into place, so a killed job resumes at the first missing shard), then
-the scale ``1 / std`` of one posterior draw per training latent (Rombach et al. 2022, Sec. 4.3.2 and
-the ``scale_by_std`` of LDM; logged, in ``CACHE/metadata.json``, and copied into the run's
-``config.json`` as ``config.vae.scale``).
+``config.vae.cache_shard_size`` images to ``CACHE/shard_<i>/`` (``mean.npy``, ``logvar.npy``,
+``label.npy``, and with ``config.input.random_flip`` the mirrored images' ``mean_flipped.npy``,
+``logvar_flipped.npy``; each folder written beside and renamed into place, so a killed job resumes at
+the first missing shard), then the scale ``1 / std`` of one posterior draw per training latent
+(Rombach et al. 2022, Sec. 4.3.2 and the ``scale_by_std`` of LDM; logged, in ``CACHE/metadata.json``,
+and copied into the run's ``config.json`` as ``config.vae.scale``). Training reads the shards
+memory-mapped, so the cache need not fit in host memory (ImageNet-256: 2 × 21 GB in float32).
 """
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -27,10 +30,12 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from diffax.data.pipeline import _StepDerived
+from diffax.data.pipeline import _StepDerived, flip_mask
 
 METADATA = "metadata.json"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 1: one .npz per shard, read whole into memory
+ARRAYS = ("mean", "logvar", "label")
+MIRRORED_ARRAYS = ("mean_flipped", "logvar_flipped")
 
 
 def is_latent_run(config: ml_collections.ConfigDict) -> bool:
@@ -161,7 +166,7 @@ def source_images(
 
 
 def _shard_path(cache: str, index: int) -> str:
-    return os.path.join(cache, f"shard_{index:05d}.npz")
+    return os.path.join(cache, f"shard_{index:05d}")
 
 
 def _posterior_draw(mean: np.ndarray, logvar: np.ndarray, index: int) -> np.ndarray:
@@ -170,14 +175,34 @@ def _posterior_draw(mean: np.ndarray, logvar: np.ndarray, index: int) -> np.ndar
     return mean + np.exp(0.5 * logvar) * eps
 
 
+def _encode_all(encode: Any, params: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, logvar)`` of ``images``, encoded 100 at a time."""
+    parts = [jax.device_get(encode(params, images[i : i + 100])) for i in range(0, len(images), 100)]
+    return tuple(np.concatenate(a) for a in zip(*parts, strict=True))
+
+
+def _write_shard(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Writes ``NAME.npy`` per array into ``path + ".partial"``, then renames the folder into place."""
+    partial = path + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    for name, array in arrays.items():
+        np.save(os.path.join(partial, f"{name}.npy"), array, allow_pickle=False)
+    os.replace(partial, path)
+
+
 def write_cache(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Encodes ``config.vae.source`` into ``config.input.data_dir`` (resumable) and returns its metadata.
 
-    Shard ``i`` holds images ``[i · size, (i + 1) · size)`` of the source, read and encoded on its own,
-    so memory holds one shard and a killed job redoes only the missing ones. The scale is streamed
-    over the shards (float64 sums of one posterior draw per latent).
+    Shard ``i`` (a folder of ``.npy`` arrays) holds images ``[i · size, (i + 1) · size)`` of the
+    source, read and encoded on its own, so memory holds one shard and a killed job redoes only the
+    missing ones. With ``config.input.random_flip`` each shard also holds the posteriors of the
+    horizontally mirrored images (``mean_flipped``, ``logvar_flipped``): the VAE's convolutions are not
+    mirror-symmetric, so the mirror's posterior is not the mirrored posterior. The scale is streamed
+    over the shards (float64 sums of one posterior draw per unmirrored latent).
     """
     cache, v = config.input.data_dir, config.vae
+    mirrored = bool(config.input.random_flip)
     module, params = load_vae(v)
     encode = encoder(module)
     os.makedirs(cache, exist_ok=True)
@@ -186,30 +211,28 @@ def write_cache(config: ml_collections.ConfigDict) -> dict[str, Any]:
     num_shards = -(-num_images // size)
     for index in range(num_shards):
         path = _shard_path(cache, index)
-        if os.path.exists(path):
+        if os.path.isdir(path):
             logging.info("shard %d/%d already cached", index + 1, num_shards)
             continue
         images, labels = source_images(v, index * size, min((index + 1) * size, num_images))
-        means, logvars = [], []
-        for start in range(0, len(images), 100):
-            mean, logvar = jax.device_get(encode(params, images[start : start + 100]))
-            means.append(mean)
-            logvars.append(logvar)
-        with open(path + ".partial", "wb") as f:
-            np.savez(f, mean=np.concatenate(means), logvar=np.concatenate(logvars), label=labels)
-        os.replace(path + ".partial", path)
+        mean, logvar = _encode_all(encode, params, images)
+        arrays = dict(mean=mean, logvar=logvar, label=labels.astype(np.int32))
+        if mirrored:
+            arrays["mean_flipped"], arrays["logvar_flipped"] = _encode_all(encode, params, images[:, :, ::-1])
+        _write_shard(path, arrays)
         logging.info("cached shard %d/%d", index + 1, num_shards)
     count, total, squares = 0, 0.0, 0.0
     for index in range(num_shards):
-        mean, logvar, _ = read_shards(cache, num_shards, only=index)
-        draw = _posterior_draw(mean, logvar, index).astype(np.float64)
+        shard = open_shard(cache, index, mirrored=mirrored)
+        draw = _posterior_draw(shard["mean"], shard["logvar"], index).astype(np.float64)
         count, total, squares = count + draw.size, total + draw.sum(), squares + np.square(draw).sum()
     std = float(np.sqrt(squares / count - (total / count) ** 2))
     metadata = dict(
         format=CACHE_FORMAT,
         num_images=num_images,
         num_shards=num_shards,
-        latent_shape=list(mean.shape[1:]),
+        mirrored=mirrored,
+        latent_shape=list(shard["mean"].shape[1:]),
         scale=1.0 / std,
         latent_std=std,
         source=v.source.to_dict(),
@@ -240,37 +263,81 @@ def read_metadata(cache: str) -> dict[str, Any]:
         assert metadata["format"] == CACHE_FORMAT and metadata["num_shards"] >= 1
     except (ValueError, KeyError, AssertionError, TypeError):
         raise ValueError(
-            f"config.input.data_dir: {path} is damaged; delete the cache and rerun python -m diffax.latent."
+            f"config.input.data_dir: {path} is damaged or of an older format; delete the cache and rerun"
+            " python -m diffax.latent."
         ) from None
     return metadata
+
+
+def open_shard(cache: str, index: int, *, mirrored: bool = False) -> dict[str, np.ndarray]:
+    """Shard ``index``'s arrays (``mean``, ``logvar``, ``label``; with ``mirrored`` also
+    ``mean_flipped``, ``logvar_flipped``), memory-mapped read-only: nothing is read until indexed.
+
+    Raises:
+      ValueError: one line naming ``config.input.data_dir`` when the shard is missing or damaged.
+    """
+    path = _shard_path(cache, index)
+    names = ARRAYS + (MIRRORED_ARRAYS if mirrored else ())
+    try:
+        arrays = {
+            name: np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
+            for name in names
+        }
+        shapes = {arrays[name].shape for name in names if name != "label"}
+        assert len(shapes) == 1 and arrays["label"].shape == (arrays["mean"].shape[0],)
+    except FileNotFoundError:
+        raise ValueError(
+            f"config.input.data_dir: {path} is missing; rerun python -m diffax.latent to finish it."
+        ) from None
+    except Exception:  # a truncated or altered file: header, size or shape errors
+        raise ValueError(
+            f"config.input.data_dir: {path} is damaged; delete it and rerun python -m diffax.latent."
+        ) from None
+    return arrays
 
 
 def read_shards(
     cache: str, num_shards: int, *, only: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(mean, logvar, label)`` of every shard, concatenated (or of shard ``only``).
+    """``(mean, logvar, label)`` of every shard read into memory and concatenated (or of shard ``only``).
 
     Raises:
       ValueError: one line naming ``config.input.data_dir`` when a shard is missing or damaged.
     """
-    parts = []
-    for index in range(num_shards) if only is None else (only,):
-        path = _shard_path(cache, index)
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = (f["mean"], f["logvar"], f["label"])
-            assert arrays[0].shape == arrays[1].shape and len(arrays[2]) == len(arrays[0])
-        except FileNotFoundError:
-            raise ValueError(
-                f"config.input.data_dir: {path} is missing; rerun python -m diffax.latent to finish it."
-            ) from None
-        except Exception:  # a truncated or altered file: zip, npy or shape errors
-            raise ValueError(
-                f"config.input.data_dir: {path} is damaged; delete it and rerun python -m diffax.latent."
-            ) from None
-        parts.append(arrays)
-    mean, logvar, label = (np.concatenate(a) for a in zip(*parts, strict=True))
-    return mean.astype(np.float32), logvar.astype(np.float32), label.astype(np.int32)
+    shards = [open_shard(cache, i) for i in (range(num_shards) if only is None else (only,))]
+    return tuple(np.concatenate([shard[name] for shard in shards]) for name in ARRAYS)
+
+
+class CachedPosteriors:
+    """Every shard of a cache memory-mapped, rows gathered by global index (host memory holds only
+    what a batch reads; the page cache keeps what fits)."""
+
+    def __init__(self, cache: str, metadata: dict[str, Any], *, mirrored: bool = False):
+        self.shards = [open_shard(cache, i, mirrored=mirrored) for i in range(metadata["num_shards"])]
+        self.starts = np.cumsum([0] + [len(shard["label"]) for shard in self.shards])
+        self.latent_shape = self.shards[0]["mean"].shape[1:]
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def gather(self, indices: np.ndarray, name: str) -> np.ndarray:
+        """Rows ``indices`` (global image indices) of array ``name``."""
+        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
+        first = self.shards[0][name]
+        rows = np.empty((len(indices), *first.shape[1:]), first.dtype)
+        for s in np.unique(shard_of):
+            here = shard_of == s
+            rows[here] = self.shards[s][name][indices[here] - self.starts[s]]
+        return rows
+
+
+def _check_mirrored(input_config: ml_collections.ConfigDict, metadata: dict[str, Any]) -> None:
+    if input_config.random_flip and not metadata.get("mirrored"):
+        raise ValueError(
+            f"config.input.random_flip: the cache at {input_config.data_dir} holds no mirrored"
+            " posteriors; rerun python -m diffax.latent with random_flip=True into a new data_dir,"
+            " or set random_flip=False."
+        )
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -280,6 +347,7 @@ def check(config: ml_collections.ConfigDict) -> None:
       ValueError: one line naming the field.
     """
     metadata = read_metadata(config.input.data_dir)
+    _check_mirrored(config.input, metadata)
     h, w, c = metadata["latent_shape"]
     if c != config.input.channels:
         raise ValueError(
@@ -316,24 +384,35 @@ def with_scale(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 class LatentPipeline(_StepDerived):
     """Cached posteriors visited in a fresh permutation every epoch; each batch draws
-    ``scale · (mean + e^{logvar/2} ε)`` with ε from ``(seed, step)``."""
+    ``scale · (mean + e^{logvar/2} ε)`` with ε from ``(seed, step)``. The cache stays on disk,
+    memory-mapped (:class:`CachedPosteriors`). With ``random_flip`` each example takes its mirrored
+    image's posterior with probability ½ (the flips of the image pipelines, ``flip_mask``)."""
 
     def __init__(self, input_config: ml_collections.ConfigDict, *, scale: float, **shard):
         super().__init__(**shard)
         metadata = read_metadata(input_config.data_dir)
-        self.mean, self.logvar, self.labels = read_shards(input_config.data_dir, metadata["num_shards"])
+        _check_mirrored(input_config, metadata)
+        self.random_flip = bool(input_config.random_flip)
+        self.posteriors = CachedPosteriors(input_config.data_dir, metadata, mirrored=self.random_flip)
         self.scale = np.float32(scale or metadata["scale"])
         self.with_labels = bool(input_config.labels)
 
     def get(self, step: int) -> dict[str, np.ndarray]:
-        indices = self.epoch_indices(step, len(self.mean))
+        indices = self.epoch_indices(step, len(self.posteriors))
         eps = np.random.default_rng([self.seed, step, 0x6C6174]).standard_normal(
-            (self.global_batch, *self.mean.shape[1:]), np.float32
+            (self.global_batch, *self.posteriors.latent_shape), np.float32
         )[self.local_slice]
-        z = self.mean[indices] + np.exp(0.5 * self.logvar[indices]) * eps
+        mean, logvar = (self.posteriors.gather(indices, name) for name in ("mean", "logvar"))
+        if self.random_flip:
+            flip = flip_mask(
+                step=step, seed=self.seed, global_batch=self.global_batch, local_slice=self.local_slice
+            ).reshape(-1, 1, 1, 1)
+            mean = np.where(flip, self.posteriors.gather(indices, "mean_flipped"), mean)
+            logvar = np.where(flip, self.posteriors.gather(indices, "logvar_flipped"), logvar)
+        z = mean + np.exp(0.5 * logvar) * eps
         batch = {"image": (self.scale * z).astype(np.float32)}
         if self.with_labels:
-            batch["label"] = self.labels[indices]
+            batch["label"] = self.posteriors.gather(indices, "label")
         return batch
 
 

@@ -11,11 +11,11 @@ with no weight decay, batch 256, EMA 0.9999, 10% class dropout, 400K steps; samp
 with guidance 1.5. Images come from a tfds ImageNet directory (``--config.vae.source.data_dir``, the
 prepared ``imagenet2012``), center-cropped to 256×256 by the cache job as the paper does (ADM's
 ``center_crop_arr``: box halving, bicubic resize of the short side, centre square), read one shard of
-the split at a time. The cache holds no flipped copies (the paper also flips at random), and the
-latent pipeline holds the cached posteriors in host memory (mean and log-variance, 2 × 21 GB in
-float32 for the 1.28M images). The
-paper scales latents by SD's 0.18215; diffax computes 1/std of the cached latents unless
-``--config.vae.scale=0.18215`` is given.
+the split at a time. The paper flips images at random: the cache also encodes every image's mirror
+(``input.random_flip``), and training takes the mirror's posterior half the time. The latent pipeline
+reads the cache memory-mapped (mean and log-variance, 2 × 21 GB in float32 for the 1.28M images, twice
+that with the mirrors, stay on disk). The paper scales latents by SD's 0.18215; diffax computes 1/std
+of the cached latents unless ``--config.vae.scale=0.18215`` is given.
 """
 
 from experiments import common, dit
@@ -33,7 +33,7 @@ def get_config(arg=None):
     config.input.data_dir = "runs/imagenet256_latents"
     config.input.image_size = 32
     config.input.channels = 4
-    config.input.random_flip = False  # the cache holds each image's posterior once
+    config.input.random_flip = True  # the cache holds each image's and its mirror's posterior
     if arg == "runlocal":
         config.model.depth = 2
         config.model.hidden_size = 64

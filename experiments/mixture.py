@@ -4,14 +4,20 @@ python -m diffax.main --config=experiments/mixture.py --workdir=/tmp/mixture
 
 ``--config=experiments/mixture.py:dit`` swaps the U-Net for a one-block DiT of width 16 (4×4 patches),
 whose train step compiles in a fraction of the U-Net's time (tests that train on many meshes).
+``:vae`` trains a tiny autoencoder instead (kl-f2 layout: 8 and 16 channels, 2 latent channels) with
+the LDM ``contperceptual`` loss (the tests' VAE, also as a random diffusers folder for latent runs).
 """
+
+import ml_collections
 
 from experiments import common
 
 
 def get_config(arg=None):
-    if arg not in (None, "runlocal", "dit"):  # runlocal: this is laptop-sized already
-        raise ValueError(f"experiments/mixture.py:{arg}: the variants are ':dit' and ':runlocal' (or none).")
+    if arg not in (None, "runlocal", "dit", "vae"):  # runlocal: this is laptop-sized already
+        raise ValueError(
+            f"experiments/mixture.py:{arg}: the variants are ':dit', ':vae' and ':runlocal' (or none)."
+        )
     config = common.base_config()
     config.total_steps = 8
     config.process.name = "vp_linear"
@@ -46,4 +52,14 @@ def get_config(arg=None):
     config.ckpt.keep = 2
     config.log.every_steps = 2
     config.log.num_samples = 4
+    if arg == "vae":
+        config.model = common.model("autoencoder_kl_f4", base_channels=8, channel_mult=(1, 2), latent_channels=2)
+        config.model.update(image_channels=1, num_res_blocks=1, norm_groups=4, mid_attention=False)
+        config.model.update(dict.fromkeys(("norm_impl", "conv_impl", "attention_impl"), "xla"))  # fastest compile
+        config.loss = ml_collections.ConfigDict(
+            dict(name="contperceptual", disc_start=2, disc_layers=1, disc_channels=4, kl_weight=0.1)
+        )
+        config.optim.name, config.optim.b1, config.optim.b2 = "adam", 0.5, 0.9
+        config.optim.grad_clip, config.optim.warmup_steps = 0.0, 0
+        config.ema.decays = ()
     return config

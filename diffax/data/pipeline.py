@@ -33,6 +33,12 @@ class Pipeline(Protocol):
         """Returns to a position recorded by ``save``."""
 
 
+def flip_mask(*, step: int, seed: int, global_batch: int, local_slice: slice) -> np.ndarray:
+    """Which examples of step ``step`` are mirrored (probability ½ each): drawn for the whole global
+    batch from ``(seed, step)``, this process's ``local_slice`` of them."""
+    return np.random.default_rng([seed, step, 0x666C6970]).random(global_batch)[local_slice] < 0.5
+
+
 def finish_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -49,7 +55,7 @@ def finish_batch(
     """
     images = batch["image"]
     if random_flip:
-        flip = np.random.default_rng([seed, step, 0x666C6970]).random(global_batch)[local_slice] < 0.5
+        flip = flip_mask(step=step, seed=seed, global_batch=global_batch, local_slice=local_slice)
         images = np.where(flip.reshape(-1, 1, 1, 1), images[:, :, ::-1], images)
     return dict(batch, image=images.astype(np.float32) / np.float32(127.5) - np.float32(1.0))
 

@@ -4,6 +4,7 @@ and a latent run through diffax.train whose samples decode through the frozen VA
 import functools
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -13,28 +14,23 @@ import pytest
 
 from diffax import config as config_lib
 from diffax import latent, models, train
-from experiments import common
+from experiments import mixture
 
-TINY_VAE = dict(
-    image_channels=1,
-    latent_channels=2,
-    base_channels=8,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    norm_groups=4,
-    mid_attention=False,
-    use_quant_conv=True,
-    use_post_quant_conv=True,
-)
+
+def _tiny_vae(image_channels=1):
+    """The tests' tiny autoencoder (``experiments/mixture.py:vae``), random weights for 8x8 images."""
+    model = mixture.get_config("vae").model
+    model.image_channels = image_channels
+    module = models.from_config(model)
+    x = jnp.zeros((1, 8, 8, image_channels))
+    return module, nn.meta.unbox(jax.jit(module.init)(jax.random.key(0), x)["params"])
 
 
 @pytest.fixture(scope="module")
 def vae_folder(tmp_path_factory):
     """A random tiny AutoencoderKL written as a diffusers folder (the --config.vae.pretrained route)."""
-    module = models.AutoencoderKL(**TINY_VAE)
-    params = nn.meta.unbox(jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"])
     folder = str(tmp_path_factory.mktemp("vae"))
-    models.to_diffusers(module, params, folder)
+    models.to_diffusers(*_tiny_vae(), folder)
     return folder
 
 
@@ -74,23 +70,67 @@ def test_cache_equals_on_the_fly_encoding_and_scaled_latents_have_unit_std(vae_f
     assert batch.shape == (1000, 4, 4, 2)
     assert abs(float(batch.std()) - 1.0) < 0.05  # fresh posterior draws, scaled by the cached 1/std
     assert not np.array_equal(batch, pipeline.get(4)["image"])
+    # The pipeline keeps the shards on disk, memory-mapped, and gathers rows across them.
+    shards = pipeline.posteriors.shards
+    assert all(isinstance(shard[name], np.memmap) for shard in shards for name in latent.ARRAYS)
+    indices = pipeline.epoch_indices(3, 1500)
+    assert len(np.unique(indices // 600)) == 3
+    np.testing.assert_array_equal(pipeline.posteriors.gather(indices, "mean"), mean[indices])
 
 
 def test_cache_job_resumes_and_bad_caches_are_one_line(vae_folder, tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("resume"))
     first = latent.write_cache(_latent_config(vae_folder, cache))
-    kept = os.path.getmtime(os.path.join(cache, "shard_00000.npz"))
-    os.remove(os.path.join(cache, "shard_00002.npz"))
-    with pytest.raises(ValueError, match=r"config.input.data_dir: .*shard_00002.npz is missing"):
+    kept = os.path.getmtime(os.path.join(cache, "shard_00000", "mean.npy"))
+    shutil.rmtree(os.path.join(cache, "shard_00002"))
+    with pytest.raises(ValueError, match=r"config.input.data_dir: .*shard_00002 is missing"):
         latent.read_shards(cache, 3)
+    os.makedirs(os.path.join(cache, "shard_00002.partial"))  # what a killed job leaves
+    open(os.path.join(cache, "shard_00002.partial", "mean.npy"), "w").close()
     again = latent.write_cache(_latent_config(vae_folder, cache))
-    assert again == first and os.path.getmtime(os.path.join(cache, "shard_00000.npz")) == kept
-    with open(os.path.join(cache, "shard_00001.npz"), "r+b") as f:
-        f.truncate(100)
-    with pytest.raises(ValueError, match=r"config.input.data_dir: .*shard_00001.npz is damaged"):
+    assert again == first and os.path.getmtime(os.path.join(cache, "shard_00000", "mean.npy")) == kept
+    assert sorted(os.listdir(cache)) == ["metadata.json", "shard_00000", "shard_00001", "shard_00002"]
+    path = os.path.join(cache, "shard_00001", "logvar.npy")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 16)
+    with pytest.raises(ValueError, match=r"config.input.data_dir: .*shard_00001 is damaged"):
         latent.read_shards(cache, 3)
     with pytest.raises(ValueError, match="config.input.data_dir: no latent cache"):
         latent.read_metadata(str(tmp_path_factory.mktemp("empty")))
+
+
+def test_a_mirrored_cache_holds_the_mirrors_posteriors_and_training_draws_them_half_the_time(
+    vae_folder, tmp_path_factory
+):
+    """With input.random_flip the cache also encodes each mirrored image: not the mirrored posterior
+    (the VAE is not mirror-equivariant), and a batch takes it for about half of its examples."""
+    cache = str(tmp_path_factory.mktemp("mirrored"))
+    config = _latent_config(vae_folder, cache)
+    config.input.random_flip = True
+    assert latent.write_cache(config)["mirrored"]
+    module, params = latent.load_vae(config.vae)
+    images, _ = latent.source_images(config.vae)
+    shard = latent.open_shard(cache, 1, mirrored=True)
+    fly_mean, fly_logvar = latent.encoder(module)(params, images[600:1200, :, ::-1])
+    np.testing.assert_allclose(shard["mean_flipped"], fly_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(shard["logvar_flipped"], fly_logvar, rtol=1e-5, atol=1e-6)
+    assert np.abs(shard["mean_flipped"] - shard["mean"][:, :, ::-1]).max() > 1e-2
+
+    shard_kw = dict(scale=0.0, global_batch=1000, seed=0, process_index=0, process_count=1)
+    flipped = latent.LatentPipeline(config.input, **shard_kw)
+    config.input.random_flip = False
+    plain = latent.LatentPipeline(config.input, **shard_kw)
+    z, z_plain = flipped.get(3)["image"], plain.get(3)["image"]
+    indices, scale = plain.epoch_indices(3, 1500), float(plain.scale)
+    (mean, logvar), (mean_f, logvar_f) = (
+        (flipped.posteriors.gather(indices, name) for name in names)
+        for names in (("mean", "logvar"), ("mean_flipped", "logvar_flipped"))
+    )
+    eps = (z_plain / scale - mean) / np.exp(0.5 * logvar)  # the step's noise, the same in both
+    mirror = scale * (mean_f + np.exp(0.5 * logvar_f) * eps)
+    took_mirror = np.all(np.isclose(z, mirror, rtol=1e-4, atol=1e-4), axis=(1, 2, 3))
+    took_plain = np.all(z == z_plain, axis=(1, 2, 3))
+    assert np.all(took_mirror != took_plain) and 0.45 < took_mirror.mean() < 0.55
 
 
 def test_bad_latent_configs_are_one_line(vae_folder, tmp_path_factory):
@@ -103,6 +143,10 @@ def test_bad_latent_configs_are_one_line(vae_folder, tmp_path_factory):
     config = _latent_config(vae_folder, cache)
     config.input.image_size = 8
     with pytest.raises(ValueError, match="config.input.image_size: 8 but the cached latents are 4x4"):
+        latent.check(config)
+    config = _latent_config(vae_folder, cache)
+    config.input.random_flip = True
+    with pytest.raises(ValueError, match="config.input.random_flip: the cache at .* holds no mirrored"):
         latent.check(config)
     wrong = str(tmp_path_factory.mktemp("unet"))
     with open(os.path.join(wrong, "config.json"), "w") as f:
@@ -118,15 +162,8 @@ def test_a_latent_run_trains_and_its_samples_decode_to_images(vae_folder, tmp_pa
     cache = str(tmp_path_factory.mktemp("run_cache"))
     _cached(vae_folder, cache)
     config = _latent_config(vae_folder, cache)
-    config.model = common.model(
-        "dit_s_2",
-        depth=1,
-        hidden_size=16,
-        num_heads=2,
-        num_classes=None,
-        label_dropout=0.0,
-        learned_variance=False,
-    )
+    config.model = mixture.get_config("dit").model
+    config.model.patch_size = 2
     config.input.batch_size = 8
     config.total_steps = 2
     config.ema.decays = ()
@@ -156,8 +193,7 @@ def test_center_crop_is_adms_box_halving_bicubic_resize_and_centre_cut():
 def test_a_tfds_source_is_read_and_cached_one_shard_at_a_time(squares_dir, tmp_path_factory, monkeypatch):
     """The 48 local 12x10 grey squares (pixel value 5 i encodes example i): each shard reads only its
     slice of the split, center-cropped to 8x8 RGB, and the cache equals encoding the whole split."""
-    module = models.AutoencoderKL(**(TINY_VAE | dict(image_channels=3)))
-    params = nn.meta.unbox(jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"])
+    module, params = _tiny_vae(image_channels=3)
     folder = str(tmp_path_factory.mktemp("rgb_vae"))
     models.to_diffusers(module, params, folder)
     cache = str(tmp_path_factory.mktemp("tfds_cache"))
