@@ -14,7 +14,7 @@ import pytest
 from diffax import models, train_state
 from diffax.autoencoding import losses, system
 from diffax.autoencoding.discriminator import PatchDiscriminator
-from diffax.config import base_config
+from experiments import mixture
 
 
 def test_kl_matches_hand_values_and_monte_carlo():
@@ -65,26 +65,10 @@ def test_adaptive_weight_is_the_gradient_norm_ratio_and_has_no_gradient():
 
 
 def _tiny_config(disc_start=2):
-    config = base_config()
-    config.model = ml_collections.ConfigDict(
-        dict(
-            name="autoencoder_kl_f4",
-            image_channels=1,
-            latent_channels=2,
-            base_channels=8,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            norm_groups=4,
-            mid_attention=False,
-        )
-    )
-    config.loss = ml_collections.ConfigDict(
-        dict(name="contperceptual", disc_start=disc_start, disc_layers=1, disc_channels=4, kl_weight=0.1)
-    )
-    config.input.image_size, config.input.upsample, config.input.batch_size = 8, 1, 4
-    config.optim.name, config.optim.lr, config.optim.b1, config.optim.b2 = "adam", 1e-2, 0.5, 0.9
-    config.optim.grad_clip = 0.0
-    config.ema.decays = ()
+    """The tests' tiny autoencoder run (``experiments/mixture.py:vae``) with its discriminator from
+    ``disc_start`` on."""
+    config = mixture.get_config("vae")
+    config.loss.disc_start = disc_start
     return config
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from diffax import guidance, pretrained, samplers, schedules
+from experiments import mixture
 from tests.models import diffusers_reference as ref
 
 
@@ -102,7 +103,9 @@ def test_vae_psnr_on_a_folder_of_images(tmp_path):
 
     from diffax import models
 
-    vae = models.AutoencoderKL(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4)
+    model = mixture.get_config("vae").model  # the tests' tiny autoencoder, for RGB
+    model.image_channels = 3
+    vae = models.from_config(model)
     params = jax.jit(vae.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
     (tmp_path / "images").mkdir()
     rng = np.random.default_rng(0)

@@ -12,6 +12,7 @@ import pytest
 
 from diffax import models, quantization
 from diffax.quantization import _quantizers as q
+from experiments import mixture
 
 
 def test_weight_codes_are_within_bits_and_half_a_step():
@@ -169,16 +170,9 @@ def test_tfmq_recalibrates_only_the_temporal_layers(unet):
 
 
 def test_quantized_dit_w8a8_is_near_full_precision_in_int8_too():
-    module = models.get(
-        "dit_s_2",
-        depth=2,
-        hidden_size=32,
-        num_heads=2,
-        num_classes=None,
-        label_dropout=0.0,
-        learned_variance=False,
-        freq_dim=32,
-    )
+    dit = mixture.get_config("dit").model  # the tests' one-block DiT, two blocks of width 32 here
+    dit.update(depth=2, hidden_size=32, patch_size=2, freq_dim=32, attention_impl="xla")
+    module = models.from_config(dit)
     x, t = jax.random.normal(jax.random.key(0), (4, 8, 8, 1)), jnp.linspace(0.2, 0.8, 4)
     params = _perturbed(nn.meta.unbox(module.init(jax.random.key(1), x, t, train=False)["params"]))
     xs, ts = _trajectories((8, 8, 1), steps=2, n=8)

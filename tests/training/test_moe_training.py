@@ -4,20 +4,12 @@ import jax
 import numpy as np
 
 from diffax import train
-from experiments import common
+from experiments import mixture
 
 
-def test_dit_moe_trains_in_the_mixture_experiment_over_eight_expert_devices(mixture_config, tmp_path):
-    config = mixture_config
-    config.model = common.model(
-        "dit_moe_s_2_8e2a",
-        depth=1,
-        hidden_size=16,
-        num_heads=2,
-        num_classes=None,
-        label_dropout=0.0,
-        learned_variance=False,
-    )
+def test_dit_moe_trains_in_the_mixture_experiment_over_eight_expert_devices(tmp_path):
+    config = mixture.get_config("dit")  # its one-block DiT of width 16, with 8 experts, 2 active
+    config.model.name = "dit_moe_s_2_8e2a"
     config.mesh.data, config.mesh.fsdp, config.mesh.expert = 1, 1, 8
     config.total_steps = 2
     config.log.every_steps = 1
