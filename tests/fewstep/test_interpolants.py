@@ -38,11 +38,15 @@ def test_losses_are_minimised_by_the_exact_velocity_and_denoiser(kind, g):
     x1, x0, z = MIXTURE.sample(rng, n), rng.standard_normal((n, 2)), rng.standard_normal((n, 2))
     for t in (0.3, 0.8):
         x_t, target = (np.asarray(v, np.float64) for v in interpolant.sample(x0, x1, z, jnp.full((n,), t)))
-        b, eta, _ = _exact_fields(interpolant, t, x_t)
+        b, eta, score = _exact_fields(interpolant, t, x_t)
+        _, c, gamma = (float(v) for v in interpolant.coefficients(t))
+        s = math.sqrt(c * c + gamma * gamma)
         h = np.sin(3.0 * x_t) + 0.5  # any other direction in function space
         for field, loss, aim in (
             (b, interpolants.velocity_loss, target),
             (eta, interpolants.denoiser_loss, z),
+            # the trainer's denoiser: of the whole Gaussian part s eps = c x_0 + gamma z (score -eta / s)
+            (-s * score, interpolants.denoiser_loss, (c * x0 + gamma * z) / s),
         ):
             if g == 0.0 and field is eta:
                 continue
