@@ -25,7 +25,6 @@ from experiments import (  # noqa: E402
     digits_meanflow,
     digits_rf,
     digits_scm,
-    digits_shortcut,
     mixture,
 )
 
@@ -37,8 +36,9 @@ def _one_line(config, message):
 
 
 def test_experiment_files_validate_and_bad_input_gets_one_line(tmp_path):
-    for module in (digits_rf, digits_interpolant, digits_meanflow, digits_shortcut, digits_scm):
+    for module in (digits_rf, digits_interpolant, digits_meanflow, digits_scm):
         config_lib.validate(module.get_config())
+    config_lib.validate(digits_meanflow.get_config("shortcut"))
     reflow = digits_rf.get_config("reflow")
     reflow.trainer.pairs_dir = str(tmp_path / "none")
     _one_line(reflow, f"config.trainer.pairs_dir: {tmp_path / 'none'} holds no pairs_<k>.npz")
@@ -54,10 +54,10 @@ def test_experiment_files_validate_and_bad_input_gets_one_line(tmp_path):
     meanflow = digits_meanflow.get_config()
     meanflow.process = ml_collections.ConfigDict(dict(name="cosine"))
     _one_line(meanflow, "config.process.name: the 'meanflow' trainer works in the 'rectified_flow' time")
-    shortcut = digits_shortcut.get_config()
+    shortcut = digits_meanflow.get_config("shortcut")
     shortcut.model.interval_embedding = False
     _one_line(shortcut, "config.model.interval_embedding: the 'shortcut' network is conditioned on")
-    shortcut = digits_shortcut.get_config()
+    shortcut = digits_meanflow.get_config("shortcut")
     shortcut.trainer.bootstrap_every = 8
     _one_line(shortcut, "config.trainer.bootstrap_every: no such option of 'shortcut'")
     scm = digits_scm.get_config()
@@ -99,10 +99,10 @@ def _step_and_sample(config, *, steps=2):
 @pytest.mark.slow
 def test_flow_trainers_train_resume_and_sample(tmp_path):
     """1-RF; its pairs through the sampler ``diffax.generate`` builds, the noise kept (the pair job's
-    writer); reflow on them and one-step distillation; the interpolant, MeanFlow and shortcut: one step
-    each with finite loss and finite samples at 2 steps (1 for the distilled flow) with the trainer's own
-    grid and network. sCM (its parameters {"network", "logvar"}) in the loop: trained, checkpointed,
-    sampled by ``generate.load_run`` at 2 steps."""
+    writer); one-step distillation on them (reflow is the same step at t ~ U(0, t_max]); the
+    interpolant, MeanFlow and shortcut: one step each with finite loss and finite samples at 2 steps (1
+    for the distilled flow) with the trainer's own grid and network. sCM (its parameters {"network",
+    "logvar"}) in the loop: trained, checkpointed, sampled by ``generate.load_run`` at 2 steps."""
     labels = np.zeros((16,), np.int32)
     rf = _step_and_sample(_mixture(dict(name="rectified_flow"), sampler="heun"))
     pairs = str(tmp_path / "pairs")
@@ -119,7 +119,6 @@ def test_flow_trainers_train_resume_and_sample(tmp_path):
         chunk["image"], rf(jax.random.key(5), labels, x_T=chunk["noise"])
     )  # the flow's
     runs = {
-        "reflow": _mixture(dict(name="rectified_flow", pairs_dir=pairs), sampler="heun"),
         "distill": _mixture(dict(name="rectified_flow", pairs_dir=pairs, distill_steps=1)),
         "interpolant": _mixture(
             dict(name="interpolant", loss="denoiser"),
