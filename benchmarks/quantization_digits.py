@@ -1,6 +1,9 @@
 """Post-training quantization of the trained digits U-Net: digits FD and per-step ε-MSE against full
 precision, for W8A8 and W4A8 under each calibration method of ``diffax.quantization`` (EDA-DM with
-its fine-grained block reconstruction), and ``--brecq_methods`` again with BRECQ block reconstruction.
+its fine-grained block reconstruction), ``--brecq_methods`` again with BRECQ block reconstruction, and
+``--uniform_layer_methods`` again with every layer quantized alike: the network's input ``x_t``
+quantized too and the first and last layers at ``weight_bits`` (the control for ``calibrate``'s
+defaults, a float ``x_t`` and 8-bit first and last layers as in BRECQ/QDrop/PTQ4DM).
 
     nice -n 10 python benchmarks/quantization_digits.py --workdir=runs/digits \
         --out=benchmarks/results/quantization_digits
@@ -32,6 +35,9 @@ flags.DEFINE_integer("num_samples", 500, "Samples per digits FD.")
 flags.DEFINE_integer("trajectories", 64, "Full-precision trajectories for calibration, and as many held out.")
 flags.DEFINE_integer("reconstruction_iters", 100, "Adam steps per block of block reconstruction.")
 flags.DEFINE_list("brecq_methods", ["uniform"], "Methods measured again with BRECQ block reconstruction.")
+flags.DEFINE_list(
+    "uniform_layer_methods", ["uniform"], "Methods measured again with every layer quantized alike."
+)
 flags.DEFINE_string("out", "benchmarks/results/quantization_digits", "Output path without extension.")
 FLAGS = flags.FLAGS
 
@@ -80,6 +86,7 @@ def main(argv):
                 eps_mse_first=None if mse is None else float(mse[0]),
                 eps_mse_mid=None if mse is None else float(mse[len(mse) // 2]),
                 eps_mse_last=None if mse is None else float(mse[-1]),
+                eps_mse=None if mse is None else mse.tolist(),
                 calibration_seconds=seconds,
                 eval_seconds=time.perf_counter() - tick,
             )
@@ -89,11 +96,13 @@ def main(argv):
     splits = quantization.unet_skip_splits(module)
     measure("full precision", module, 32, "-", 0.0)
     int8_check = {}
-    # (method, block reconstruction steps): EDA-DM always reconstructs (FBR); the BRECQ rows on top
-    runs = [(m, FLAGS.reconstruction_iters if m == "eda" else 0) for m in FLAGS.methods]
-    runs += [(m, FLAGS.reconstruction_iters) for m in FLAGS.brecq_methods if m != "eda"]
+    # (method, block reconstruction steps, the defaults' float x_t and 8-bit first and last layers):
+    # EDA-DM always reconstructs (FBR); the BRECQ rows and the rows with every layer alike on top
+    runs = [(m, FLAGS.reconstruction_iters if m == "eda" else 0, True) for m in FLAGS.methods]
+    runs += [(m, FLAGS.reconstruction_iters, True) for m in FLAGS.brecq_methods if m != "eda"]
+    runs += [(m, 0, False) for m in FLAGS.uniform_layer_methods]
     for bits in (int(b) for b in FLAGS.weight_bits):
-        for method, iters in runs:
+        for method, iters, defaults in runs:
             tick = time.perf_counter()
             model = quantization.calibrate(
                 module,
@@ -104,9 +113,12 @@ def main(argv):
                 act_bits=8,
                 splits=splits,
                 reconstruction_iters=iters,
+                float_inputs=None if defaults else (),
+                eight_bit_weights=None if defaults else (),
             )
             label = f"W{bits}A8 {method}" + (" + BRECQ" if iters and method != "eda" else "")
             label += " (TDAC set, no FBR)" if method == "eda" and not iters else ""
+            label += "" if defaults else ", every layer alike"
             seconds = time.perf_counter() - tick
             logging.info("calibrated %s in %.0f s", label, seconds)
             if not int8_check and bits == 8:

@@ -19,13 +19,18 @@ Any method can end with BRECQ block reconstruction of the weight rounding (AdaRo
 ``reconstruction_iters`` Adam steps per block (``_reconstruction.reconstruct``).
 
 Weights are quantized per output channel, inputs per tensor (per group where a layer reads a U-Net
-skip concatenation, Q-Diffusion's shortcut splitting), steps found by MSE search.
+skip concatenation, Q-Diffusion's shortcut splitting), steps found by MSE search. By default, as in
+BRECQ, QDrop and PTQ4DM's code: the layer that reads the network's input ``x_t`` keeps that input in
+float (``float_inputs``; their activation quantizers sit on layer outputs, so the input image is never
+quantized), and the first and last layers keep 8-bit weights (``eight_bit_weights``, their 8-bit "head
+and stem"). One per-tensor 8-bit range for ``x_t`` over all steps is as wide as the noisiest ``x_t``,
+and at the least noisy steps an input error ``δ`` reads as an ε error of up to ``δ / σ_t``.
 """
 
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -127,6 +132,8 @@ def calibrate(
     apply_kwargs: Mapping[str, Any] | None = None,
     reconstruction_iters: int = 0,
     feature_block: str = "mid_attn",
+    float_inputs: Sequence[str] | None = None,
+    eight_bit_weights: Sequence[str] | None = None,
     seed: int = 0,
 ) -> _model.QuantizedModel:
     """Quantizes ``module``'s Conv/Dense layers, calibrated on the full-precision trajectories.
@@ -145,6 +152,10 @@ def calibrate(
       apply_kwargs: further arguments of ``module.apply`` (e.g. ``cond``, ``train=False``).
       reconstruction_iters: Adam steps of block reconstruction per block (0: none).
       feature_block: the top-level sub-module whose input is EDA-DM's feature (``"eda"``).
+      float_inputs: layer keys whose input stays in float (weight-only); None: the layers that read
+        the network input ``x_t`` (``_model.network_input_layers``); ``()``: every input quantized.
+      eight_bit_weights: layer keys whose weights have 8 bits; None: the first and the last layer
+        (those that read ``x_t`` and the last one called); ``()``: all have ``weight_bits``.
       seed: picks the calibration inputs and minibatches.
 
     Returns:
@@ -175,22 +186,30 @@ def calibrate(
         (x_cal[i : i + batch_size], t_cal[i : i + batch_size]) for i in range(0, num_samples, batch_size)
     ]
     capture = jax.jit(lambda x, t: _model.capture_inputs(module.apply, {"params": params}, x, t, **kwargs))
-    groups = _model.layer_groups(capture(*batches[0]), splits or {})
-    state = _model.weight_state(params, groups, weight_bits)
-    ranges = _model.activation_ranges(capture, batches, groups, act_bits)
+    inputs = capture(*batches[0])
+    groups = _model.layer_groups(inputs, splits or {})
+    first = _model.network_input_layers(inputs, batches[0][0])
+    float_inputs = _layer_keys("float_inputs", first if float_inputs is None else float_inputs, groups)
+    if eight_bit_weights is None:
+        last = _model.layer_call_order(module.apply, {"params": params}, *batches[0], **kwargs)[-1]
+        eight_bit_weights = (*first, last)
+    eight_bit_weights = _layer_keys("eight_bit_weights", eight_bit_weights, groups)
+    spec = _model.QuantSpec(weight_bits, act_bits, groups, float_inputs, eight_bit_weights)
+    state = _model.weight_state(params, spec)
+    quantized_inputs = {k: g for k, g in groups.items() if k not in float_inputs}
+    ranges = _model.activation_ranges(capture, batches, quantized_inputs, act_bits)
     if method == "tfmq":  # temporal layers: the sampler's finite set of times, their own reconstruction
-        temporal = {k: g for k, g in groups.items() if is_temporal(k)}
+        temporal = {k: g for k, g in quantized_inputs.items() if is_temporal(k)}
         time_batch = [(xs[:, 0], ts[:, 0])]  # one input per sampler time
         ranges |= _model.activation_ranges(capture, time_batch, temporal, act_bits)
         inputs = capture(*time_batch[0])
         for key in temporal:
             kernel = jnp.asarray(_model.kernel_of(params, key)[0], jnp.float32)
-            scale = _reconstruction_weight_scale(kernel, inputs[key], weight_bits)
+            scale = _reconstruction_weight_scale(kernel, inputs[key], spec.bits_of(key))
             state[key] = state[key] | {
-                "codes": _quantizers.weight_codes(kernel, scale, weight_bits),
+                "codes": _quantizers.weight_codes(kernel, scale, spec.bits_of(key)),
                 "w_scale": scale[None],
             }
-    spec = _model.QuantSpec(weight_bits=weight_bits, act_bits=act_bits, groups=groups)
     model = _model.QuantizedModel(module, spec, _model.with_activations(state, ranges, act_bits))
     if reconstruction_iters > 0:
         model = _reconstruction.reconstruct(
@@ -204,6 +223,16 @@ def calibrate(
             seed=seed,
         )
     return model
+
+
+def _layer_keys(field: str, keys: Sequence[str], groups: Mapping[str, Any]) -> tuple[str, ...]:
+    """``keys`` as a tuple, each a quantized layer, or a one-line error naming ``field``."""
+    unknown = sorted(set(keys) - set(groups))
+    if unknown:
+        raise ValueError(
+            f"{field}={unknown}: not Conv/Dense layers of the model; use keys such as {list(groups)[:3]}."
+        )
+    return tuple(dict.fromkeys(keys))
 
 
 def per_step_mse(
@@ -238,6 +267,8 @@ def load(path: str, module: Any, *, mode: str = "fake") -> _model.QuantizedModel
         weight_bits=spec["weight_bits"],
         act_bits=spec["act_bits"],
         groups={k: tuple(v) for k, v in spec["groups"].items()},
+        float_inputs=tuple(spec.get("float_inputs", ())),
+        eight_bit_weights=tuple(spec.get("eight_bit_weights", ())),
     )
     with ocp.StandardCheckpointer() as checkpointer:
         state = checkpointer.restore(os.path.join(path, "state"))

@@ -3,11 +3,17 @@ weights and inputs, intercepted with ``flax.linen.intercept_methods`` so the mod
 
 A layer's input channels may be split into groups with their own quantizers: Q-Diffusion's shortcut
 splitting (Li et al. 2023, Sec. 4.3) for the layers that read a U-Net skip concatenation,
-``Q(W_1) Q(X_1) + Q(W_2) Q(X_2)``. Two executions of the same quantized state:
+``Q(W_1) Q(X_1) + Q(W_2) Q(X_2)``. A layer named in ``QuantSpec.float_inputs`` keeps its input in
+float (weight-only quantization): by default the layer that reads the network's own input ``x_t``,
+which PTQ4DM (Shang et al. 2023) and the BRECQ/QDrop code it builds on never quantize, their
+activation quantizers sitting on layer outputs. A layer named in ``QuantSpec.eight_bit_weights`` has
+8-bit weights whatever ``weight_bits`` is: by default the first and the last layer, the 8-bit "head
+and stem" of BRECQ (Li et al. 2021), QDrop and PTQ4DM. Two executions of the same quantized state:
 
 - ``"fake"``: dequantized weights and inputs in float32 (simulated quantization);
 - ``"int8"``: int8 codes multiplied with int32 accumulation (``preferred_element_type``), the
-  activation zero point folded into a per-channel correction, then one float rescale.
+  activation zero point folded into a per-channel correction, then one float rescale (a float input:
+  the float input times the dequantized int8 weights).
 """
 
 import dataclasses
@@ -47,6 +53,24 @@ def capture_inputs(apply_fn: Callable[..., jax.Array], *args: Any, **kwargs: Any
     return inputs
 
 
+def layer_call_order(apply_fn: Callable[..., jax.Array], *args: Any, **kwargs: Any) -> tuple[str, ...]:
+    """The Conv/Dense layers in the order ``apply_fn(*args, **kwargs)`` calls them (traced abstractly;
+    a jitted ``capture_inputs`` returns its dict in sorted key order)."""
+    order: list[str] = []
+
+    def record(next_fun, call_args, call_kwargs, context):
+        if _is_layer_call(context):
+            order.append(layer_key(context.module))
+        return next_fun(*call_args, **call_kwargs)
+
+    def run():
+        with nn.intercept_methods(record):
+            return apply_fn(*args, **kwargs)
+
+    jax.eval_shape(run)
+    return tuple(dict.fromkeys(order))
+
+
 def kernel_of(params: Mapping[str, Any], key: str) -> tuple[jax.Array, jax.Array | None]:
     """A layer's kernel and bias from the parameter tree."""
     node = params
@@ -80,11 +104,19 @@ class QuantSpec:
       weight_bits: bits of the per-output-channel symmetric weight codes (4 or 8).
       act_bits: bits of the per-tensor asymmetric input codes (8).
       groups: per layer key, the input-channel boundaries ``(0, c_1, ..., C)`` of its quantizer groups.
+      float_inputs: layer keys whose input is not quantized (weight-only quantization).
+      eight_bit_weights: layer keys whose weights have 8 bits whatever ``weight_bits`` is.
     """
 
     weight_bits: int
     act_bits: int
     groups: Mapping[str, tuple[int, ...]]
+    float_inputs: tuple[str, ...] = ()
+    eight_bit_weights: tuple[str, ...] = ()
+
+    def bits_of(self, key: str) -> int:
+        """The weight bits of layer ``key``."""
+        return 8 if key in self.eight_bit_weights else self.weight_bits
 
 
 def _slices(bounds: tuple[int, ...]) -> list[slice]:
@@ -141,19 +173,22 @@ def quantized_layer(
     ``kernel`` (fake mode) replaces the dequantized codes, e.g. AdaRound's soft-rounded kernel.
     """
     codes, w_scale = state["codes"], state["w_scale"]
+    float_input = key in spec.float_inputs
     out = 0.0
     for g, part in enumerate(_slices(spec.groups[key])):
-        a_scale, a_zero = state["a_scale"][g], state["a_zero"][g]
         xg, cg = x[..., part], codes[..., part, :]
-        if mode == "fake":
-            xq = q.fake_quant_activation(xg, a_scale, a_zero, spec.act_bits).astype(jnp.float32)
+        if mode == "fake" or float_input:  # a float product; a float input is weight-only in int8 too
+            xq = xg
+            if not float_input:
+                xq = q.fake_quant_activation(xg, state["a_scale"][g], state["a_zero"][g], spec.act_bits)
             if kernel is None:
                 wq = cg.astype(jnp.float32) * q.channelwise(w_scale[g], cg.ndim)
             else:
                 wq = kernel[..., part, :]
-            xq = _pad(module, xq, cg.shape, 0.0)
+            xq = _pad(module, xq.astype(jnp.float32), cg.shape, 0.0)
             out = out + _linear(module, xq, wq, precision=jax.lax.Precision.HIGHEST)
         else:  # codes shifted to int8; the pad value is the zero point, whose product is subtracted
+            a_scale, a_zero = state["a_scale"][g], state["a_zero"][g]
             shift = 2 ** (spec.act_bits - 1)
             xq = (q.activation_codes(xg, a_scale, a_zero, spec.act_bits) - shift).astype(jnp.int8)
             zero = (a_zero - shift).astype(jnp.int32)
@@ -217,6 +252,16 @@ def quantizing_interceptor(
     return intercept
 
 
+def network_input_layers(inputs: Mapping[str, jax.Array], x: jax.Array) -> tuple[str, ...]:
+    """The layers whose captured input is the network input ``x`` (U-Net ``conv_in``, DiT ``patch``)."""
+    x = np.asarray(x, np.float32)
+    return tuple(
+        key
+        for key, value in inputs.items()
+        if value.shape == x.shape and np.array_equal(np.asarray(value, np.float32), x)
+    )
+
+
 def layer_groups(inputs: Mapping[str, jax.Array], splits: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
     """Each captured layer's quantizer groups: one, or two where ``splits`` names its concat boundary."""
     groups = {}
@@ -227,12 +272,11 @@ def layer_groups(inputs: Mapping[str, jax.Array], splits: Mapping[str, int]) -> 
     return groups
 
 
-def weight_state(
-    params: Mapping[str, Any], groups: Mapping[str, tuple[int, ...]], bits: int
-) -> dict[str, dict[str, jax.Array]]:
+def weight_state(params: Mapping[str, Any], spec: QuantSpec) -> dict[str, dict[str, jax.Array]]:
     """Per-channel weight codes and steps of every layer (MSE-searched clipping per input group)."""
     state = {}
-    for key, bounds in groups.items():
+    for key, bounds in spec.groups.items():
+        bits = spec.bits_of(key)
         kernel, bias = kernel_of(params, key)
         kernel = jnp.asarray(kernel, jnp.float32)
         scales = [q.search_weight_scale(kernel[..., part, :], bits) for part in _slices(bounds)]
@@ -295,9 +339,11 @@ def with_activations(
     ranges: Mapping[str, tuple[np.ndarray, np.ndarray]],
     bits: int,
 ) -> dict[str, dict[str, jax.Array]]:
-    """``state`` with each layer's activation steps and zero points from its ranges."""
+    """``state`` with each ranged layer's activation steps and zero points (the others: float inputs)."""
     out = {}
     for key, layer in state.items():
-        scale, zero = q.activation_params(*ranges[key], bits)
-        out[key] = dict(layer) | {"a_scale": scale, "a_zero": zero}
+        out[key] = dict(layer)
+        if key in ranges:
+            scale, zero = q.activation_params(*ranges[key], bits)
+            out[key] |= {"a_scale": scale, "a_zero": zero}
     return out

@@ -64,7 +64,7 @@ def learn_rounding(
     reconstruction_error: Callable[[Mapping[str, jax.Array], Any], jax.Array],
     kernels: Mapping[str, jax.Array],
     scales: Mapping[str, jax.Array],
-    bits: int,
+    bits: int | Mapping[str, int],
     data: Any,
     *,
     iters: int,
@@ -81,7 +81,7 @@ def learn_rounding(
       reconstruction_error: ``(soft kernels by name, batch of data) -> error`` to minimise.
       kernels: float kernels by name.
       scales: their quantization steps, broadcastable to the kernels.
-      bits: weight bits (symmetric codes in ``±(2^(b-1) - 1)``).
+      bits: weight bits (symmetric codes in ``±(2^(b-1) - 1)``), or per kernel name.
       data: a pytree of arrays with a leading sample axis, minibatched.
       iters: Adam steps.
       batch_size: samples per step.
@@ -96,13 +96,14 @@ def learn_rounding(
       those reconstruct ``data`` better.
     """
     n = jax.tree.leaves(data)[0].shape[0]
+    bits = bits if isinstance(bits, Mapping) else dict.fromkeys(kernels, bits)
     v = {k: rounding_init(w, scales[k]) for k, w in kernels.items()}
     v0 = v  # V at nearest rounding
     optimizer = optax.adam(lr)
     rng = np.random.default_rng(seed)
 
     def objective(v, batch, beta, regularise):
-        soft = {k: rounded_kernel(w, scales[k], v[k], bits, hard=False) for k, w in kernels.items()}
+        soft = {k: rounded_kernel(w, scales[k], v[k], bits[k], hard=False) for k, w in kernels.items()}
         reg = sum(rounding_regulariser(v[k], beta) for k in v)
         return reconstruction_error(soft, batch) + regularise * reg_weight * reg
 
@@ -120,8 +121,8 @@ def learn_rounding(
         progress = max(0.0, (i - start) / max(iters - start, 1))
         beta = beta_range[0] + (beta_range[1] - beta_range[0]) * progress
         v, opt_state = step(v, opt_state, batch, jnp.float32(beta), jnp.float32(i >= start))
-    learned = {k: rounded_kernel(w, scales[k], v[k], bits, hard=True) for k, w in kernels.items()}
-    nearest = {k: rounded_kernel(w, scales[k], v0[k], bits, hard=True) for k, w in kernels.items()}
+    learned = {k: rounded_kernel(w, scales[k], v[k], bits[k], hard=True) for k, w in kernels.items()}
+    nearest = {k: rounded_kernel(w, scales[k], v0[k], bits[k], hard=True) for k, w in kernels.items()}
     # the relaxation can settle where hardening loses (Adam drifts into h's flat ends near the float
     # optimum): kept only where it does not lose to nearest rounding on all the data
     check = jax.jit(reconstruction_error)
@@ -233,7 +234,6 @@ def reconstruct(
     run, calls = block_calls(model.module, params, set(names), kwargs)
     recorded = [run(jnp.asarray(x), jnp.asarray(t)) for x, t in batches]
     state = dict(model.state)
-    top = 2 ** (model.spec.weight_bits - 1) - 1
     for name in names:
         call = calls[name]
         data = (
@@ -267,7 +267,7 @@ def reconstruct(
             error,
             kernels,
             scales,
-            model.spec.weight_bits,
+            {k: model.spec.bits_of(k) for k in keys},
             data,
             iters=iters,
             batch_size=batch_size,
@@ -275,6 +275,7 @@ def reconstruct(
             seed=seed,
         )
         for k in keys:
+            top = 2 ** (model.spec.bits_of(k) - 1) - 1
             codes = jnp.clip(jnp.round(learned[k] / scales[k]), -top, top).astype(jnp.int8)
             state[k] = dict(state[k]) | {"codes": codes}
     return dataclasses.replace(model, state=state)

@@ -1,6 +1,7 @@
 """Post-training quantization: the quantizers' bounds, the calibration sets, Q-Diffusion's skip split
-on the U-Net, int8 execution equal to fake quantization (U-Net and DiT), W8A8 near full precision, the
-temporal layers of TFMQ-DM, and the Orbax round trip."""
+on the U-Net, the network input kept in float (weight-only first layer), int8 execution equal to fake
+quantization (U-Net and DiT), W8A8 near full precision, the temporal layers of TFMQ-DM, and the Orbax
+round trip."""
 
 import dataclasses
 
@@ -120,10 +121,42 @@ def test_int8_execution_equals_fake_quantization_layer_for_layer():
     params = module.init(jax.random.key(1), x, t)["params"]
     xs, ts = np.stack([np.asarray(x)] * 2), np.zeros((2, 4), np.float32)
     kw = dict(method="uniform", weight_bits=8, num_samples=8, batch_size=4, splits={"Conv_0": 2})
-    model = quantization.calibrate(module, params, (xs, ts), **kw)
+    model = quantization.calibrate(module, params, (xs, ts), float_inputs=(), **kw)  # x quantized too
     assert model.spec.groups["Conv_0"] == (0, 2, 5)
     fake, real = _fake_and_int8(model, params, x, t)
     np.testing.assert_allclose(real, fake, atol=1e-6 * float(jnp.abs(fake).max()))
+
+
+def test_network_input_stays_float_and_head_and_stem_keep_8_bits():
+    """By default (BRECQ/QDrop/PTQ4DM) the layer reading ``x`` keeps it unquantized: alone, it is the
+    float layer with the dequantized kernel, in fake and int8 execution; the first and last layers
+    keep 8-bit weights at W4; ``()`` turns both off; a key that is no layer is refused."""
+    module = _ThreeLayers()
+    x, t = 3.0 * jax.random.normal(jax.random.key(0), (4, 8, 8, 5)), jnp.zeros((4,))
+    params = module.init(jax.random.key(1), x, t)["params"]
+    xs, ts = np.stack([np.asarray(x)] * 2), np.zeros((2, 4), np.float32)
+    kw = dict(method="uniform", weight_bits=4, num_samples=8, batch_size=4, splits={"Conv_0": 2})
+    model = quantization.calibrate(module, params, (xs, ts), **kw)
+    assert model.spec.float_inputs == ("Conv_0",) and model.spec.eight_bit_weights == ("Conv_0", "Dense_0")
+    assert "a_scale" not in model.state["Conv_0"] and "a_scale" in model.state["Conv_1"]
+    top = {k: int(jnp.abs(layer["codes"]).max()) for k, layer in model.state.items()}
+    assert top == {"Conv_0": 127, "Conv_1": 7, "Dense_0": 127}
+    layer = model.state["Conv_0"]
+    w_scale = layer["w_scale"]  # (groups, cout): input channels 0-1 and 2-4
+    scales = jnp.concatenate([jnp.broadcast_to(w_scale[0], (2, 6)), jnp.broadcast_to(w_scale[1], (3, 6))])
+    dequantized = params | {"Conv_0": params["Conv_0"] | {"kernel": layer["codes"] * scales[None, None]}}
+    expected = module.apply({"params": dequantized}, x, t)
+    for out in _fake_and_int8(dataclasses.replace(model, state={"Conv_0": layer}), params, x, t):
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * float(jnp.abs(expected).max()))
+    fake, real = _fake_and_int8(model, params, x, t)  # the whole network, layer for layer
+    np.testing.assert_allclose(real, fake, atol=1e-6 * float(jnp.abs(fake).max()))
+    assert _relative(module.apply({"params": params}, x, t), expected) > 1e-4  # the codes are not the kernel
+    plain = quantization.calibrate(module, params, (xs, ts), float_inputs=(), eight_bit_weights=(), **kw)
+    assert "a_scale" in plain.state["Conv_0"] and all(
+        int(jnp.abs(v["codes"]).max()) == 7 for v in plain.state.values()
+    )
+    with pytest.raises(ValueError, match=r"float_inputs=\['nope'\]"):
+        quantization.calibrate(module, params, (xs, ts), float_inputs=("nope",), **kw)
 
 
 def test_quantized_unet_w8a8_is_near_full_precision_in_int8_too(unet, tmp_path):
@@ -143,7 +176,8 @@ def test_quantized_unet_w8a8_is_near_full_precision_in_int8_too(unet, tmp_path):
         batch_size=16,
         splits=quantization.unet_skip_splits(module),
     )
-    assert model.spec.groups["up1_0_res/Conv_0"] == (0, 16, 32)
+    assert model.spec.groups["up1_0_res/Conv_0"] == (0, 16, 32) and model.spec.float_inputs == ("conv_in",)
+    assert model.spec.eight_bit_weights == ("conv_in", "conv_out")
     fake, real = _fake_and_int8(model, params, x, t)
     assert _relative(fake, full) < 0.06  # random weights: 0.035 measured
     assert _relative(real, fake) < _relative(fake, full)
@@ -162,7 +196,7 @@ def test_tfmq_recalibrates_only_the_temporal_layers(unet):
     changed = {
         key
         for key in uniform.state
-        if not all(np.array_equal(uniform.state[key][f], tfmq.state[key][f]) for f in ("codes", "a_scale"))
+        if not all(np.array_equal(uniform.state[key][f], tfmq.state[key][f]) for f in uniform.state[key])
     }
     temporal = {key for key in uniform.state if quantization.is_temporal(key)}
     assert "time_embed/Dense_0" in temporal and "up1_0_res/Dense_0" in temporal
@@ -177,7 +211,8 @@ def test_quantized_dit_w8a8_is_near_full_precision_in_int8_too():
     params = _perturbed(nn.meta.unbox(module.init(jax.random.key(1), x, t, train=False)["params"]))
     xs, ts = _trajectories((8, 8, 1), steps=2, n=8)
     model = quantization.calibrate(module, params, (xs, ts), method="normal", weight_bits=8, num_samples=16)
-    assert any(k.endswith("/adaln") for k in model.state) and "patch" in model.state
+    assert any(k.endswith("/adaln") for k in model.state) and model.spec.float_inputs == ("patch",)
+    assert model.spec.eight_bit_weights == ("patch", "final")
     fake, real = _fake_and_int8(model, params, x, t)
     error = _relative(fake, module.apply({"params": params}, x, t, train=False))
     assert error < 0.05 and _relative(real, fake) < 0.5 * error
