@@ -38,6 +38,11 @@ flags.DEFINE_list("brecq_methods", ["uniform"], "Methods measured again with BRE
 flags.DEFINE_list(
     "uniform_layer_methods", ["uniform"], "Methods measured again with every layer quantized alike."
 )
+flags.DEFINE_string(
+    "full_precision_from",
+    None,
+    "OUT.json of an earlier run (same workdir, sample count): reuse its first row.",
+)
 flags.DEFINE_string("out", "benchmarks/results/quantization_digits", "Output path without extension.")
 FLAGS = flags.FLAGS
 
@@ -94,7 +99,11 @@ def main(argv):
         logging.info("%s", rows[-1])
 
     splits = quantization.unet_skip_splits(module)
-    measure("full precision", module, 32, "-", 0.0)
+    if FLAGS.full_precision_from:  # evaluation is deterministic: the same run, seed and count
+        with open(FLAGS.full_precision_from) as f:
+            rows.append(json.load(f)["rows"][0])
+    else:
+        measure("full precision", module, 32, "-", 0.0)
     int8_check = {}
     # (method, block reconstruction steps, the defaults' float x_t and 8-bit first and last layers):
     # EDA-DM always reconstructs (FBR); the BRECQ rows and the rows with every layer alike on top
