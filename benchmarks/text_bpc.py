@@ -1,6 +1,7 @@
 """Bits per character of the text runs, side by side, next to the text8 papers' figures (a different corpus).
 
     python benchmarks/text_bpc.py --runs=/work/runs/i33 > benchmarks/results/<date>-text-bpc.md
+    python benchmarks/text_bpc.py --curve=/work/runs/i33/text_mdlm   # every checkpoint of one run
 
 Each run directory under ``--runs`` (trained by ``python -m diffax.main --config=experiments/text_*.py``,
 then evaluated by ``python -m diffax.evaluate``) gives one row from its newest ``eval/step_*.json`` and
@@ -29,6 +30,22 @@ TEXT8 = {
 }
 
 
+def _train_cpu(timing: str) -> str:
+    """``"CPU-s (wall min)"`` of training from ``/usr/bin/time -v`` output (or the one-line
+    ``train wall W s user U s sys S s`` format); ``""`` when neither is found."""
+    short = re.search(r"train wall ([0-9.]+) s user ([0-9.]+) s sys ([0-9.]+) s", timing)
+    if short:
+        wall, user, sys_ = (float(x) for x in short.groups())
+        return f"{user + sys_:.0f} ({wall / 60:.0f})"
+    user = re.search(r"User time \(seconds\): ([0-9.]+)", timing)
+    sys_ = re.search(r"System time \(seconds\): ([0-9.]+)", timing)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([0-9:.]+)", timing)
+    if not (user and sys_ and wall):
+        return ""
+    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.group(1).split(":"))))
+    return f"{float(user.group(1)) + float(sys_.group(1)):.0f} ({seconds / 60:.0f})"
+
+
 def _row(run: str) -> dict | None:
     evals = sorted(glob.glob(os.path.join(run, "eval", "step_*.json")))
     if not evals or not os.path.exists(os.path.join(run, "config.json")):
@@ -37,13 +54,8 @@ def _row(run: str) -> dict | None:
     config = json.load(open(os.path.join(run, "config.json")))
     loss, process = config["loss"]["name"], config["process"]["name"]
     key = process if process.startswith("d3pm") else loss
-    cpu = ""
     timing = run.rstrip("/") + ".time"
-    if os.path.exists(timing):
-        found = re.search(r"train wall ([0-9.]+) s user ([0-9.]+) s sys ([0-9.]+) s", open(timing).read())
-        if found:
-            wall, user, sys_ = (float(x) for x in found.groups())
-            cpu = f"{(user + sys_) / 60:.1f} ({wall / 60:.0f})"
+    cpu = _train_cpu(open(timing).read()) if os.path.exists(timing) else ""
     m = record["metrics"]
     params = config["model"]
     return dict(
@@ -61,14 +73,61 @@ def _row(run: str) -> dict | None:
     )
 
 
+def curve(run: str, *, passes: int) -> None:
+    """Prints the held-out bits/char of every checkpoint of ``run`` (EMA and raw parameters)."""
+    import flax.linen as nn
+    import jax
+    import ml_collections
+
+    from diffax import checkpoint, sharding, train_state
+    from diffax import config as config_lib
+    from diffax.discrete import system
+
+    checkpoint.quiet_orbax_logs()
+    config = config_lib.load(run)
+    parts = train_state.build(config)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), devices=jax.local_devices())
+    abstract = nn.meta.unbox(jax.eval_shape(train_state.state_initializer(config, parts)))
+    target = checkpoint.abstract_with_shardings(
+        abstract, jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+    )
+    ckpt = checkpoint.Checkpointer(run, every_steps=config.ckpt.every_steps, keep=config.ckpt.keep)
+    bound_fn, tokens = system.make_bound(config, parts), system.heldout_tokens(config)
+    passes = 1 if parts.schedule is None else passes
+    print(f"{os.path.basename(run.rstrip('/'))}: held-out bits/char per checkpoint ({passes} passes)")
+    print("| step | EMA (± s.e.) | raw (± s.e.) |\n|---|---|---|")
+    steps = sorted(int(d) for d in os.listdir(ckpt.directory) if d.isdigit())
+    for step in steps:
+        state = ckpt.restore(step, target, None)
+        cells = [
+            system.bits_per_char(
+                bound_fn,
+                params,
+                tokens,
+                batch_size=config.evals.batch_size,
+                passes=passes,
+                key=jax.random.key(step),
+            )
+            for params in (state.sampling_params(), state.params)
+        ]
+        print(f"| {step} | " + " | ".join(f"{bpc:.4f} ± {se:.4f}" for bpc, se in cells) + " |", flush=True)
+    ckpt.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", required=True, help="Directory holding one run directory per experiment.")
+    parser.add_argument("--runs", help="Directory holding one run directory per experiment.")
+    parser.add_argument("--curve", help="Instead: one run directory, scored at every checkpoint.")
+    parser.add_argument("--passes", type=int, default=2, help="With --curve: passes of the bound.")
     args = parser.parse_args()
+    if args.curve:
+        return curve(args.curve, passes=args.passes)
+    if not args.runs:
+        parser.error("--runs or --curve is required.")
     rows = [r for r in (_row(d) for d in sorted(glob.glob(os.path.join(args.runs, "*/")))) if r]
     ar = {r["dataset"]: r["bpc"] for r in rows if r["key"] == "autoregressive"}
     print(
-        "| run | method | held-out bits/char (± s.e.) | ratio to AR | train steps | train CPU min (wall) |"
+        "| run | method | held-out bits/char (± s.e.) | ratio to AR | train steps | train CPU-s (wall min) |"
         " model | sampler | NFE | sample entropy (nats) | text8, papers |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -13,4 +13,5 @@ from experiments import text_mdlm
 def get_config(arg=None):
     config = text_mdlm.get_config(arg)
     config.loss.name = "radd_lambda_dce"
+    config.loss.mask_sampling = "time"  # λ-DCE as in the paper: λ drawn, each token masked w.p. λ
     return config

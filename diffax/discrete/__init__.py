@@ -26,6 +26,8 @@ from diffax.discrete.processes import (
     d3pm_posterior_logits,
     d3pm_sample,
     masked_sample,
+    masked_sample_count,
+    stratified_counts,
     transition,
 )
 from diffax.discrete.samplers import (
@@ -53,12 +55,14 @@ __all__ = [
     "lambda_dce_terms",
     "make_loss",
     "masked_sample",
+    "masked_sample_count",
     "mdlm_terms",
     "sample",
     "sample_autoregressive",
     "sample_entropy",
     "score_entropy_terms",
     "sedd_log_score",
+    "stratified_counts",
     "subs_log_probs",
     "transition",
 ]

@@ -31,6 +31,9 @@ from diffax.discrete.processes import D3PM, MaskedProcess
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 LOSSES = ("d3pm_hybrid", "d3pm_vlb", "mdlm", "sedd", "radd_lambda_dce", "autoregressive")
+# How the masked family draws z: "time" (t antithetic, each token masked w.p. t; MDLM, SEDD, RADD's
+# λ-DCE) or "count" (k stratified over 1..L, exactly k masked, weight L/k: the same NELBO at ε = 0).
+MASK_SAMPLING = ("time", "count")
 
 
 def _token_nll(log_probs: jax.Array, x0: jax.Array) -> jax.Array:
@@ -167,6 +170,7 @@ def make_loss(
     loss: str,
     hybrid_coeff: float = 0.01,
     vocab_size: int | None = None,
+    mask_sampling: str = "time",
 ) -> Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
     """Builds ``loss_fn(params, batch, key) -> (loss, aux)`` for ``batch = {"tokens": (B, L) int32}``.
 
@@ -181,6 +185,12 @@ def make_loss(
         parameterisation); ``"radd_lambda_dce"``; ``"autoregressive"`` (BOS is token ``vocab_size``).
       hybrid_coeff: λ of the hybrid loss (Austin et al. use 0.01 for text).
       vocab_size: the data vocabulary (the AR loss's BOS token); taken from ``process`` otherwise.
+      mask_sampling: ``"time"`` or, for the time-free ``"mdlm"`` and ``"radd_lambda_dce"`` at ε = 0,
+        ``"count"``: the number of masked tokens ``k`` uniform on ``1 .. L`` (stratified over the batch),
+        exactly ``k`` masked, bound ``(L/k) Σ_{masked} −log p_θ``. Its mean, ``Σ_k (1/k) E[Σ_{masked}
+        −log p_θ | k]``, is MDLM's NELBO (``∫_0^1 (1/t) Bin(k; L, t) dt = 1/k``), estimated without the
+        heavy ``1/t`` tail of a few masked tokens at small ``t`` (the any-order form of the bound, Ou et
+        al. 2024, Sec. 4; their k-DCE).
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; known: {LOSSES}.")
@@ -190,6 +200,14 @@ def make_loss(
     if (needs is None) != (process is None) or (needs is not None and not isinstance(process, needs)):
         kind = "no process" if needs is None else needs.__name__
         raise ValueError(f"loss {loss!r} needs {kind}, got {type(process).__name__}.")
+    if mask_sampling not in MASK_SAMPLING:
+        raise ValueError(f"mask_sampling {mask_sampling!r}: known {MASK_SAMPLING}.")
+    by_count = mask_sampling == "count"
+    if by_count and (loss not in ("mdlm", "radd_lambda_dce") or process.eps != 0.0):
+        raise ValueError(
+            f"mask_sampling 'count' estimates the NELBO of a time-free masked model at eps=0, not loss"
+            f" {loss!r} (eps={getattr(process, 'eps', None)}); use 'time'."
+        )
 
     def loss_fn(params, batch, key):
         x0 = jnp.asarray(batch["tokens"], jnp.int32)
@@ -216,6 +234,13 @@ def make_loss(
             bound = process.num_steps * terms["vlb_t"] + terms["prior"]
             objective = bound + hybrid_coeff * terms["ce"] if loss == "d3pm_hybrid" else bound
             aux["ce"] = terms["ce"]
+        elif by_count:  # both time-free losses are (1/λ) Σ_{masked} −log p_θ with λ = k/L
+            count = processes.stratified_counts(time_key, b, length)
+            z_t = processes.masked_sample_count(process, x0, count, noise_key)
+            t = count.astype(jnp.float32) / length
+            logits = apply_fn(params, z_t, t if loss == "mdlm" else jnp.zeros_like(t), net_key)
+            bound = lambda_dce_terms(subs_log_probs(logits), x0, z_t, t, mask_index=process.mask_index)
+            objective = bound
         else:
             t = processes.antithetic_times(time_key, b)
             z_t = processes.masked_sample(process, x0, t, noise_key)
@@ -239,6 +264,7 @@ def make_loss(
 
 __all__ = [
     "LOSSES",
+    "MASK_SAMPLING",
     "autoregressive_terms",
     "d3pm_terms",
     "lambda_dce_terms",

@@ -200,6 +200,22 @@ def masked_sample(process: MaskedProcess, x0: ArrayLike, t: ArrayLike, key: jax.
     return jnp.where(masked, process.mask_index, x0).astype(jnp.int32)
 
 
+def masked_sample_count(process: MaskedProcess, x0: ArrayLike, count: ArrayLike, key: jax.Array) -> jax.Array:
+    """``x0`` ``(B, L)`` with exactly ``count[i]`` positions of row ``i`` masked, uniformly among such sets.
+
+    The ``k``-masked states of the any-order form of the masked NELBO (Ou et al. 2024, Sec. 4).
+    """
+    x0 = jnp.asarray(x0)
+    rank = jnp.argsort(jnp.argsort(jax.random.uniform(key, x0.shape), axis=-1), axis=-1)
+    return jnp.where(rank < jnp.asarray(count)[:, None], process.mask_index, x0).astype(jnp.int32)
+
+
+def stratified_counts(key: jax.Array, n: int, length: int) -> jax.Array:
+    """``n`` mask counts in ``1 .. length``, each uniform, stratified like :func:`antithetic_times`."""
+    u = jnp.mod(jax.random.uniform(key, ()) + jnp.arange(n, dtype=jnp.float32) / n, 1.0)
+    return jnp.minimum(jnp.floor(u * length).astype(jnp.int32) + 1, length)
+
+
 def antithetic_times(key: jax.Array, n: int) -> jax.Array:
     """``n`` times in ``(0, 1]``, one in each stratum ``(i/n, (i+1)/n]``, from one uniform shift.
 
@@ -221,5 +237,7 @@ __all__ = [
     "d3pm_posterior_logits",
     "d3pm_sample",
     "masked_sample",
+    "masked_sample_count",
+    "stratified_counts",
     "transition",
 ]

@@ -47,7 +47,8 @@ _SAMPLERS_OF = {
     "masked": ("masked_ancestral", "tau_leaping"),
     "autoregressive": (AR_SAMPLER,),
 }
-LOSS_OPTIONS = ("hybrid_coeff",)  # the fields of config.loss a token run reads besides its name
+# the fields of config.loss a token run reads besides its name
+LOSS_OPTIONS = ("hybrid_coeff", "mask_sampling")
 # Passes over the held-out split, each with fresh (stratified) times and masks, for the bound.
 BOUND_PASSES = 4
 
@@ -169,7 +170,11 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.loss.{unknown[0]}: not an option of the token losses; known: {LOSS_OPTIONS}."
         )
-    losses.make_loss(process, lambda *a: None, vocab_size=vocab, **_loss_kwargs(config))
+    try:
+        losses.make_loss(process, lambda *a: None, vocab_size=vocab, **_loss_kwargs(config))
+    except ValueError as e:
+        field = "mask_sampling" if "mask_sampling" in str(e) else "name"
+        raise ValueError(f"config.loss.{field}: {e}") from None
     check_sampler(config)
 
 

@@ -1,6 +1,7 @@
 """Discrete losses against exact answers: SEDD/RADD/MDLM identity, uniform predictors, a Markov source."""
 
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +98,9 @@ def test_uniform_predictor_scores_log_v():
     x = jax.random.randint(jax.random.key(1), (b, 64), 0, vocab)
     estimates = [float(loss_fn(None, {"tokens": x}, jax.random.key(i))[0]) for i in range(8)]
     np.testing.assert_allclose(np.mean(estimates), np.log(vocab), rtol=0.02)
+    by_count = jax.jit(discrete.make_loss(proc, apply_fn, loss="mdlm", mask_sampling="count"))
+    _, aux = by_count(None, {"tokens": x}, jax.random.key(0))  # (L/k)·k·log V: no variance at all
+    np.testing.assert_allclose(aux["bound"] / 64, np.log(vocab), rtol=1e-5)
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-3])
@@ -144,6 +148,11 @@ def test_lambda_dce_equals_mdlm_in_expectation(source_tables):
     mdlm = expected(lambda t: discrete.mdlm_terms(proc, net, x0, z, jnp.full((len(z),), t)))
     np.testing.assert_allclose(dce, any_order, rtol=1e-5)
     np.testing.assert_allclose(mdlm, any_order, rtol=1e-5)
+    # mask_sampling="count": k uniform on 1..L, then one of the C(L, k) masks of size k, weight L/k
+    some = count > 0
+    by_count = discrete.lambda_dce_terms(net[some], x0[some], z[some], count[some] / L, mask_index=V)
+    prob = 1.0 / (L * np.array([math.comb(L, m) for m in count[some]]))
+    np.testing.assert_allclose(float(np.sum(np.asarray(by_count) * prob)), any_order, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "absorbing"])
@@ -170,3 +179,5 @@ def test_make_loss_refuses_the_wrong_process():
         discrete.make_loss(discrete.d3pm("uniform", vocab_size=3, num_steps=4), apply_fn, loss="mdlm")
     with pytest.raises(ValueError, match="vocab_size"):
         discrete.make_loss(None, apply_fn, loss="autoregressive")
+    with pytest.raises(ValueError, match="mask_sampling 'count'.*not loss 'sedd'"):
+        discrete.make_loss(discrete.MaskedProcess(vocab_size=3), apply_fn, loss="sedd", mask_sampling="count")

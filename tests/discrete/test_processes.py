@@ -89,6 +89,19 @@ def test_masked_process_marginal_and_antithetic_strata():
     np.testing.assert_array_equal(np.ceil(ts * 16).astype(int), np.arange(1, 17))
 
 
+def test_mask_counts_are_exact_stratified_and_uniform_over_positions():
+    proc = discrete.MaskedProcess(vocab_size=4)
+    counts = discrete.stratified_counts(jax.random.key(4), 12, 12)  # n = L: every count once
+    np.testing.assert_array_equal(np.sort(np.asarray(counts)), np.arange(1, 13))
+    count = jnp.tile(jnp.array([1, 3, 7, 12]), 1500)
+    x0 = jnp.zeros((len(count), 12), jnp.int32)
+    z = np.asarray(discrete.masked_sample_count(proc, x0, count, jax.random.key(5)))
+    np.testing.assert_array_equal((z == 4).sum(1), np.asarray(count))
+    per_position = (z == 4).reshape(1500, 4, 12).mean(0)  # each position masked w.p. k / L
+    expected = np.broadcast_to(np.array([1.0, 3.0, 7.0, 12.0])[:, None] / 12, per_position.shape)
+    np.testing.assert_allclose(per_position, expected, atol=0.04)
+
+
 @pytest.mark.parametrize("kind", ["uniform", "absorbing"])
 def test_d3pm_sample_marginal(kind):
     proc = discrete.d3pm(kind, vocab_size=3, num_steps=10)

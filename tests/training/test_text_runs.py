@@ -43,6 +43,7 @@ def test_markov_source_entropy_and_pipeline():
         ("model.vocab_size", 30, "config.model.vocab_size: 30 does not match the text input's 27"),
         ("model.seq_len", 128, "config.model.seq_len: 128 does not match config.input.seq_len=64"),
         ("sampler.name", "ddim", "config.sampler.name: 'ddim' is a Gaussian sampler"),
+        ("loss.mask_sampling", "tokens", "config.loss.mask_sampling: mask_sampling 'tokens': known"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_field(field, value, match):
