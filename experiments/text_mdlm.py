@@ -6,8 +6,15 @@
 
 ``--config=experiments/text_mdlm.py:markov`` trains on the order-2 Markov source instead (exact entropy
 rate in the evaluation); ``:runlocal`` shrinks everything to a smoke run. Masked diffusion with the
-log-linear schedule, SUBS, the continuous-time NELBO with antithetic times, a time-free transformer,
-and the ancestral sampler with caching (Sahoo et al. 2024).
+log-linear schedule, SUBS, the continuous-time NELBO, a time-free transformer, and the ancestral sampler
+with caching (Sahoo et al. 2024). The NELBO is estimated with ``loss.mask_sampling="count"`` (the number
+of masked tokens stratified over 1..L; same expectation as MDLM's antithetic times, bounded weights);
+``--config.loss.mask_sampling=time`` is the paper's estimator.
+
+Measured (shared 2-core machine, load 11-13; benchmarks/results/2026-12-06-text-bpc-4000.md): 4000 steps
+of batch 32 × 64, 2 blocks × 128, took 922 CPU-s of training (40.6 min wall at load ~11; about 8 min on
+two free cores) and reached 2.658 ± 0.007 bits/char held out (the corpus's bigram entropy is 3.32); the
+paper's time sampling gave 2.80 against 2.85 for count sampling at step 1500 (one run each, ± ~0.03).
 """
 
 import ml_collections
