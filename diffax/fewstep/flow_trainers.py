@@ -53,8 +53,13 @@ class OptionsTrainer(_Trainer):
     DEFAULTS: dict[str, Any] = {}
     PROCESS = ""
 
+    @classmethod
+    def options_of(cls, config: ml_collections.ConfigDict) -> dict[str, Any]:
+        """``config.trainer``'s options over ``DEFAULTS``."""
+        return cls.DEFAULTS | train_state.registry_kwargs(config.trainer)
+
     def option(self, key: str) -> Any:
-        return train_state.registry_kwargs(self.config.trainer).get(key, self.DEFAULTS[key])
+        return self.options_of(self.config)[key]
 
     @property
     def keeps_teacher(self) -> bool:
@@ -78,8 +83,8 @@ class OptionsTrainer(_Trainer):
                 f"config.process.name: the {name!r} trainer works in the {cls.PROCESS!r} time convention and "
                 f"cannot convert {config.process.name!r}; set process.name={cls.PROCESS!r}."
             )
-        t_max = train_state.registry_kwargs(config.trainer).get("t_max", cls.DEFAULTS.get("t_max", 0.5))
-        if not 0.0 < t_max < 1.0:  # sampling starts there; alpha = 0 at t = 1
+        t_max = cls.options_of(config).get("t_max")  # None: a trainer without that option
+        if t_max is not None and not 0.0 < t_max < 1.0:  # sampling starts there; alpha = 0 at t = 1
             raise ValueError(f"config.trainer.t_max: {t_max} must lie in (0, 1) (alpha = 0 at 1).")
 
     def apply_output(
@@ -104,10 +109,10 @@ class RectifiedFlowTrainer(OptionsTrainer):
     @classmethod
     def check(cls, config: ml_collections.ConfigDict) -> None:
         super().check(config)
-        options = train_state.registry_kwargs(config.trainer)
-        if options.get("distill_steps", 0) < 0:
+        options = cls.options_of(config)
+        if options["distill_steps"] < 0:
             raise ValueError(f"config.trainer.distill_steps: {options['distill_steps']} must be >= 0.")
-        pairs_dir = options.get("pairs_dir", "")
+        pairs_dir = options["pairs_dir"]
         if pairs_dir:
             from diffax import data
             from diffax.fewstep import reflow
@@ -115,7 +120,7 @@ class RectifiedFlowTrainer(OptionsTrainer):
             if config.input.labels:
                 raise ValueError("config.input.labels: reflow pairs carry no labels; set input.labels=False.")
             reflow.check_pairs(pairs_dir, data.image_shape(config.input))
-        elif options.get("distill_steps", 0):
+        elif options["distill_steps"]:
             raise ValueError(
                 "config.trainer.pairs_dir: distillation needs the pairs of the flow it distils; write them "
                 "with python -m diffax.fewstep.reflow --workdir=RUN --out=DIR and pass pairs_dir=DIR."
@@ -174,8 +179,8 @@ class InterpolantTrainer(OptionsTrainer):
     @classmethod
     def check(cls, config: ml_collections.ConfigDict) -> None:
         super().check(config)
-        options = train_state.registry_kwargs(config.trainer)
-        if options.get("loss", "velocity") not in cls.LOSSES:
+        options = cls.options_of(config)
+        if options["loss"] not in cls.LOSSES:
             raise ValueError(
                 f"config.trainer.loss: unknown {options['loss']!r}; known: {', '.join(cls.LOSSES)}."
             )

@@ -196,12 +196,12 @@ class SCMTrainer(_JVPTrainer):
     @classmethod
     def check(cls, config: ml_collections.ConfigDict) -> None:
         super().check(config)
-        options = train_state.registry_kwargs(config.trainer)
-        if options.get("warmup_steps", 1000) < 0:
+        options = cls.options_of(config)
+        if options["warmup_steps"] < 0:
             raise ValueError(f"config.trainer.warmup_steps: {options['warmup_steps']} must be >= 0.")
         sigma_data = train_state.registry_kwargs(config.process).get("sigma_data", 0.5)
-        t_max = math.atan(options.get("sigma_max", 80.0) / sigma_data)
-        if not 0.0 < options.get("mid_t", 1.1) < t_max:
+        t_max = math.atan(options["sigma_max"] / sigma_data)
+        if not 0.0 < options["mid_t"] < t_max:
             raise ValueError(
                 f"config.trainer.mid_t: {options['mid_t']} must lie in (0, {t_max:.4f}) (t_max)."
             )
