@@ -24,16 +24,13 @@ at step 800); patch 1 (64 tokens, width 128) is no better (FD 2.51x).
 
 from experiments import common, digits
 
-VARIANTS = (None, "dit")
-
 
 def get_config(arg=None):
-    if arg not in VARIANTS:
-        raise ValueError(f"experiments/digits_latent.py: unknown argument {arg!r}; use ':dit' or none")
+    if arg not in (None, "dit"):
+        raise ValueError(f"experiments/digits_latent.py:{arg}: the variants are ':dit' or none.")
     config = digits.get_config()  # the pixel default's diffusion, U-Net, optimizer and logging recipe
-    config.total_steps = 4000
+    config.total_steps = 3500 if arg == "dit" else 4000
     if arg == "dit":
-        config.total_steps = 3500
         config.model = common.model(
             "dit_s_2",
             depth=4,
