@@ -4,7 +4,8 @@
 
 Ou et al. 2024: the concrete score is α/(1 − α) times a time-free conditional, so the network takes no t
 and the sampler reuses its output while no token changes (the evaluation reports the NFE spent). The
-set-up is MDLM's (experiments/text_mdlm.py) with the λ-DCE loss.
+set-up is MDLM's (experiments/text_mdlm.py) with the λ-DCE loss. With MDLM's time-free network and
+antithetic times, λ-DCE is MDLM's NELBO sample by sample (``tests/discrete``), so the two runs train alike.
 """
 
 from experiments import text_mdlm
@@ -13,5 +14,4 @@ from experiments import text_mdlm
 def get_config(arg=None):
     config = text_mdlm.get_config(arg)
     config.loss.name = "radd_lambda_dce"
-    config.loss.mask_sampling = "time"  # λ-DCE as in the paper: λ drawn, each token masked w.p. λ
     return config

@@ -1,9 +1,12 @@
 """Token runs in the training system: bad input in one line, data, and train → evaluate → generate."""
 
+import functools
 import json
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO, subprocess_env
@@ -11,6 +14,7 @@ from conftest import REPO, subprocess_env
 from diffax import config as config_lib
 from diffax import data
 from diffax.data import text
+from diffax.discrete import system
 from experiments import text_ar, text_d3pm, text_mdlm, text_radd, text_sedd
 
 
@@ -44,10 +48,12 @@ def test_markov_source_entropy_and_pipeline():
         ("model.seq_len", 128, "config.model.seq_len: 128 does not match config.input.seq_len=64"),
         ("sampler.name", "ddim", "config.sampler.name: 'ddim' is a Gaussian sampler"),
         ("loss.mask_sampling", "tokens", "config.loss.mask_sampling: mask_sampling 'tokens': known"),
+        ("model.time_conditioning", True, "config.loss.mask_sampling: 'count' estimates the NELBO of a"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_field(field, value, match):
     config = text_mdlm.get_config()
+    config.loss.mask_sampling = "count"
     section, key = field.split(".")
     config[section][key] = value
     with pytest.raises(config_lib.ConfigError, match=match) as e:
@@ -68,6 +74,28 @@ def test_bad_input_is_one_line_naming_the_field(field, value, match):
 )
 def test_experiments_validate(module, arg):
     config_lib.validate(module.get_config(arg))
+
+
+def test_heldout_bound_uses_count_draws_where_they_estimate_the_nelbo():
+    """Time-trained or count-trained, a time-free MDLM is scored by the count estimator (same NELBO, lower
+    variance), while training keeps its configured draws; a time-conditioned MDLM keeps time draws."""
+    tokens = jnp.asarray(text.load_corpus(split="test")[: 8 * 32].reshape(8, 32))
+    keys = jax.random.split(jax.random.key(1), 2)
+    bounds, params = {}, None
+    for sampling in ("time", "count"):
+        config = text_mdlm.get_config("runlocal")
+        config.loss.mask_sampling = sampling
+        parts = system.build(config)
+        if params is None:
+            init = jax.jit(functools.partial(parts.module.init, train=False))
+            params = init(jax.random.key(0), tokens, jnp.zeros((8,)), None)["params"]
+        bound_fn = system.make_bound(config, parts)
+        bounds[sampling] = np.stack([np.asarray(bound_fn(params, tokens, k)) for k in keys])
+        trained = jax.jit(parts.loss_fn)(params, {"tokens": tokens}, keys[0])[1]["bound"]
+        assert (np.asarray(trained) == bounds[sampling][0]).all() == (sampling == "count")
+    np.testing.assert_array_equal(bounds["time"], bounds["count"])
+    config.model.time_conditioning, config.loss.mask_sampling = True, "time"
+    assert system._bound_kwargs(config)["mask_sampling"] == "time"
 
 
 def _run(module, *args):
