@@ -19,7 +19,9 @@ its samples through the frozen VAE for the grids and the digits metrics of both 
 FD 0.21x, p 0.265; 1115 CPU-s); the DiT meets three (judge 72.1% confident, FD 1.24x; CNN 73.5%, FD
 0.87x; class p < 0.001 under both; 1193 CPU-s), and one at lr 1e-3 and 2000 steps (FD 2.15x, 747 CPU-s).
 At equal steps the DiT's ε-loss trails the U-Net's by 2.5x the steps (0.053 at step 2000, the U-Net's
-at step 800); patch 1 (64 tokens, width 128) is no better (FD 2.51x).
+at step 800); patch 1 (64 tokens, width 128) is no better (FD 2.51x). Neither are lr 3e-3 with 5000 steps
+(3/7, 1605 CPU-s) nor 6 or 8 blocks of width 128 (3/7, CNN 82% and judge 77% confident, 1823-1957 CPU-s):
+see the README's latent table.
 """
 
 from experiments import common, digits
