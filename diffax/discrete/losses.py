@@ -163,6 +163,12 @@ def shift_right(tokens: ArrayLike, bos: int) -> jax.Array:
     return jnp.concatenate([jnp.full_like(tokens[:, :1], bos), tokens[:, :-1]], axis=1)
 
 
+def counts_estimate_nelbo(process: D3PM | MaskedProcess | None, loss: str) -> bool:
+    """Whether ``mask_sampling="count"`` estimates the NELBO of ``loss`` on ``process``: the time-free
+    masked losses at ε = 0 (the network must ignore ``t`` too, which the loss cannot see)."""
+    return loss in ("mdlm", "radd_lambda_dce") and isinstance(process, MaskedProcess) and process.eps == 0.0
+
+
 def make_loss(
     process: D3PM | MaskedProcess | None,
     apply_fn: ApplyFn,
@@ -203,7 +209,7 @@ def make_loss(
     if mask_sampling not in MASK_SAMPLING:
         raise ValueError(f"mask_sampling {mask_sampling!r}: known {MASK_SAMPLING}.")
     by_count = mask_sampling == "count"
-    if by_count and (loss not in ("mdlm", "radd_lambda_dce") or process.eps != 0.0):
+    if by_count and not counts_estimate_nelbo(process, loss):
         raise ValueError(
             f"mask_sampling 'count' estimates the NELBO of a time-free masked model at eps=0, not loss"
             f" {loss!r} (eps={getattr(process, 'eps', None)}); use 'time'."
@@ -266,6 +272,7 @@ __all__ = [
     "LOSSES",
     "MASK_SAMPLING",
     "autoregressive_terms",
+    "counts_estimate_nelbo",
     "d3pm_terms",
     "lambda_dce_terms",
     "make_loss",

@@ -67,19 +67,6 @@ def _loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {k: config.loss[k] for k in LOSS_OPTIONS if k in config.loss} | dict(loss=config.loss.name)
 
 
-def _bound_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """``make_loss``'s keywords for the held-out bound: the training loss's, but with count draws wherever
-    they estimate the same NELBO (a time-free masked model at ε = 0), whose variance is lower."""
-    kwargs = _loss_kwargs(config)
-    if (
-        config.loss.name in ("mdlm", "radd_lambda_dce")
-        and config.process.get("eps", 0.0) == 0.0
-        and not config.model.get("time_conditioning", False)
-    ):
-        kwargs["mask_sampling"] = "count"
-    return kwargs
-
-
 def build_process(config: ml_collections.ConfigDict) -> processes.D3PM | processes.MaskedProcess | None:
     """The forward process ``config.process`` names (``None`` for the AR baseline)."""
     name, vocab = config.process.name, text_data.vocab_size(config.input)
@@ -302,8 +289,11 @@ def make_bound(config: ml_collections.ConfigDict, parts) -> Callable[[Any, jax.A
         del key
         return module.apply({"params": params}, tokens, t, None, train=False)
 
+    kwargs = _loss_kwargs(config)
+    if losses.counts_estimate_nelbo(parts.schedule, config.loss.name) and not module.time_conditioning:
+        kwargs["mask_sampling"] = "count"
     loss_fn = losses.make_loss(
-        parts.schedule, apply_fn, vocab_size=text_data.vocab_size(config.input), **_bound_kwargs(config)
+        parts.schedule, apply_fn, vocab_size=text_data.vocab_size(config.input), **kwargs
     )
     return jax.jit(lambda params, tokens, key: loss_fn(params, {"tokens": tokens}, key)[1]["bound"])
 

@@ -95,7 +95,12 @@ def test_heldout_bound_uses_count_draws_where_they_estimate_the_nelbo():
         assert (np.asarray(trained) == bounds[sampling][0]).all() == (sampling == "count")
     np.testing.assert_array_equal(bounds["time"], bounds["count"])
     config.model.time_conditioning, config.loss.mask_sampling = True, "time"
-    assert system._bound_kwargs(config)["mask_sampling"] == "time"
+    parts = system.build(config)
+    params = jax.jit(functools.partial(parts.module.init, train=False))(
+        jax.random.key(0), tokens, jnp.zeros((8,)), None
+    )["params"]
+    trained = jax.jit(parts.loss_fn)(params, {"tokens": tokens}, keys[0])[1]["bound"]
+    np.testing.assert_array_equal(system.make_bound(config, parts)(params, tokens, keys[0]), trained)
 
 
 def _run(module, *args):
