@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffax import train_state
+from diffax import models, train_state
 from diffax.fewstep import consistency as cm
 from diffax.fewstep import meanflow, scm, shortcut
 from diffax.fewstep.flow_trainers import OptionsTrainer, uniform_grid
@@ -199,6 +199,15 @@ class SCMTrainer(_JVPTrainer):
         options = cls.options_of(config)
         if options["warmup_steps"] < 0:
             raise ValueError(f"config.trainer.warmup_steps: {options['warmup_steps']} must be >= 0.")
+        module = models.from_config(config.model)
+        kind, scale = getattr(module, "time_embedding", "sinusoidal"), getattr(module, "time_scale", 1.0)
+        if kind != "sinusoidal" or scale > 1.0:  # Lu & Song 2024, Sec. 4.1: d/dt of the features
+            field = "time_embedding" if kind != "sinusoidal" else "time_scale"
+            raise ValueError(
+                f"config.model.{field}: sCM needs the positional embedding of c_noise(t) = t "
+                f"(time_embedding='sinusoidal', time_scale=1, Lu & Song 2024 Sec. 4.1); {kind} features at "
+                f"time_scale={scale:g} put frequencies above 1 into dF/dt and the tangent, and sCT diverges."
+            )
         sigma_data = train_state.registry_kwargs(config.process).get("sigma_data", 0.5)
         t_max = math.atan(options["sigma_max"] / sigma_data)
         if not 0.0 < options["mid_t"] < t_max:

@@ -63,6 +63,9 @@ def test_experiment_files_validate_and_bad_input_gets_one_line(tmp_path):
     scm = digits_scm.get_config()
     scm.process = ml_collections.ConfigDict(dict(name="rectified_flow"))
     _one_line(scm, "config.process.name: the 'scm' trainer works in the 'trigflow' time convention")
+    scm = digits_scm.get_config()
+    scm.model.time_scale = 1000.0
+    _one_line(scm, "config.model.time_scale: sCM needs the positional embedding of c_noise(t) = t")
     interpolant = digits_interpolant.get_config()
     interpolant.trainer.loss = "score"
     _one_line(interpolant, "config.trainer.loss: unknown 'score'")
@@ -136,6 +139,7 @@ def test_flow_trainers_train_resume_and_sample(tmp_path):
 
     scm = _mixture(dict(name="scm", warmup_steps=2), process="trigflow", sampler="consistency")
     scm.total_steps = 1
+    scm.model.time_scale = 1.0
     state = train.train_and_evaluate(scm, str(tmp_path / "scm"))
     assert set(state.params) == {"network", "logvar"} and state.target_params == ()
     run, sample_fn, params, step = generate.load_run(str(tmp_path / "scm"), steps=2)
