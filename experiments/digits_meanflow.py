@@ -7,7 +7,8 @@
 
 Geng et al. 2025: u(z, r, t) on x_t = (1 - t) x + t e, regressed on stopgrad(v - (t - r) du/dt), (r, t)
 logit-normal (-0.4, 1.0) with r = t for 75% of the batch, adaptive weight p = 1; the U-Net sees (t, t - r)
-(``model.interval_embedding``). Frans et al. 2024 (``:shortcut``): flow matching at d = 0 for 7/8 of the
+(``model.interval_embedding``) in the positional embedding of t itself (``time_scale=1``): du/dt runs through
+the time features, and at DDPM's scale of 1000 their derivative swamps the target. Frans et al. 2024 (``:shortcut``): flow matching at d = 0 for 7/8 of the
 batch, self-consistency s(x, t, 2d) = (s(x, t, d) + s(x - d s, t - d, d)) / 2 from the EMA target
 network for 1/8, d down to 1/128. Both sample K steps z_s = z_t - (t - s) u on a uniform grid (DDIM on
 the data prediction, exactly).
@@ -22,6 +23,8 @@ def get_config(arg=None):
     trainer = dict(name="meanflow") if arg is None else dict(name="shortcut", target_decay=0.99)
     config = digits_rf.flow_run(digits.get_config(), trainer)
     config.model.interval_embedding = True
+    if arg is None:  # its tangent differentiates the network in t: the positional embedding of t itself
+        config.model.time_scale = 1.0
     config.sampler.name = "ddim"
     config.sampler.steps = 1
     return config

@@ -43,6 +43,21 @@ def _column(v: jax.Array, like: jax.Array) -> jax.Array:
     return v.reshape((-1,) + (1,) * (like.ndim - 1)).astype(like.dtype)
 
 
+def check_time_features(config: ml_collections.ConfigDict) -> None:
+    """A trainer that differentiates the network in t needs time features of bounded frequency: the
+    positional embedding of t itself (c_noise(t) = t, Lu & Song 2024, Sec. 4.1). At DDPM's scale of 1000
+    the tangent's d/dt term is the features' derivative, and sCT and MeanFlow unlearn denoising."""
+    module = models.from_config(config.model)
+    kind, scale = getattr(module, "time_embedding", "sinusoidal"), getattr(module, "time_scale", 1.0)
+    if kind != "sinusoidal" or scale > 1.0:
+        field = "time_embedding" if kind != "sinusoidal" else "time_scale"
+        raise ValueError(
+            f"config.model.{field}: the {config.trainer.name!r} trainer differentiates the network in t, so "
+            "it needs the positional embedding of t (time_embedding='sinusoidal', time_scale=1; Lu & Song "
+            f"2024 Sec. 4.1); {kind} features at time_scale={scale:g} make the tangent their derivative."
+        )
+
+
 class _JVPTrainer(OptionsTrainer):
     def plain_apply(self, params: Any, x: jax.Array, t: jax.Array, cond: Any) -> jax.Array:
         """The network in its XLA formulations with ``train=False``: differentiable in every mode."""
@@ -105,6 +120,11 @@ class MeanFlowTrainer(_IntervalTrainer):
     with r = t, the adaptively weighted loss of ``diffax.fewstep.meanflow``."""
 
     DEFAULTS = dict(p_mean=-0.4, p_std=1.0, equal_fraction=0.75, norm_p=1.0, norm_eps=0.01, t_max=0.999)
+
+    @classmethod
+    def check(cls, config: ml_collections.ConfigDict) -> None:
+        super().check(config)
+        check_time_features(config)
 
     def times(self, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
         """(r, t) with r <= t: two logit-normal draws sorted, r = t for ``equal_fraction`` of them."""
@@ -199,15 +219,7 @@ class SCMTrainer(_JVPTrainer):
         options = cls.options_of(config)
         if options["warmup_steps"] < 0:
             raise ValueError(f"config.trainer.warmup_steps: {options['warmup_steps']} must be >= 0.")
-        module = models.from_config(config.model)
-        kind, scale = getattr(module, "time_embedding", "sinusoidal"), getattr(module, "time_scale", 1.0)
-        if kind != "sinusoidal" or scale > 1.0:  # Lu & Song 2024, Sec. 4.1: d/dt of the features
-            field = "time_embedding" if kind != "sinusoidal" else "time_scale"
-            raise ValueError(
-                f"config.model.{field}: sCM needs the positional embedding of c_noise(t) = t "
-                f"(time_embedding='sinusoidal', time_scale=1, Lu & Song 2024 Sec. 4.1); {kind} features at "
-                f"time_scale={scale:g} put frequencies above 1 into dF/dt and the tangent, and sCT diverges."
-            )
+        check_time_features(config)
         sigma_data = train_state.registry_kwargs(config.process).get("sigma_data", 0.5)
         t_max = math.atan(options["sigma_max"] / sigma_data)
         if not 0.0 < options["mid_t"] < t_max:

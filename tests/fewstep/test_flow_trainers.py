@@ -65,14 +65,27 @@ def test_experiment_files_validate_and_bad_input_gets_one_line(tmp_path):
     _one_line(scm, "config.process.name: the 'scm' trainer works in the 'trigflow' time convention")
     scm = digits_scm.get_config()
     scm.model.time_scale = 1000.0
-    _one_line(scm, "config.model.time_scale: sCM needs the positional embedding of c_noise(t) = t")
+    _one_line(scm, "config.model.time_scale: the 'scm' trainer differentiates the network in t")
+    meanflow = digits_meanflow.get_config()
+    meanflow.model.time_embedding = "fourier"
+    _one_line(meanflow, "config.model.time_embedding: the 'meanflow' trainer differentiates the network in t")
     interpolant = digits_interpolant.get_config()
     interpolant.trainer.loss = "score"
     _one_line(interpolant, "config.trainer.loss: unknown 'score'")
 
 
-def _mixture(trainer, *, process="rectified_flow", interval=False, sampler="ddim", steps=2, **process_kw):
+def _mixture(
+    trainer,
+    *,
+    process="rectified_flow",
+    interval=False,
+    sampler="ddim",
+    steps=2,
+    time_scale=1000.0,
+    **process_kw,
+):
     config = mixture.get_config("dit")
+    config.model.time_scale = time_scale
     config.process = ml_collections.ConfigDict(dict(name=process, **process_kw))
     config.trainer = ml_collections.ConfigDict(trainer)
     config.model.interval_embedding = interval
@@ -130,16 +143,17 @@ def test_flow_trainers_train_resume_and_sample(tmp_path):
             kind="trig",
             gamma_scale=0.5,
         ),
-        "meanflow": _mixture(dict(name="meanflow"), interval=True),
+        "meanflow": _mixture(dict(name="meanflow"), interval=True, time_scale=1.0),
         "shortcut": _mixture(dict(name="shortcut", min_step=0.25, bootstrap_fraction=0.25), interval=True),
     }
     for name, config in runs.items():
         images = _step_and_sample(config, steps=1 if name == "distill" else 2)(jax.random.key(1), labels[:4])
         assert images.shape == (4, 8, 8, 1) and np.all(np.isfinite(np.asarray(images))), name
 
-    scm = _mixture(dict(name="scm", warmup_steps=2), process="trigflow", sampler="consistency")
+    scm = _mixture(
+        dict(name="scm", warmup_steps=2), process="trigflow", sampler="consistency", time_scale=1.0
+    )
     scm.total_steps = 1
-    scm.model.time_scale = 1.0
     state = train.train_and_evaluate(scm, str(tmp_path / "scm"))
     assert set(state.params) == {"network", "logvar"} and state.target_params == ()
     run, sample_fn, params, step = generate.load_run(str(tmp_path / "scm"), steps=2)
