@@ -12,6 +12,10 @@ the time features, and at DDPM's scale of 1000 their derivative swamps the targe
 batch, self-consistency s(x, t, 2d) = (s(x, t, d) + s(x - d s, t - d, d)) / 2 from the EMA target
 network for 1/8, d down to 1/128. Both sample K steps z_s = z_t - (t - s) u on a uniform grid (DDIM on
 the data prediction, exactly).
+
+Measured (README few-step table, 1000 samples, both judges): MeanFlow at 1600 steps, 1749 CPU-s, CNN FD
+1.13x / 0.79x / 0.37x the floor at 1 / 2 / 4 steps (89.6% confident at 4); the shortcut model at 2000
+steps, 1483 CPU-s, 3.27x / 2.61x / 2.00x.
 """
 
 from experiments import digits, digits_rf
@@ -25,6 +29,7 @@ def get_config(arg=None):
     config.model.interval_embedding = True
     if arg is None:  # its tangent differentiates the network in t: the positional embedding of t itself
         config.model.time_scale = 1.0
+        config.total_steps = 1600  # about 1 CPU-s a step: the 15 minutes on 2 cores
     config.sampler.name = "ddim"
     config.sampler.steps = 1
     return config
