@@ -9,6 +9,10 @@ adaptive weight w(t) learned beside the U-Net, lognormal levels (-1.0, 1.4); the
 sampler through t = 1.1. The U-Net sees c_noise(t) = t in its positional time embedding (``time_scale=1``,
 Sec. 4.1): at the DDPM scale of 1000 the tangent's d/dt term is dominated by the time features' derivative
 and sCT unlearns denoising (samples pure noise at 2000 steps; the trainer now refuses it).
+
+Measured (README few-step table, 1000 samples): 1700 steps, 1939 CPU-s beside the test suite (load 3),
+CNN FD 0.72x / 0.72x / 0.69x and judge FD 1.39x / 1.31x / 1.34x the floors at 1 / 2 / 4 steps; 1 step
+meets 4 of 6 targets (the class tests fail).
 """
 
 import ml_collections
@@ -25,6 +29,7 @@ def get_config(arg=None):
     config.loss.prediction = "eps"
     config.sampler.name = "consistency"
     config.sampler.steps = 2
+    config.total_steps = 1700
     config.optim.name = "adam"
     config.optim.lr = 1e-3
     return config
