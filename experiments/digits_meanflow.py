@@ -7,11 +7,11 @@
 
 Geng et al. 2025: u(z, r, t) on x_t = (1 - t) x + t e, regressed on stopgrad(v - (t - r) du/dt), (r, t)
 logit-normal (-0.4, 1.0) with r = t for 75% of the batch, adaptive weight p = 1; the U-Net sees (t, t - r)
-(``model.interval_embedding``) in the positional embedding of t itself (``time_scale=1``): du/dt runs through
-the time features, and at DDPM's scale of 1000 their derivative swamps the target. Frans et al. 2024 (``:shortcut``): flow matching at d = 0 for 7/8 of the
-batch, self-consistency s(x, t, 2d) = (s(x, t, d) + s(x - d s, t - d, d)) / 2 from the EMA target
-network for 1/8, d down to 1/128. Both sample K steps z_s = z_t - (t - s) u on a uniform grid (DDIM on
-the data prediction, exactly).
+(``model.interval_embedding``) in the positional embedding of t itself (``time_scale=1``): du/dt runs
+through the time features, and at DDPM's scale of 1000 their derivative swamps the target. Frans et al.
+2024 (``:shortcut``): flow matching at d = 0 for 7/8 of the batch, self-consistency s(x, t, 2d) =
+(s(x, t, d) + s(x - d s, t - d, d)) / 2 from the EMA target network for 1/8, d down to 1/128. Both sample
+K steps z_s = z_t - (t - s) u on a uniform grid (DDIM on the data prediction, exactly).
 
 Measured (README few-step table, 1000 samples, both judges): MeanFlow at 1600 steps, 1749 CPU-s, CNN FD
 1.13x / 0.79x / 0.37x the floor at 1 / 2 / 4 steps (89.6% confident at 4); the shortcut model at 2000

@@ -81,11 +81,12 @@ def _mixture(
     interval=False,
     sampler="ddim",
     steps=2,
-    time_scale=1000.0,
+    time_scale=None,
     **process_kw,
 ):
     config = mixture.get_config("dit")
-    config.model.time_scale = time_scale
+    if time_scale is not None:  # the JVP trainers' positional embedding of t; else the network's default
+        config.model.time_scale = time_scale
     config.process = ml_collections.ConfigDict(dict(name=process, **process_kw))
     config.trainer = ml_collections.ConfigDict(trainer)
     config.model.interval_embedding = interval
