@@ -158,12 +158,18 @@ def test_bad_latent_configs_are_one_line(vae_folder, tmp_path_factory):
         latent.check(config)
 
 
-def test_a_latent_run_trains_and_its_samples_decode_to_images(vae_folder, tmp_path_factory):
+@pytest.mark.parametrize("labels", [False, True])
+def test_a_latent_run_trains_and_its_samples_decode_to_images(labels, vae_folder, tmp_path_factory):
+    """Unconditional, and class-conditional on the cache's labels (``experiments/digits_latent.py:dit``)."""
     cache = str(tmp_path_factory.mktemp("run_cache"))
     _cached(vae_folder, cache)
     config = _latent_config(vae_folder, cache)
     config.model = mixture.get_config("dit").model
     config.model.patch_size = 2
+    if labels:
+        config.model.num_classes = config.input.num_classes = 10
+        config.model.label_dropout = 0.1
+        config.input.labels = True
     config.input.batch_size = 8
     config.total_steps = 2
     config.ema.decays = ()
