@@ -12,17 +12,17 @@ its samples through the frozen VAE for the grids and the digits metrics of both 
 ``--config.vae.workdir`` and ``--config.input.data_dir`` elsewhere to use another VAE run and cache
 (or ``--config.vae.pretrained=FOLDER`` for a diffusers AutoencoderKL).
 
-``--config=experiments/digits_latent.py:dit`` trains a small DiT instead, class-conditional as DiT is
-(Peebles & Xie 2023: a label table with a null row, label dropout 0.1; 4 blocks, width 192, patch 2: 16
-tokens; lr 2e-3, 3500 steps). It learns from the cache's labels; its samples (grids, ``diffax.generate``,
-the digits metrics) cycle through the ten labels, so its class test checks that each label draws its
-digit. Measured on the same VAE and cache (2026-12-06, 1000 samples, shared 2-core machine, CPU-s of the
-whole command): the U-Net meets all seven targets of the pixel default (judge 86.0% confident vs real
-86.2%, FD 0.85x floor, 49.6% near-zero pixels, class p 0.313; CNN 93.2%, FD 0.21x, p 0.265; 1115 CPU-s);
-the class-conditional DiT meets all seven too, unguided (judge 85.7% confident, FD 0.89x, 48.9% near-zero;
-CNN 94.5%, FD 0.21x; 1612 CPU-s at load 5). Unconditional, the same DiT meets three (judge 72.1%
-confident, FD 1.24x; CNN 73.5%, FD 0.87x; class p < 0.001 under both; 1193 CPU-s), and no unconditional
-DiT or SiT of the sweep in the README's latent table (rows 3a-3e) reaches the confidence targets.
+``--config=experiments/digits_latent.py:dit`` trains a small DiT instead, class-conditional as DiT is (Peebles
+& Xie 2023: a label table with a null row, label dropout 0.1; 4 blocks, width 192, patch 2: 16 tokens; lr
+2e-3, 3500 steps). It learns from the cache's labels; its samples (grids, ``diffax.generate``, the digits
+metrics) cycle through the ten labels, so its class test checks that each label draws its digit. Measured on
+the same VAE and cache (2026-12-06, 1000 samples, shared 2-core machine, CPU-s of the whole command): the
+U-Net meets all seven targets of the pixel default (judge 86.0% confident vs real 86.2%, FD 0.85x floor, 49.6%
+near-zero pixels, class p 0.313; CNN 93.2%, FD 0.21x, p 0.265; 1115 CPU-s); the class-conditional DiT meets
+all seven too, unguided (judge 85.7% confident, FD 0.89x, 48.9% near-zero; CNN 94.5%, FD 0.21x; 1612 CPU-s at
+load 5; seed 1 also 7/7 in 1581 CPU-s). Unconditional, the same DiT meets three (judge 72.1% confident, FD
+1.24x; CNN 73.5%, FD 0.87x; class p < 0.001 under both; 1193 CPU-s), and no unconditional DiT or SiT of the
+sweep in the README's latent table (rows 3a-3e) reaches the confidence targets.
 """
 
 from experiments import common, digits
