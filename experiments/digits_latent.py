@@ -44,7 +44,7 @@ def get_config(arg=None):
             learned_variance=False,
         )
         config.input.labels = True  # the cache keeps each digit's label (diffax.latent.ARRAYS)
-        config.input.num_classes = 10
+        config.input.num_classes = config.model.num_classes
     config.log.eval_every_steps = config.total_steps  # the digits metrics once, at the end
     # The pixel default's SDE-DPM-Solver++(2M), 25 steps, without its clipping of x0 to [-1, 1]:
     # latents are not bounded like pixels. Judged on 1000 samples like the pixel default.

@@ -171,6 +171,15 @@ def test_a_latent_run_trains_and_its_samples_decode_to_images(labels, vae_folder
         config.model.label_dropout = 0.1
         config.input.labels = True
     config.input.batch_size = 8
+    # A batch carries the labels of the rows it drew (a missing label would silently take the null class).
+    pipeline = latent.LatentPipeline(
+        config.input, scale=0.0, global_batch=8, seed=0, process_index=0, process_count=1
+    )
+    batch = pipeline.get(5)
+    assert ("label" in batch) == labels
+    if labels:
+        _, _, cached_labels = latent.read_shards(cache, 3)
+        np.testing.assert_array_equal(batch["label"], cached_labels[pipeline.epoch_indices(5, 1500)])
     config.total_steps = 2
     config.ema.decays = ()
     config.sampler.steps = 2
