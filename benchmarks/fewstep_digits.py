@@ -9,11 +9,12 @@ Every row is ``diffax.evaluate``'s digits metrics on ``--num_samples`` samples (
 bundled digits CNN's FD against its train-vs-held-out floor, confident fraction and class chi-square
 p-value, and the same three from the independent judge (``diffax.evaluation.judge_digits``). A
 few-step run samples with its own sampler at K steps, exactly as ``python -m diffax.generate
---workdir=DIR --steps=K`` does (a progressive-distillation run: the checkpoint of its K-step stage);
-the teacher with DDIM on its own grid (static clipping, as its config samples). Each student row
-says whether it meets the targets of issue #30 (K = 2: FD <= 2x floor and confident >= 90% of the
-real digits'; K = 1: FD <= 3x floor and >= 80%; K = 4: none; every K: class p >= 0.01, under both
-judges) and whether its FD beats the teacher's DDIM at the same K under both.
+--workdir=DIR --steps=K`` does (a progressive-distillation run: the checkpoint of its K-step stage),
+or with the sampler named by ``label=DIR@SAMPLER`` (``ddim``: Euler steps of a flow run's ODE); the
+teacher with DDIM on its own grid (static clipping, as its config samples). Each student row says
+whether it meets the targets of issue #30 (K = 2: FD <= 2x floor and confident >= 90% of the real
+digits'; K = 1: FD <= 3x floor and >= 80%; K = 4: none; every K: class p >= 0.01, under both judges) and
+whether its FD beats the teacher's DDIM at the same K under both.
 
 ``--speed_samples`` times the 1-step sampler of ``--speed_run`` and the teacher's 200-step DDPM (its
 ancestral sampler) on that many digits, in batches of 100, in this one process: each compiled first
@@ -127,7 +128,9 @@ def _seconds(workdir: str, sampler: str | None, steps: int, num: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True)
-    parser.add_argument("--runs", default="", help="label=DIR,... of few-step runs")
+    parser.add_argument(
+        "--runs", default="", help="label=DIR,... of few-step runs; label=DIR@SAMPLER samples with SAMPLER"
+    )
     parser.add_argument("--steps", default="1,2,4")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -137,6 +140,8 @@ def main() -> None:
     args = parser.parse_args()
     steps = [int(k) for k in args.steps.split(",") if k]
     runs = dict(item.split("=", 1) for item in args.runs.split(",") if item)
+    samplers = {label: workdir.partition("@")[2] or None for label, workdir in runs.items()}
+    runs = {label: workdir.partition("@")[0] for label, workdir in runs.items()}
     rows_path = os.path.splitext(args.out)[0] + ".jsonl"
     cache = {}
     if os.path.exists(rows_path):
@@ -145,7 +150,7 @@ def main() -> None:
 
     teacher = {k: _row("teacher", args.teacher, "ddim", k, args.num_samples, args.seed, cache) for k in steps}
     students = {
-        (label, k): _row(label, workdir, None, k, args.num_samples, args.seed, cache)
+        (label, k): _row(label, workdir, samplers[label], k, args.num_samples, args.seed, cache)
         for label, workdir in runs.items()
         if os.path.isdir(os.path.join(workdir, "checkpoints"))
         for k in steps
@@ -159,7 +164,7 @@ def main() -> None:
     if args.speed_samples and speed_key in cache:
         speed = cache[speed_key]
     elif args.speed_samples and args.speed_run in runs:
-        one = _seconds(runs[args.speed_run], None, 1, args.speed_samples)
+        one = _seconds(runs[args.speed_run], samplers[args.speed_run], 1, args.speed_samples)
         many = _seconds(args.teacher, "ddpm", 200, args.speed_samples)
         first, (many_wall, many_cpu), second = one(1), many(1), one(2)
         one_wall, one_cpu = max(first, second)  # the slower 1-step draw: the conservative ratio
