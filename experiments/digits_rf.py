@@ -16,6 +16,11 @@ regresses v = e - x with t ~ U(0, 0.999] (eq. 1); reflow retrains it on the pair
 previous flow, started from that flow (Alg. 1); distillation (Sec. 2.3, k = 1) regresses e - t_max v(e)
 on the pair's image (l2 in place of LPIPS). The pair set is the pair job's (resumable, sharded chunks).
 The digits U-Net and optimizer of ``experiments/digits.py``.
+
+Measured (README, benchmarks/results/2026-12-06-fewstep-digits.md; 1000 samples, Euler steps): the 2-RF's
+one step and the distilled student's meet all six 1-step targets of issue #30 (CNN FD 0.57x and 0.29x the
+floor, classes balanced); at 2 steps both miss only the CNN's confident fraction (82.3%, 86.5% < 87.3%).
+Each student's pair job plus training took 1900 and 1661 CPU-s under load.
 """
 
 import ml_collections
