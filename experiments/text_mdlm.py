@@ -14,10 +14,10 @@ trains with count draws too.
 
 Measured (shared 2-core machine; benchmarks/results/2026-12-06-text-bpc-4000.md): 4000 steps of batch
 32 × 64 on 4 blocks × 96 reached 2.433 ± 0.007 bits/char held out (the corpus's bigram entropy is 3.32),
-1.38× the same-size AR baseline's best checkpoint. A step costs about 1.4× the former 2 blocks × 128's
-(interleaved measurements; 0.195 CPU-s idle for 2 × 128), so about 12-13 minutes on two free cores (not
-timed idle: 1672 CPU-s at load 5.5). The 2 × 128 network reached 2.567 ± 0.007 at 4000 steps (trained with
-count draws, 2.658 ± 0.007).
+1.38× the same-size AR baseline's best checkpoint (32 passes of the bound: 2.416 ± 0.007, 1.37×). 4000
+steps took 14:31 wall on an idle machine (1581 CPU-s; benchmarks/results/2026-12-07-text-lr-timing.md,
+which also has lr 3e-3: both models gain, the ratio stays). The 2 × 128 network reached 2.567 ± 0.007 at
+4000 steps (trained with count draws, 2.658 ± 0.007).
 """
 
 import ml_collections
