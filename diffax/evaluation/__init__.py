@@ -11,6 +11,7 @@ from diffax.evaluation._bits_per_dim import BPD_METHODS, bits_per_dim
 from diffax.evaluation._digits import (
     DigitsClassifier,
     digits_classifier_params,
+    digits_classifier_shapes,
     digits_features_and_logits,
     load_digits_reference,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "FeatureStats",
     "InceptionV3",
     "digits_classifier_params",
+    "digits_classifier_shapes",
     "digits_features_and_logits",
     "digits_judge",
     "digits_metrics",

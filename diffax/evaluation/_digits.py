@@ -29,6 +29,7 @@ from diffax.evaluation._npz import load_tree_npz, save_tree_npz
 __all__ = [
     "DigitsClassifier",
     "digits_classifier_params",
+    "digits_classifier_shapes",
     "digits_features_and_logits",
     "load_digits_reference",
 ]
@@ -115,13 +116,17 @@ def _cache_path(cache_dir: str | os.PathLike | None) -> str:
     return os.path.join(os.path.expanduser(cache_dir), f"digits_classifier_{_recipe_digest()}.npz")
 
 
+def digits_classifier_shapes() -> dict:
+    """The classifier's ``params`` tree as shapes and dtypes: nothing is read, trained or cached."""
+    x = jax.ShapeDtypeStruct((1, DIGITS_SIZE, DIGITS_SIZE, 1), jnp.float32)
+    return jax.eval_shape(DigitsClassifier().init, jax.random.key(0), x)["params"]
+
+
 @functools.cache
 def _params_at(path: str) -> dict:
     if not os.path.isfile(path):
         save_tree_npz(_train(_RECIPE), path)
-    x = jax.ShapeDtypeStruct((1, DIGITS_SIZE, DIGITS_SIZE, 1), jnp.float32)
-    expected = jax.eval_shape(DigitsClassifier().init, jax.random.key(0), x)["params"]
-    return load_tree_npz(path, expected=expected, what="digits classifier weights")
+    return load_tree_npz(path, expected=digits_classifier_shapes(), what="digits classifier weights")
 
 
 def digits_classifier_params(*, cache_dir: str | os.PathLike | None = None) -> dict:

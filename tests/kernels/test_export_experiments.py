@@ -98,9 +98,8 @@ def _extractor(kind: str, size: int) -> dict[str, str]:
     """The exported evaluation feature extractor ``diffax.evaluate.reference`` picks (exported once for
     every run that uses it)."""
     images = _abstract((2, size, size, 1 if kind == "digits" else 3), jnp.float32)
-    if kind == "digits":  # shapes from init (8 x 8 input): digits_classifier_params trains on a new machine
-        init = evaluation.DigitsClassifier().init
-        variables = jax.eval_shape(lambda: init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"])
+    if kind == "digits":  # shapes only: digits_classifier_params would train it on a new machine
+        variables = evaluation.digits_classifier_shapes()
         return _export(
             jax.jit(lambda v, x: evaluation.digits_features_and_logits(x, params=v)), (variables, images)
         )
