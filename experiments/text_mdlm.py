@@ -62,7 +62,8 @@ def text_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.ema.decays = (0.999,)
     config.ema.warmup = True
     config.ckpt.every_steps = 500
-    config.ckpt.keep = 17  # every checkpoint of the run: `benchmarks/text_bpc.py --curve` scores them all
+    # every checkpoint of the run: `benchmarks/text_bpc.py --curve` scores them all
+    config.ckpt.keep = config.total_steps // config.ckpt.every_steps
     config.log.every_steps = 100
     config.log.sample_every_steps = 0
     config.log.num_samples = 4
