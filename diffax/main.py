@@ -7,47 +7,20 @@ A config error stops the run with one line naming the field, before anything com
 cannot be written and a non-finite loss or gradient also end it with one line (exit status 1).
 """
 
-import os
 import re
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffax import checkpoint, data, perf, train
+from diffax import checkpoint, data, multiprocess, perf, train
 from diffax import config as config_lib
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, logs, samples).", required=True)
-flags.DEFINE_string(
-    "coordinator_address",
-    os.environ.get("JAX_COORDINATOR_ADDRESS"),
-    "host:port of process 0 (multi-process).",
-)
-flags.DEFINE_integer(
-    "num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")), "Number of processes (multi-process)."
-)
-flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")), "This process's index.")
-flags.DEFINE_bool(
-    "distributed",
-    False,
-    "Call jax.distributed.initialize() with cluster auto-detection (TPU pod slices, SLURM, Kubernetes).",
-)
+multiprocess.define_flags()
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
-
-
-def _initialize_distributed() -> None:
-    """Starts JAX's multi-process runtime when the flags or the environment ask for several processes."""
-    slurm_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
-    if FLAGS.num_processes > 1 or FLAGS.coordinator_address:
-        jax.distributed.initialize(
-            coordinator_address=FLAGS.coordinator_address,
-            num_processes=FLAGS.num_processes,
-            process_id=FLAGS.process_id,
-        )
-    elif FLAGS.distributed or slurm_tasks > 1:
-        jax.distributed.initialize()  # the cluster (TPU metadata, SLURM variables) gives the rest
 
 
 def _no_such_field(argv: list[str], suffix: str, hint: str | None) -> SystemExit:
@@ -82,7 +55,7 @@ def main(argv: list[str]) -> None:
     except config_lib.ConfigError as e:
         raise SystemExit(f"diffax: invalid config: {e}") from None
     perf.configure_cpu(**cpu_settings)  # before anything starts a JAX backend
-    _initialize_distributed()
+    multiprocess.initialize()
     if FLAGS.config.input.dataset not in data.BUILTIN_DATASETS:  # tf.data must not take JAX's GPUs
         import tensorflow as tf  # only for tfds datasets: a ~5 s import
 

@@ -3,27 +3,34 @@
 # multi-process training, as on N hosts). Every argument after N goes to each process unchanged.
 #
 #   launch/local_multiprocess.sh 2 --config=experiments/mixture.py --workdir=/tmp/mixture
+#   MODULE=diffax.fewstep.reflow launch/local_multiprocess.sh 2 --workdir=runs/rf --out=runs/rf/pairs
 #
-# Environment: PORT (coordinator port, default 12355), DEVICES_PER_PROCESS (fake CPU devices per
-# process, default 1), PYTHON (default python). Each process logs to <workdir>/process_<i>.log when
-# --workdir is given. The exit status is the first non-zero status of the processes (0 if all succeed);
-# SIGTERM/SIGINT are passed on to every process, so a preempted job saves and stops cleanly.
+# Environment: MODULE (the program: diffax.main, or diffax.fewstep.reflow, the reflow pair job; default
+# diffax.main), PORT (coordinator port, default 12355), DEVICES_PER_PROCESS (fake CPU devices per
+# process, default 1), PYTHON (default python). Each process logs to <dir>/process_<i>.log, <dir> the
+# --out directory if given, else the --workdir. The exit status is the first non-zero status of the
+# processes (0 if all succeed); SIGTERM/SIGINT are passed on to every process, so a preempted job
+# saves and stops cleanly.
 set -euo pipefail
 
 if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ ]]; then
-  echo "usage: $0 NUM_PROCESSES [diffax.main flags...]" >&2
+  echo "usage: $0 NUM_PROCESSES [flags of diffax.main, or of MODULE...]" >&2
   exit 2
 fi
 num=$1
 shift
 port=${PORT:-12355}
 python=${PYTHON:-python}
+module=${MODULE:-diffax.main}
 devices=${DEVICES_PER_PROCESS:-1}
 workdir=""
+out=""
 for arg in "$@"; do
   [[ "$arg" == --workdir=* ]] && workdir=${arg#--workdir=}
+  [[ "$arg" == --out=* ]] && out=${arg#--out=}
 done
-[[ -n "$workdir" ]] && mkdir -p "$workdir"
+logdir=${out:-$workdir}
+[[ -n "$logdir" ]] && mkdir -p "$logdir"
 
 cd "$(dirname "$0")/.."
 # Each process gets its own device count (an inherited count flag is dropped).
@@ -34,9 +41,9 @@ trap forward TERM INT
 
 for ((i = 0; i < num; i++)); do
   log=/dev/stderr
-  [[ -n "$workdir" ]] && log="$workdir/process_$i.log"
+  [[ -n "$logdir" ]] && log="$logdir/process_$i.log"
   XLA_FLAGS="$xla_flags" JAX_PLATFORMS=cpu \
-    "$python" -m diffax.main --coordinator_address="127.0.0.1:$port" --num_processes="$num" \
+    "$python" -m "$module" --coordinator_address="127.0.0.1:$port" --num_processes="$num" \
     --process_id="$i" "$@" >"$log" 2>&1 &
   pids+=($!)
 done

@@ -5,8 +5,11 @@
 
 integrates the run's probability-flow ODE (its sampler, deterministic) from prior noise Z_0 and writes the
 pairs (Z_0, Z_1) as ``PAIRS/pairs_<k>.npz`` chunks (``interpolants.write_reflow_pairs``: resumable, one
-chunk per key, process p of P writes the chunks k = p mod P). ``config.trainer.pairs_dir=PAIRS`` of the
-``rectified_flow`` trainer then trains on them (:class:`PairPipeline`).
+chunk per key, process p of P writes the chunks k = p mod P). Several processes take ``diffax.main``'s
+multi-process flags (``diffax.multiprocess``); on one machine ``MODULE=diffax.fewstep.reflow
+launch/local_multiprocess.sh P --workdir=RUN --out=PAIRS ...`` starts P of them, one core each on a CPU.
+``config.trainer.pairs_dir=PAIRS`` of the ``rectified_flow`` trainer then trains on them
+(:class:`PairPipeline`).
 
 References: Liu, Gong, Liu 2023, "Flow Straight and Fast", Alg. 1.
 """
@@ -21,6 +24,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from diffax import multiprocess
 from diffax.data.pipeline import _StepDerived
 from diffax.fewstep import interpolants
 
@@ -90,6 +94,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("sampler", "heun", "A deterministic sampler (default heun).")
     flags.DEFINE_integer("steps", 32, "Sampler steps.")
     flags.DEFINE_integer("seed", 0, "Noise seed.")
+    multiprocess.define_flags()
 
 
 def main(argv: list[str]) -> None:
@@ -99,6 +104,7 @@ def main(argv: list[str]) -> None:
 
     if samplers_lib.get(FLAGS.sampler).stochastic:
         raise app.UsageError(f"--sampler={FLAGS.sampler}: reflow pairs need a deterministic sampler (heun).")
+    multiprocess.initialize()
     config, sample_fn, params, step = generate.load_run(
         FLAGS.workdir, sampler=FLAGS.sampler, steps=FLAGS.steps
     )

@@ -4,6 +4,8 @@ training, exact resume, sampling through ``diffax.generate`` at K steps."""
 
 import functools
 import os
+import socket
+import subprocess
 import sys
 
 import flax.linen as nn
@@ -160,3 +162,48 @@ def test_flow_trainers_train_resume_and_sample(tmp_path):
     run, sample_fn, params, step = generate.load_run(str(tmp_path / "scm"), steps=2)
     images = generate.sample_images(sample_fn, params, config=run, seed=0, num_samples=4)[0]
     assert step == 1 and images.shape == (4, 8, 8, 1)
+
+
+@pytest.mark.slow
+def test_pair_job_on_two_processes_writes_the_one_process_pairs(tmp_path):
+    """``python -m diffax.fewstep.reflow`` as two processes joined through 127.0.0.1
+    (``launch/local_multiprocess.sh``): process p writes the chunks k = p mod 2, and together they are the
+    pairs one process writes in-process with the run's own sampler, bit for bit."""
+    from benchmarks import fault_injection
+
+    run = str(tmp_path / "rf")
+    config = _mixture(dict(name="rectified_flow"), sampler="heun")
+    config.total_steps = 1
+    train.train_and_evaluate(config, run)
+    out = tmp_path / "pairs"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = fault_injection.child_env(1) | {"MODULE": "diffax.fewstep.reflow", "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", f"--workdir={run}"]
+        + [f"--out={out}", "--num_chunks=3", "--chunk_size=8", "--sampler=heun", "--steps=2", "--seed=3"],
+        env=env | {"PORT": str(port)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    logs = [(out / f"process_{i}.log").read_text() for i in range(2)]
+    assert done.returncode == 0, "\n".join(log[-2000:] for log in logs)
+    assert "2 pair chunks of step 1" in logs[0] and "1 pair chunks of step 1" in logs[1]
+
+    _, sample_fn, params, _ = generate.load_run(run, sampler="heun", steps=2)
+    labels = np.zeros((8,), np.int32)
+    expected = str(tmp_path / "expected")
+    interpolants.write_reflow_pairs(
+        lambda e: sample_fn(params, jax.random.key(0), labels, x_T=e),
+        expected,
+        shape=(8, 8, 1),
+        num_chunks=3,
+        chunk_size=8,
+        seed=3,
+    )
+    for k in range(3):
+        written, reference = np.load(out / f"pairs_{k:05d}.npz"), np.load(f"{expected}/pairs_{k:05d}.npz")
+        for name in ("noise", "image"):
+            np.testing.assert_array_equal(written[name], reference[name], err_msg=f"chunk {k} {name}")
