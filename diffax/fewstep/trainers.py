@@ -25,6 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from diffax import train_state
 from diffax.fewstep import consistency as cm
@@ -245,7 +246,10 @@ def _check_teacher_sampler(name: str) -> None:
 
 
 def load_teacher(config: ml_collections.ConfigDict, like: Any) -> Any:
-    """The teacher run's sampling (EMA) parameters, placed like the pytree ``like``."""
+    """The teacher run's sampling (EMA) parameters, placed like the pytree ``like``.
+
+    Each process restores the whole teacher onto its own devices and builds its shards of the global
+    arrays from that copy, so no array crosses between processes (which the CPU backend cannot do)."""
     from diffax import checkpoint, sharding
     from diffax import config as config_lib
 
@@ -254,7 +258,12 @@ def load_teacher(config: ml_collections.ConfigDict, like: Any) -> Any:
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), devices=jax.local_devices())
     state, _ = checkpoint.restore_latest(config.teacher.workdir, teacher, parts, mesh=mesh)
     params = state.sampling_params()
-    return jax.tree.map(lambda ref, p: jax.device_put(p, ref.sharding), like, params)
+
+    def place(ref: jax.Array, p: jax.Array) -> jax.Array:
+        local = np.asarray(p)
+        return jax.make_array_from_callback(ref.shape, ref.sharding, lambda index: local[index])
+
+    return jax.tree.map(place, like, params)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -164,32 +164,58 @@ def test_flow_trainers_train_resume_and_sample(tmp_path):
     assert step == 1 and images.shape == (4, 8, 8, 1)
 
 
-@pytest.mark.slow
-def test_pair_job_on_two_processes_writes_the_one_process_pairs(tmp_path):
-    """``python -m diffax.fewstep.reflow`` as two processes joined through 127.0.0.1
-    (``launch/local_multiprocess.sh``): process p writes the chunks k = p mod 2, and together they are the
-    pairs one process writes in-process with the run's own sampler, bit for bit."""
+_REFLOW_EXPERIMENT = """
+import ml_collections
+from experiments import mixture
+
+def get_config():
+    config = mixture.get_config("dit")
+    config.process = ml_collections.ConfigDict(dict(name="rectified_flow"))
+    config.trainer = ml_collections.ConfigDict(dict(name="rectified_flow", pairs_dir={pairs!r}))
+    config.teacher.workdir = {teacher!r}
+    config.model.interval_embedding = False
+    config.sampler.name, config.sampler.steps = "heun", 2
+    config.total_steps = 1
+    return config
+"""
+
+
+def _two_processes(*args: str, module: str, logs: str) -> list[str]:
+    """``launch/local_multiprocess.sh 2 ARGS`` with ``MODULE``, one CPU device a process; their logs."""
     from benchmarks import fault_injection
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = fault_injection.child_env(1) | {"MODULE": module, "PYTHON": sys.executable, "PORT": str(port)}
+    done = subprocess.run(
+        ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    texts = [open(os.path.join(logs, f"process_{i}.log")).read() for i in range(2)]
+    assert done.returncode == 0, "\n".join(text[-2000:] for text in texts)
+    return texts
+
+
+@pytest.mark.slow
+def test_pair_job_and_reflow_on_two_processes(tmp_path):
+    """``python -m diffax.fewstep.reflow`` as two processes joined through 127.0.0.1
+    (``launch/local_multiprocess.sh``): process p writes the chunks k = p mod 2, and together they are the
+    pairs one process writes in-process with the run's own sampler, bit for bit. Reflow on them then
+    trains on the same two processes, each placing its shards of the teacher's weights from its own
+    restored copy (no array crosses processes: the CPU backend cannot move one)."""
     run = str(tmp_path / "rf")
     config = _mixture(dict(name="rectified_flow"), sampler="heun")
     config.total_steps = 1
     train.train_and_evaluate(config, run)
     out = tmp_path / "pairs"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = fault_injection.child_env(1) | {"MODULE": "diffax.fewstep.reflow", "PYTHON": sys.executable}
-    done = subprocess.run(
-        ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", f"--workdir={run}"]
-        + [f"--out={out}", "--num_chunks=3", "--chunk_size=8", "--sampler=heun", "--steps=2", "--seed=3"],
-        env=env | {"PORT": str(port)},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    pair_flags = ["--num_chunks=3", "--chunk_size=8", "--sampler=heun", "--steps=2", "--seed=3"]
+    logs = _two_processes(
+        f"--workdir={run}", f"--out={out}", *pair_flags, module="diffax.fewstep.reflow", logs=out
     )
-    logs = [(out / f"process_{i}.log").read_text() for i in range(2)]
-    assert done.returncode == 0, "\n".join(log[-2000:] for log in logs)
     assert "2 pair chunks of step 1" in logs[0] and "1 pair chunks of step 1" in logs[1]
 
     _, sample_fn, params, _ = generate.load_run(run, sampler="heun", steps=2)
@@ -207,3 +233,9 @@ def test_pair_job_on_two_processes_writes_the_one_process_pairs(tmp_path):
         written, reference = np.load(out / f"pairs_{k:05d}.npz"), np.load(f"{expected}/pairs_{k:05d}.npz")
         for name in ("noise", "image"):
             np.testing.assert_array_equal(written[name], reference[name], err_msg=f"chunk {k} {name}")
+
+    experiment = tmp_path / "reflow_mixture.py"
+    experiment.write_text(_REFLOW_EXPERIMENT.format(pairs=str(out), teacher=run))
+    reflow_run = tmp_path / "reflow"
+    _two_processes(f"--config={experiment}", f"--workdir={reflow_run}", module="diffax.main", logs=reflow_run)
+    assert generate.load_run(str(reflow_run), steps=2)[3] == 1
