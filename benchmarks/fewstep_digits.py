@@ -139,9 +139,11 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="the markdown table; rows are kept in OUT.jsonl")
     args = parser.parse_args()
     steps = [int(k) for k in args.steps.split(",") if k]
-    runs = dict(item.split("=", 1) for item in args.runs.split(",") if item)
-    samplers = {label: workdir.partition("@")[2] or None for label, workdir in runs.items()}
-    runs = {label: workdir.partition("@")[0] for label, workdir in runs.items()}
+    runs, samplers = {}, {}  # label -> run directory, and the sampler named after its "@" (or None)
+    for item in filter(None, args.runs.split(",")):
+        label, spec = item.split("=", 1)
+        runs[label], _, sampler = spec.partition("@")
+        samplers[label] = sampler or None
     rows_path = os.path.splitext(args.out)[0] + ".jsonl"
     cache = {}
     if os.path.exists(rows_path):
