@@ -23,8 +23,8 @@ Measured (benchmarks/results/2026-12-07-fewstep-rf-two-step.md; 1000 samples, Eu
 0 / 1 / 2): the 2-RF's one step meets all six 1-step targets of issue #30. The two-step student, 1500 steps
 on 16384 Heun-16 pairs, meets all six at 1 step (CNN 88.9 / 87.2 / 86.4% confident) and all six at 2 steps
 (CNN 90.0 / 88.3 / 87.6%, FD 0.28-0.40x the floor; judge FD 0.86-1.04x) at every seed. The pair job and
-training after the 2-RF took 13:16 wall on an idle 2-core AMD EPYC (pairs on two processes 7:02, training
-6:14; with ``--config.cpu.retain_host_memory=True``).
+training after the 2-RF, the commands above in one script, took 13:04 wall on an idle 2-core AMD EPYC
+(pairs on two processes 6:31, training 6:33; 1345 CPU-s; with ``--config.cpu.retain_host_memory=True``).
 """
 
 import ml_collections
