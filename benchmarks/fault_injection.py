@@ -30,6 +30,7 @@ import pathlib
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,13 @@ MODES = ("during_save", "random", "after_save", "sigterm")
 _PROGRESS = re.compile(r"\bstep (\d+)/\d+ \(")
 _RESTORED = re.compile(r"restored step (\d+) from|initialised \d+ parameters")
 _PARTIAL = ".orbax-checkpoint-tmp"  # Orbax's suffix for a checkpoint directory being written
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free now: the coordinator port of child processes joined through it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def child_env(num_devices: int = 8) -> dict[str, str]:

@@ -4,7 +4,6 @@ training, exact resume, sampling through ``diffax.generate`` at K steps."""
 
 import functools
 import os
-import socket
 import subprocess
 import sys
 
@@ -184,10 +183,11 @@ def _two_processes(*args: str, module: str, logs: str) -> list[str]:
     """``launch/local_multiprocess.sh 2 ARGS`` with ``MODULE``, one CPU device a process; their logs."""
     from benchmarks import fault_injection
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = fault_injection.child_env(1) | {"MODULE": module, "PYTHON": sys.executable, "PORT": str(port)}
+    env = fault_injection.child_env(1) | {
+        "MODULE": module,
+        "PYTHON": sys.executable,
+        "PORT": str(fault_injection.free_port()),
+    }
     done = subprocess.run(
         ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", *args],
         env=env,

@@ -4,7 +4,6 @@ float32 reduction order (maxdiffusion PR #379 asks for the same); the two proces
 restores in one process."""
 
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import jax
 import pytest
 from conftest import REPO, restore_run, subprocess_env
 
+from benchmarks import fault_injection
 from diffax import train
 from experiments import mixture
 
@@ -62,12 +62,6 @@ def test_restores_on_fewer_devices_and_continues_identically(original, tmp_path,
     chex.assert_trees_all_close(final, reference, **TOLERANCE)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_restores_on_two_processes_and_continues_identically(original, tmp_path):
     original_workdir, reference = original
@@ -75,7 +69,7 @@ def test_restores_on_two_processes_and_continues_identically(original, tmp_path)
     env = subprocess_env(2) | {
         "DEVICES_PER_PROCESS": "2",
         "PYTHON": sys.executable,
-        "PORT": str(_free_port()),
+        "PORT": str(fault_injection.free_port()),
     }
     overrides = [
         f"--config.total_steps={TOTAL}",
