@@ -216,8 +216,10 @@ def _comparable(section: ml_collections.ConfigDict, field: str) -> dict[str, Any
     values = section.to_dict()
     if field == "input":
         return {k: values.get(k) for k in _DATA_SHAPE}
-    if field == "model":  # the layers' formulation switches compute the same network
-        values = {k: v for k, v in values.items() if not k.endswith("_impl")}
+    # The layers' formulation switches compute the same network; dropout only regularises the student (the
+    # teacher runs without it), so neither changes the weights the student starts from.
+    if field == "model":
+        values = {k: v for k, v in values.items() if not k.endswith("_impl") and k != "dropout"}
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 

@@ -87,6 +87,13 @@ def test_experiment_files_validate_and_bad_teachers_get_one_line(tmp_path):
     ect = digits_ect.get_config()
     ect.teacher.workdir = cd.teacher.workdir
     config_lib.validate(ect)  # data targets, started from the teacher run
+    ect.model.dropout = 0.2  # regularises the student only: the same weights (ECT and iCT use dropout)
+    config_lib.validate(ect)
+    ect.model.dropout = 0.0
+    ect.model.num_res_blocks += 1
+    with pytest.raises(config_lib.ConfigError, match=r"^config.model.num_res_blocks: the teacher's network"):
+        config_lib.validate(ect)
+    ect.model.num_res_blocks -= 1
     ect.teacher.workdir = ""
     with pytest.raises(
         config_lib.ConfigError, match=r"^config.teacher.workdir: distillation needs a teacher"
