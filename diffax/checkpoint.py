@@ -16,6 +16,7 @@ takes the newest step whose files still match, and a damaged newer one is report
 
 import logging as pylogging
 import os
+from collections.abc import Collection
 from typing import Any
 
 import flax.linen as nn
@@ -47,23 +48,36 @@ def _handler() -> ocp.PyTreeCheckpointHandler:
 
 
 class Checkpointer:
-    """Saves every ``every_steps`` steps (keeping ``keep``) and restores the newest complete one.
+    """Saves every ``every_steps`` steps and at each of ``milestones`` (keeping the newest ``keep`` and
+    every milestone) and restores the newest complete one.
 
     Args:
       workdir: the run directory.
       every_steps: save interval in steps.
-      keep: number of checkpoints kept.
+      keep: number of checkpoints kept besides the milestones.
       async_save: write in a background thread (training continues meanwhile).
+      milestones: steps always saved and never deleted (e.g. the end of every progressive stage).
     """
 
-    def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        every_steps: int,
+        keep: int,
+        async_save: bool = True,
+        milestones: Collection[int] = (),
+    ):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.data_directory = os.path.abspath(os.path.join(workdir, "data_state"))
-        self.keep, self.every_steps = keep, every_steps
+        self.keep, self.every_steps, self.milestones = keep, every_steps, frozenset(milestones)
+        policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
+            preservation_policy=policies.AnyPreservationPolicy(
+                [policies.LatestN(n=keep), policies.CustomSteps(sorted(self.milestones))]
+            ),
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handler())
         self._in_flight: int | None = None  # the step of a background save not yet waited for
@@ -73,8 +87,9 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def should_save(self, step: int) -> bool:
-        """Whether ``step`` falls on the save interval and is not saved yet."""
-        return step % self.every_steps == 0 and step not in self._manager.all_steps()
+        """Whether ``step`` falls on the save interval or is a milestone, and is not saved yet."""
+        due = step % self.every_steps == 0 or step in self.milestones
+        return due and step not in self._manager.all_steps()
 
     def save(self, step: int, state: Any, pipeline: Pipeline, *, force: bool = False) -> bool:
         """Saves ``state`` (after ``step`` updates) and the input position, on the interval or when forced.

@@ -34,7 +34,7 @@ from diffax.data.text import TEXT_DATASETS, TOPICS_SHA256
 from diffax.train_state import registry_kwargs
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
-LR_DECAYS = ("constant", "cosine")
+LR_DECAYS = ("constant", "cosine", "linear")
 # Keyword arguments of diffax.sample itself (the other extra sampler fields are the sampler's options).
 _SAMPLE_OPTIONS = ("denoise_final", "thresholding", "clip_denoised")
 # Sections whose extra keys are keyword arguments of a registry (checked by building it).
@@ -105,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
             eps=1e-8,
             weight_decay=0.0,
             warmup_steps=0,
-            decay="constant",  # or "cosine" down to lr * min_lr_ratio at total_steps
+            decay="constant",  # or "cosine" / "linear" down to lr * min_lr_ratio at total_steps
             min_lr_ratio=0.0,
             grad_clip=1.0,  # global-norm clipping; 0 turns it off
             accum_steps=1,  # gradient accumulation: microbatches per step

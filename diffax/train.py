@@ -170,7 +170,11 @@ def train_and_evaluate(
     abstract = jax.eval_shape(init_fn)
     state_shardings = sharding.logical_shardings(abstract, mesh, models.LOGICAL_AXIS_RULES)
     ckpt = checkpoint.Checkpointer(
-        workdir, every_steps=config.ckpt.every_steps, keep=config.ckpt.keep, async_save=config.ckpt.async_save
+        workdir,
+        every_steps=config.ckpt.every_steps,
+        keep=config.ckpt.keep,
+        async_save=config.ckpt.async_save,
+        milestones=() if parts.trainer is None else parts.trainer.stage_ends(),
     )
     target = checkpoint.abstract_with_shardings(nn.meta.unbox(abstract), state_shardings)
     state, latest = ckpt.restore_latest_intact(target, pipeline)  # damaged newer ones are set aside

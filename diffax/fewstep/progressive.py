@@ -16,24 +16,42 @@ Alg. 2, eq. 8-10, Sec. 4.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from diffax.process import broadcast_to_data
 from diffax.schedules import Schedule
 
-__all__ = ["distillation_target", "num_student_steps", "truncated_snr_weight"]
+__all__ = ["distillation_target", "num_student_steps", "stage_ends", "stage_index", "truncated_snr_weight"]
+
+
+def stage_ends(steps_per_stage: int | Sequence[int], num_stages: int) -> tuple[int, ...]:
+    """The training step at which each of ``num_stages`` stages ends: the running sums of the stage
+    lengths, ``steps_per_stage`` for every stage or one length per stage."""
+    lengths = (steps_per_stage,) * num_stages if isinstance(steps_per_stage, int) else steps_per_stage
+    return tuple(int(end) for end in np.cumsum(lengths))
+
+
+def stage_index(step: ArrayLike, steps_per_stage: int | Sequence[int]) -> jax.Array:
+    """The stage of training step ``step`` (int32): ``step // steps_per_stage`` for one length; for one
+    length per stage, the number of stages ended at or before ``step`` (past the last: the stage count)."""
+    step = jnp.asarray(step, jnp.int32)
+    if isinstance(steps_per_stage, int):
+        return step // steps_per_stage
+    ends = jnp.asarray(stage_ends(steps_per_stage, len(steps_per_stage)), jnp.int32)
+    return jnp.searchsorted(ends, step, side="right").astype(jnp.int32)
 
 
 def num_student_steps(
-    step: ArrayLike, *, initial_steps: int, steps_per_stage: int, final_steps: int
+    step: ArrayLike, *, initial_steps: int, steps_per_stage: int | Sequence[int], final_steps: int
 ) -> jax.Array:
-    """N of the stage that training step ``step`` belongs to: ``initial_steps`` halved once per
-    ``steps_per_stage`` updates, never below ``final_steps`` (int32)."""
-    stage = jnp.asarray(step, jnp.int32) // steps_per_stage
+    """N of the stage that training step ``step`` belongs to: ``initial_steps`` halved once per stage
+    (see ``stage_index``), never below ``final_steps`` (int32)."""
+    stage = stage_index(step, steps_per_stage)
     return jnp.maximum(jnp.right_shift(jnp.int32(initial_steps), jnp.minimum(stage, 30)), final_steps)
 
 

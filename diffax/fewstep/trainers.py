@@ -163,8 +163,15 @@ def _check_progressive(options: dict[str, Any], schedule: Any) -> None:
             f"config.trainer.initial_steps: need powers of two initial_steps >= final_steps >= 1; got "
             f"{initial}, {final}."
         )
-    if per_stage < 1:
-        raise ValueError(f"config.trainer.steps_per_stage: {per_stage} must be >= 1.")
+    num_stages = (initial // final).bit_length()
+    lengths = (per_stage,) if isinstance(per_stage, int) else tuple(per_stage)
+    if not isinstance(per_stage, int) and len(lengths) != num_stages:
+        raise ValueError(
+            f"config.trainer.steps_per_stage: {initial} -> {final} steps is {num_stages} stages; give one "
+            f"length or {num_stages}, got {len(lengths)}."
+        )
+    if not all(isinstance(n, int) and n >= 1 for n in lengths):
+        raise ValueError(f"config.trainer.steps_per_stage: {per_stage} must be integers >= 1.")
     if not schedule.t_min < t_max <= schedule.t_max:
         raise ValueError(f"config.trainer.t_max: {t_max} must lie in ({schedule.t_min}, {schedule.t_max}].")
 
@@ -334,6 +341,11 @@ class _Trainer:
         del num_steps
         return None
 
+    def stage_ends(self) -> tuple[int, ...]:
+        """The steps where a training stage ends: each is checkpointed and kept whatever ``ckpt.every_steps``
+        and ``ckpt.keep`` say, and the learning-rate schedule starts again after it (``()``: one stage)."""
+        return ()
+
     def input_pipeline(self, pipeline: Any) -> Any:
         """The training input: the config's pipeline (reflow replaces it by its pair set)."""
         return pipeline
@@ -456,14 +468,16 @@ class ConsistencyTrainer(_Trainer):
 
 class ProgressiveTrainer(_Trainer):
     """Progressive distillation (Salimans & Ho 2022): ``initial_steps`` halved every ``steps_per_stage``
-    updates down to ``final_steps``; at each stage boundary the student becomes the teacher (kept in the
-    state, so a run resumes mid-stage). The student predicts ``trainer.prediction`` (default: the
-    teacher's); the paper finds eps-prediction unstable at few steps (Sec. 4) and uses x or v: a student
-    of an eps teacher predicting v reads the teacher run's network as eps in stage 0 only."""
+    updates (one length, or one per stage) down to ``final_steps``; at each stage boundary the student
+    becomes the teacher (kept in the state, so a run resumes mid-stage). The student predicts
+    ``trainer.prediction`` (default: the teacher's); the paper finds eps-prediction unstable at few steps
+    (Sec. 4) and uses x or v: a student of an eps teacher predicting v reads the teacher run's network as
+    eps in stage 0 only."""
 
     def _option(self, key: str) -> Any:
         defaults = dict(initial_steps=256, final_steps=1, steps_per_stage=1000, t_max=self.schedule.t_max)
-        return _options(self.config).get(key, defaults[key])
+        value = _options(self.config).get(key, defaults[key])
+        return tuple(value) if isinstance(value, list) else value  # one length per stage, read from JSON
 
     def num_steps(self, step: Any) -> jax.Array:
         return progressive.num_student_steps(
@@ -479,13 +493,13 @@ class ProgressiveTrainer(_Trainer):
 
         config, schedule, t_max = self.config, self.schedule, float(self._option("t_max"))
         apply_fn, prediction = self.apply_fn(train=True), student_prediction(config)
-        per_stage = self._option("steps_per_stage")
+        stage = functools.partial(progressive.stage_index, steps_per_stage=self._option("steps_per_stage"))
         # The teacher run's network predicts config.loss.prediction; from stage 1 on the teacher is a student.
         first_teacher = config.loss.prediction
 
         def step(state: FewStepState, batch):
             # A new stage starts: the student of the last one is the teacher now (Alg. 2, outer loop).
-            boundary = (state.step > 0) & (state.step % per_stage == 0)
+            boundary = (state.step > 0) & (stage(state.step) != stage(state.step - 1))
             teacher_params = jax.tree.map(
                 lambda p, t: jnp.where(boundary, p, t), state.params, state.teacher_params
             )
@@ -505,7 +519,7 @@ class ProgressiveTrainer(_Trainer):
                     for p in dict.fromkeys((prediction, first_teacher))  # one branch when they agree
                 ]
                 target = jax.lax.stop_gradient(
-                    jax.lax.cond(state.step < per_stage, targets[-1], targets[0], z_t, t, num)
+                    jax.lax.cond(stage(state.step) == 0, targets[-1], targets[0], z_t, t, num)
                     if len(targets) > 1
                     else targets[0](z_t, t, num)
                 )
@@ -524,9 +538,9 @@ class ProgressiveTrainer(_Trainer):
         return step
 
     def checkpoint_for(self, num_steps: int) -> int | None:
-        """The last step of the stage whose student takes ``num_steps`` steps (one checkpoint per stage:
-        ``ckpt.every_steps`` = ``steps_per_stage``); ``None`` for the final stage, which the newest
-        checkpoint holds. Raises ``ValueError`` for a step count no stage trains."""
+        """The last step of the stage whose student takes ``num_steps`` steps (one of ``stage_ends``);
+        ``None`` for the final stage, which the newest checkpoint holds. Raises ``ValueError`` for a step
+        count no stage trains."""
         initial, final = self._option("initial_steps"), self._option("final_steps")
         if num_steps == final:
             return None
@@ -535,8 +549,12 @@ class ProgressiveTrainer(_Trainer):
                 f"--steps={num_steps}: a progressive run has students of {final}..{initial} steps "
                 f"(powers of two); pick one of them."
             )
-        stage = (initial // num_steps).bit_length() - 1
-        return (stage + 1) * self._option("steps_per_stage")
+        return self.stage_ends()[(initial // num_steps).bit_length() - 1]
+
+    def stage_ends(self) -> tuple[int, ...]:
+        """The end of every halving (Alg. 2 hands each student on as the next teacher)."""
+        initial, final = self._option("initial_steps"), self._option("final_steps")
+        return progressive.stage_ends(self._option("steps_per_stage"), (initial // final).bit_length())
 
     def sampling_grid(self, sampler: str, num_steps: int) -> tuple[jax.Array, dict[str, Any]] | None:
         """The student's uniform grid t_max i / K, i = K..0, for DDIM."""

@@ -42,6 +42,21 @@ def test_stages_halve_and_weights_truncate():
     steps = np.array([0, 99, 100, 250, 399, 10_000])
     n = progressive.num_student_steps(steps, initial_steps=64, steps_per_stage=100, final_steps=4)
     np.testing.assert_array_equal(n, [64, 64, 32, 16, 8, 4])
+    # One length per stage: 64 for 50 updates, 32 for 50, 16 for 100, 8 for 200, 4 for 300 (ends 50..700).
+    lengths = (50, 50, 100, 200, 300)
+    assert progressive.stage_ends(lengths, 5) == (50, 100, 200, 400, 700)
+    assert progressive.stage_ends(100, 3) == (100, 200, 300)
+    steps = np.array([0, 49, 50, 99, 100, 199, 200, 399, 400, 699, 700, 10_000])
+    n = progressive.num_student_steps(steps, initial_steps=64, steps_per_stage=lengths, final_steps=4)
+    np.testing.assert_array_equal(n, [64, 64, 32, 32, 16, 16, 8, 8, 4, 4, 4, 4])
+    stages = progressive.stage_index(steps, lengths)
+    np.testing.assert_array_equal(stages, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    # Equal lengths given per stage are the single length, step by step, under jit.
+    steps = np.arange(0, 700)
+    np.testing.assert_array_equal(
+        jax.jit(lambda s: progressive.stage_index(s, (100,) * 7))(steps),
+        progressive.stage_index(steps, 100),
+    )
     schedule = schedules.get("vp_linear")
     t = jnp.array([0.01, 0.5, 0.99])
     snr = np.exp(np.asarray(schedule.log_snr(t)))

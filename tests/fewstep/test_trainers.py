@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from absl import app
 
+from diffax import checkpoint, generate, train, train_state
 from diffax import config as config_lib
-from diffax import generate, train, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from experiments import digits_cd, digits_ect, digits_ict, mixture  # noqa: E402
+from experiments import digits_cd, digits_ect, digits_ict, digits_pd, mixture  # noqa: E402
 
 
 def _consistency(config, **options):
@@ -84,6 +84,17 @@ def test_experiment_files_validate_and_bad_teachers_get_one_line(tmp_path):
     cd_teacher.model.conv_impl = "cpu"  # another formulation of the same network (runs/digits has these)
     config_lib.save(cd_teacher, cd.teacher.workdir)
     config_lib.validate(cd)
+    pd = digits_pd.get_config()
+    pd.teacher.workdir = cd.teacher.workdir
+    config_lib.validate(pd)
+    for lengths, message in (
+        ((250,) * 6, "config.trainer.steps_per_stage: 64 -> 1 steps is 7 stages; give one length or 7"),
+        ((250,) * 6 + (0,), "config.trainer.steps_per_stage: (250, 250, 250, 250, 250, 250, 0) must be"),
+    ):
+        pd.trainer.steps_per_stage = lengths
+        with pytest.raises(config_lib.ConfigError) as error:
+            config_lib.validate(pd)
+        assert str(error.value).startswith(message), str(error.value)
     ect = digits_ect.get_config()
     ect.teacher.workdir = cd.teacher.workdir
     config_lib.validate(ect)  # data targets, started from the teacher run
@@ -137,32 +148,39 @@ def test_distillation_runs_resumes_and_samples_in_few_steps(tmp_path):
     assert options == {"sigma_min": 0.002} and ts.shape == (3,)
     np.testing.assert_allclose(float(jnp.exp(-0.5 * parts.schedule.log_snr(ts[-1]))), 0.002, rtol=1e-3)
 
-    # Progressive distillation from the same teacher: 4 -> 2 steps after 2 updates; resumed at the stage
-    # boundary, the student of stage 0 becomes the teacher of stage 1.
+    # Progressive distillation from the same teacher: 4 -> 2 steps after 2 updates, then 2 more at 2 steps
+    # (one length per stage). Resumed at the stage boundary, the student of stage 0 becomes the teacher of
+    # stage 1. Each stage's end is kept beyond ckpt.keep (step 3, on the save interval, is not).
     pd = mixture.get_config("dit")
     pd.trainer = ml_collections.ConfigDict(
-        dict(name="progressive", initial_steps=4, final_steps=2, steps_per_stage=2, prediction="v")
+        dict(name="progressive", initial_steps=4, final_steps=2, steps_per_stage=(2, 2), prediction="v")
     )
     pd.teacher.workdir = teacher_dir
     pd.sampler.name = "ddim"
     pd.total_steps = 2
-    pd.ckpt.every_steps = 2
-    stage0 = train.train_and_evaluate(pd, str(tmp_path / "pd"))
+    pd.ckpt.every_steps, pd.ckpt.keep = 3, 1
+    pd_dir = str(tmp_path / "pd")
+    stage0 = train.train_and_evaluate(pd, pd_dir)
     _assert_same(stage0.teacher_params, teacher_ema)
     student0 = jax.device_get(stage0.params)
-    pd.total_steps = 3
-    stage1 = train.train_and_evaluate(pd, str(tmp_path / "pd"))
+    pd.total_steps = 4
+    stage1 = train.train_and_evaluate(pd, pd_dir)
     _assert_same(stage1.teacher_params, student0)
-    run_config, sample_fn, params, step = generate.load_run(str(tmp_path / "pd"), steps=2)
-    assert step == 3  # the final (2-step) stage: the newest checkpoint
+    assert sorted(os.listdir(os.path.join(pd_dir, "checkpoints"))) == ["2", "4"]
+    milestones = train_state.build(pd).trainer.stage_ends()
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "saves"), every_steps=3, keep=1, milestones=milestones)
+    assert milestones == (2, 4) and [s for s in range(1, 7) if ckpt.should_save(s)] == [2, 3, 4, 6]
+    ckpt.close()
+    run_config, sample_fn, params, step = generate.load_run(pd_dir, steps=2)
+    assert step == 4  # the final (2-step) stage: the newest checkpoint
     assert generate.sample_images(sample_fn, params, config=run_config, seed=0, num_samples=4)[0].shape == (
         4,
         8,
         8,
         1,
     )
-    _, _, params, step = generate.load_run(str(tmp_path / "pd"), steps=4, ema=False)  # stage 0 (4 steps)
+    _, _, params, step = generate.load_run(pd_dir, steps=4, ema=False)  # stage 0 (4 steps)
     assert step == 2
     _assert_same(params, student0)
     with pytest.raises(app.UsageError, match=r"^--steps=8: a progressive run has students of 2..4 steps"):
-        generate.load_run(str(tmp_path / "pd"), steps=8)
+        generate.load_run(pd_dir, steps=8)

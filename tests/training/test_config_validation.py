@@ -27,7 +27,7 @@ def _bad(mixture_config, field, value):
         ("input.batch_size", 12, "config.input.batch_size=12 does not divide over 8 devices"),
         ("process.name", "no_such_schedule", "config.process: Unknown schedule 'no_such_schedule'"),
         ("loss.name", "no_such_loss", "config.loss: "),
-        ("optim.decay", "linear", "config.optim.decay: unknown decay 'linear'"),
+        ("optim.decay", "step", "config.optim.decay: unknown decay 'step'"),
         ("mesh.fsdp", 3, "config.mesh.data=-1"),
         ("input.image_size", 0, "config.input.image_size: 0 must be positive"),
         ("ema.decays", (1.5,), "config.ema.decays: 1.5"),

@@ -146,6 +146,22 @@ def test_learning_rate_warmup_then_cosine():
     np.testing.assert_allclose([constant(2), constant(4), constant(99)], [1.0, 2.0, 2.0], atol=1e-6)
 
 
+def test_learning_rate_linear_restarts_every_cycle():
+    """Linear decay from lr to lr * min_lr_ratio over each cycle between ``cycle_ends`` (progressive
+    distillation's halvings); past the last end, one more cycle runs to ``total_steps``."""
+    cfg = _optim(lr=1.0, decay="linear", min_lr_ratio=0.0)
+    lr = train_state.learning_rate_schedule(cfg, total_steps=60, cycle_ends=(10, 30, 40))
+    steps = [0, 5, 9, 10, 20, 29, 30, 35, 40, 50, 59, 60]
+    expected = [1.0, 0.5, 0.1, 1.0, 0.5, 0.05, 1.0, 0.5, 1.0, 0.5, 0.05, 0.0]
+    np.testing.assert_allclose([lr(s) for s in steps], expected, atol=1e-6)
+    whole = train_state.learning_rate_schedule(cfg, total_steps=40, cycle_ends=(10, 30, 40))
+    np.testing.assert_allclose([whole(39), whole(40)], [0.1, 0.0], atol=1e-6)  # the last end: no new cycle
+    warm = train_state.learning_rate_schedule(
+        _optim(lr=1.0, decay="linear", warmup_steps=2, min_lr_ratio=0.5), total_steps=20, cycle_ends=(10,)
+    )
+    np.testing.assert_allclose([warm(s) for s in (0, 1, 2, 6, 10, 11, 12, 20)], [0, 0.5, 1, 0.75, 0, 0.5, 1, 0.5])
+
+
 def test_bfloat16_compute_keeps_float32_state(mixture_config):
     mixture_config.model.dtype = "bfloat16"
     parts = train_state.build(mixture_config)
