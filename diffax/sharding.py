@@ -4,8 +4,9 @@ The mesh has three axes: ``data`` (pure data parallelism), ``fsdp`` (data parall
 devices also split the parameters and optimizer state) and ``expert`` (data parallelism whose
 devices also split the experts of mixture-of-experts layers, GShard's expert parallelism). The batch
 is split over all of them; parameters are split by the models' logical axis names through rules like
-``diffax.models.LOGICAL_AXIS_RULES``, so ``fsdp=1, expert=1`` replicates them. No ``pmap``: every
-array is a global ``jax.Array``.
+``diffax.models.LOGICAL_AXIS_RULES``, so ``fsdp=1, expert=1`` replicates them; the models hold their
+activations split on the batch (``diffax.models.layers.shard_batch``), so FSDP gathers weights, not
+activations. No ``pmap``: every array is a global ``jax.Array``.
 """
 
 import functools

@@ -64,6 +64,7 @@ class DiTBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array, train: bool) -> jax.Array:
+        x = layers.shard_batch(x)
         d = self.hidden_size
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         mod = layers.dense(6 * d, ("embed", "mlp"), kernel_init=layers.ZEROS, name="adaln", **kw)(nn.silu(c))
@@ -79,7 +80,7 @@ class DiTBlock(nn.Module):
         else:
             h = layers.dense(int(d * self.mlp_ratio), ("embed", "mlp"), name="mlp_in", **kw)(h)
             h = layers.dense(d, ("mlp", "embed"), name="mlp_out", **kw)(nn.gelu(h, approximate=True))
-        return x + gate_mlp[:, None, :] * h
+        return layers.shard_batch(x + gate_mlp[:, None, :] * h)
 
 
 class DiT(nn.Module):
@@ -234,7 +235,7 @@ class DiT(nn.Module):
             x.astype(self.dtype)
         )
         pos = jnp.asarray(sincos_pos_embed(gh, gw, d, self.pos_embed_base), self.dtype)
-        h = h.reshape(b, gh * gw, d) + pos[None]
+        h = layers.shard_batch(h.reshape(b, gh * gw, d) + pos[None])
 
         def embed(suffix: str, label_dropout: float) -> jax.Array:
             def time_embedding(name: str, value: jax.Array) -> jax.Array:
@@ -255,11 +256,11 @@ class DiT(nn.Module):
             if interval is not None:
                 c = c + time_embedding("interval_embed", interval)
             if labels is None:
-                return c
+                return layers.shard_batch(c)
             table = layers.LabelEmbedding(
                 self.num_classes, d, dropout=label_dropout, name=f"label_embed{suffix}", **kw
             )
-            return c + table(labels, train)
+            return layers.shard_batch(c + table(labels, train))
 
         if self.block_embedders:
             if train and labels is not None and self.label_dropout > 0:  # one draw for every table

@@ -9,7 +9,8 @@ attention of ``diffax.kernels.tpu`` and ``diffax.kernels.gpu`` on TPU and GPU, a
 it exports for every platform. All forms agree in value and gradient.
 
 Every parameter carries logical axis names (Flax partitioning metadata); ``LOGICAL_AXIS_RULES``
-maps them onto a ``("data", "fsdp", "expert")`` device mesh.
+maps them onto a ``("data", "fsdp", "expert")`` device mesh, and ``shard_batch`` holds activations split
+on the batch like the input.
 """
 
 import functools
@@ -27,6 +28,7 @@ from diffax.kernels.cpu import group_norm as cpu_group_norm
 from diffax.kernels.cpu import winograd
 from diffax.kernels.gpu import attention as gpu_attention
 from diffax.kernels.tpu import attention as tpu_attention
+from diffax.sharding import BATCH_AXES
 
 Dtype = Any
 Initializer = Any
@@ -34,11 +36,12 @@ Initializer = Any
 IMPLS = ("xla", "cpu", "auto")  # the values of every ``*_impl`` switch
 TIME_EMBEDDINGS = ("sinusoidal", "fourier")
 
-# Logical axis names used on parameters, and the default mapping onto mesh axes. Earlier rules win
-# when two dimensions of one parameter would take the same mesh axis (Flax's priority order), so a
-# kernel shards its model-width dimension first. Dimensions that may be small or odd (image channels,
+# Logical axis names used on parameters and activations, and the default mapping onto mesh axes. Earlier
+# rules win when two dimensions of one parameter would take the same mesh axis (Flax's priority order), so
+# a kernel shards its model-width dimension first. Dimensions that may be small or odd (image channels,
 # class table rows, head groups, normalisation vectors, frequencies, patch outputs) stay replicated.
-LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("activation_batch", BATCH_AXES),  # the batch of an activation: split as the input batch is
     ("expert", "expert"),  # the stacked experts of a mixture-of-experts layer (diffax.models.moe)
     ("embed", "fsdp"),  # model width: DiT hidden size, U-Net channels in dense/attention layers
     ("mlp", "fsdp"),  # MLP hidden width, adaLN modulation outputs
@@ -56,6 +59,16 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
 
 XAVIER = nn.initializers.xavier_uniform()
 ZEROS = nn.initializers.zeros_init()
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+    """``x`` held split on its leading (batch) axis as the input batch is, its other axes whole
+    (``nn.with_logical_constraint`` to ``"activation_batch"``), on the mesh in context (``jax.set_mesh``);
+    unchanged without one. Under FSDP the compiler then gathers the weights into each layer instead of
+    giving the activations the weights' split (MaxText's ``activation_batch``).
+    """
+    names = ("activation_batch",) + (None,) * (jnp.ndim(x) - 1)
+    return nn.with_logical_constraint(x, names, rules=LOGICAL_AXIS_RULES)
 
 
 def check_common(
