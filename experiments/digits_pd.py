@@ -17,7 +17,7 @@ an EMA would average across stages). The truncated-SNR x-loss of Sec. 4.
 From 64 steps rather than 16: the first student's limit is the teacher's DDIM at 128 steps, not 32 (87.2%
 CNN-confident at 32, 88.3% at 50). The learning rate (Adam, 2e-4) falls linearly to 0 within each stage
 and starts again at the next, as the paper's code anneals it within each halving. Measured
-(benchmarks/results/2026-12-07-fewstep-pd-stages.md; 1000 samples, teacher ``runs/digits`` at step 2000,
+(benchmarks/results/2026-12-07-fewstep-annealed-rate.md; 1000 samples, teacher ``runs/digits`` at step 2000,
 sampling seeds 0 / 1 / 2): 1 step meets all six 1-step targets of issue #30 at all three seeds (CNN 80.6 /
 79.9 / 82.8% confident, FD 0.55-0.68x; judge FD 0.98-1.11x), where the constant 1e-4 met them at two; 2
 steps are balanced at all three seeds under both judges, FD 0.56-0.60x, but 81.2-83.3% CNN-confident
