@@ -65,19 +65,18 @@ def learning_rate_schedule(
     return optax.join_schedules(cycles, starts[1:])
 
 
-def _one_cycle(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Warmup and decay over ``total_steps`` (see ``learning_rate_schedule``)."""
-    decay_steps = max(total_steps - c.warmup_steps, 1)
+def _one_cycle(c: ml_collections.ConfigDict, length: int) -> optax.Schedule:
+    """Warmup and decay over a cycle of ``length`` steps (see ``learning_rate_schedule``)."""
     if c.decay == "cosine":
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0,
             peak_value=c.lr,
             warmup_steps=c.warmup_steps,
-            decay_steps=max(total_steps, c.warmup_steps + 1),
+            decay_steps=max(length, c.warmup_steps + 1),
             end_value=c.lr * c.min_lr_ratio,
         )
     decay = (
-        optax.linear_schedule(c.lr, c.lr * c.min_lr_ratio, decay_steps)
+        optax.linear_schedule(c.lr, c.lr * c.min_lr_ratio, max(length - c.warmup_steps, 1))
         if c.decay == "linear"
         else optax.constant_schedule(c.lr)
     )

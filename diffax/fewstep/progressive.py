@@ -26,7 +26,20 @@ from jax.typing import ArrayLike
 from diffax.process import broadcast_to_data
 from diffax.schedules import Schedule
 
-__all__ = ["distillation_target", "num_student_steps", "stage_ends", "stage_index", "truncated_snr_weight"]
+__all__ = [
+    "distillation_target",
+    "num_stages",
+    "num_student_steps",
+    "stage_ends",
+    "stage_index",
+    "truncated_snr_weight",
+]
+
+
+def num_stages(initial_steps: int, final_steps: int) -> int:
+    """How many students halve ``initial_steps`` down to ``final_steps`` (powers of two), both included:
+    64 -> 1 is 7 stages."""
+    return (initial_steps // final_steps).bit_length()
 
 
 def stage_ends(steps_per_stage: int | Sequence[int], num_stages: int) -> tuple[int, ...]:

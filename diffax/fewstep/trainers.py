@@ -163,12 +163,12 @@ def _check_progressive(options: dict[str, Any], schedule: Any) -> None:
             f"config.trainer.initial_steps: need powers of two initial_steps >= final_steps >= 1; got "
             f"{initial}, {final}."
         )
-    num_stages = (initial // final).bit_length()
+    stages = progressive.num_stages(initial, final)
     lengths = (per_stage,) if isinstance(per_stage, int) else tuple(per_stage)
-    if not isinstance(per_stage, int) and len(lengths) != num_stages:
+    if not isinstance(per_stage, int) and len(lengths) != stages:
         raise ValueError(
-            f"config.trainer.steps_per_stage: {initial} -> {final} steps is {num_stages} stages; give one "
-            f"length or {num_stages}, got {len(lengths)}."
+            f"config.trainer.steps_per_stage: {initial} -> {final} steps is {stages} stages; give one "
+            f"length or {stages}, got {len(lengths)}."
         )
     if not all(isinstance(n, int) and n >= 1 for n in lengths):
         raise ValueError(f"config.trainer.steps_per_stage: {per_stage} must be integers >= 1.")
@@ -476,8 +476,7 @@ class ProgressiveTrainer(_Trainer):
 
     def _option(self, key: str) -> Any:
         defaults = dict(initial_steps=256, final_steps=1, steps_per_stage=1000, t_max=self.schedule.t_max)
-        value = _options(self.config).get(key, defaults[key])
-        return tuple(value) if isinstance(value, list) else value  # one length per stage, read from JSON
+        return _options(self.config).get(key, defaults[key])
 
     def num_steps(self, step: Any) -> jax.Array:
         return progressive.num_student_steps(
@@ -549,12 +548,12 @@ class ProgressiveTrainer(_Trainer):
                 f"--steps={num_steps}: a progressive run has students of {final}..{initial} steps "
                 f"(powers of two); pick one of them."
             )
-        return self.stage_ends()[(initial // num_steps).bit_length() - 1]
+        return self.stage_ends()[progressive.num_stages(initial, num_steps) - 1]
 
     def stage_ends(self) -> tuple[int, ...]:
         """The end of every halving (Alg. 2 hands each student on as the next teacher)."""
         initial, final = self._option("initial_steps"), self._option("final_steps")
-        return progressive.stage_ends(self._option("steps_per_stage"), (initial // final).bit_length())
+        return progressive.stage_ends(self._option("steps_per_stage"), progressive.num_stages(initial, final))
 
     def sampling_grid(self, sampler: str, num_steps: int) -> tuple[jax.Array, dict[str, Any]] | None:
         """The student's uniform grid t_max i / K, i = K..0, for DDIM."""
