@@ -18,6 +18,11 @@ updates, stages of 200, constant rate) reached 81.0-82.5% and 72.2-76.6%; anneal
 worse (79.7% at 2 steps), and 2000 updates at the constant rate were no better than 1000 (session 21). The
 run took 9:12 wall beside another run (573 CPU-s) on a 2-core Zen 5; 800 updates took 4:47 alone on the
 slower 2-core AMD EPYC of sessions 25-27.
+
+The imbalance is the consistency function's at sigma >= 5: there it draws too few 1s and too many 3s and
+8s, at two training seeds, where the teacher's ODE from the same noised digits is balanced
+(``benchmarks/fewstep_marginals.py``; benchmarks/results/2026-12-07-fewstep-ect-class-skew.md). Drawing
+high levels more often (p_mean -0.4), uniform weights and eight stages of 200 did not remove it.
 """
 
 from experiments import digits_cd
